@@ -1,0 +1,46 @@
+"""dbcancel: stop long-running background work through the database.
+
+A job's row holds its status; cancelling it is one conditional UPDATE that every worker on
+every machine can see. Workers call a cheap checkpoint per item, which re-reads the row at
+most once per interval and is flipped at once by a cancel issued in the same process.
+
+::
+
+    from dbcancel import Jobs
+
+    jobs = Jobs(engine, Analysis, interval=0.5)
+
+    with jobs.run(analysis_id) as cp:        # worker: pending -> in_progress
+        for path in files:
+            cp()                             # raises Cancelled once cancelled
+            process(path)
+                                             # exit: completed, or stays cancelled
+    jobs.cancel(analysis_id)                 # from any thread or process
+    jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
+"""
+
+from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
+from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound
+from .jobs import JobRun, Jobs
+from .models import TERMINAL, TRANSITIONS, CancellableMixin, Status
+from .registry import ActiveJob
+
+__all__ = [
+    "TERMINAL",
+    "TRANSITIONS",
+    "ActiveJob",
+    "CallbackHandle",
+    "CancellableMixin",
+    "Cancelled",
+    "Checkpoint",
+    "DbcancelError",
+    "InvalidTransition",
+    "JobNotFound",
+    "JobRun",
+    "Jobs",
+    "Status",
+    "checkpoint",
+    "current",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The narrow seam between dbcancel's logic and an ORM.
+
+Checkpoints, the registry and :class:`dbcancel.Jobs` speak only to a :class:`Backend`:
+read one or many jobs, apply one :class:`Change` as a single conditional UPDATE, stamp a
+job as stopped. The SQLAlchemy implementation lives in :mod:`dbcancel._sqla`; another ORM
+implements the same few methods.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
+
+__all__ = [
+    "Backend",
+    "Change",
+    "JobRow",
+    "cancel_change",
+    "complete_change",
+    "fail_change",
+    "start_change",
+    "utcnow",
+]
+
+
+def utcnow() -> dt.datetime:
+    """The current time as an aware UTC datetime (what every timestamp column stores)."""
+    return dt.datetime.now(dt.UTC)
+
+
+class JobRow(NamedTuple):
+    """The columns of one job that the logic needs."""
+
+    status: Status
+    cancel_reason: str | None
+    finished_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One status transition, described as data.
+
+    A backend turns it into ``UPDATE t SET status = :to, <stamp> = now, <values>
+    WHERE status IN (:sources) AND <filters>`` and returns the row count.
+    ``stamp_if_from`` columns are set to now only when the old status is in the given set
+    (a ``CASE`` evaluated against the old row).
+    """
+
+    to: Status
+    stamp: tuple[str, ...] = ()
+    stamp_if_from: Mapping[str, frozenset[Status]] = field(default_factory=dict)
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def sources(self) -> frozenset[Status]:
+        """The statuses this change may leave, from the transition table."""
+        return allowed_sources(self.to)
+
+
+def start_change() -> Change:
+    """pending → in_progress, stamping ``started_at`` and ``heartbeat_at``."""
+    return Change(Status.IN_PROGRESS, stamp=("started_at", "heartbeat_at"))
+
+
+def complete_change() -> Change:
+    """in_progress → completed, stamping ``finished_at``."""
+    return Change(Status.COMPLETED, stamp=("finished_at",))
+
+
+def fail_change(error: str) -> Change:
+    """in_progress → failed, keeping the error's text and stamping ``finished_at``."""
+    return Change(Status.FAILED, stamp=("finished_at",), values={"error": error[:ERROR_LENGTH]})
+
+
+def cancel_change(reason: str | None) -> Change:
+    """pending/in_progress → cancelled.
+
+    ``finished_at`` is stamped only for a pending job: a job in progress has stopped only
+    when its worker leaves ``run()``.
+    """
+    return Change(
+        Status.CANCELLED,
+        stamp=("cancel_requested_at",),
+        stamp_if_from={"finished_at": frozenset({Status.PENDING})},
+        values={"cancel_reason": None if reason is None else reason[:CANCEL_REASON_LENGTH]},
+    )
+
+
+class Backend(Protocol):
+    """What dbcancel needs from an ORM. Every method is one database round trip."""
+
+    key: Hashable
+    """Identifies the database and table, so that jobs of one table are found in-process."""
+    model_name: str
+    """The model's name, for messages."""
+
+    def check_id(self, job_id: Any) -> None:
+        """Raise :class:`TypeError` when ``job_id`` cannot be an id of this table."""
+
+    def check_filters(self, filters: Mapping[str, Any] | None) -> None:
+        """Raise :class:`ValueError` when a filter names a column the table lacks."""
+
+    def apply(
+        self,
+        change: Change,
+        *,
+        job_id: Any = None,
+        filters: Mapping[str, Any] | None = None,
+        using: Any = None,
+    ) -> int:
+        """Apply ``change`` as one conditional UPDATE and commit; return the row count.
+
+        ``job_id=None`` applies it to every row matching ``filters``. ``using`` is a
+        caller's open transaction (session or connection) to run in, uncommitted.
+        """
+
+    def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
+        """One job's row, or None when no row has this id (and matches ``filters``)."""
+
+    def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """The rows of those jobs that still exist, by id."""
+
+    def mark_stopped(self, job_id: Any) -> None:
+        """Set ``finished_at`` to now where it is still null, and commit."""

@@ -1,0 +1,166 @@
+"""The SQLAlchemy implementation of :class:`dbcancel._backend.Backend`."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Mapping
+from typing import Any
+
+from sqlalchemy import Column, Connection, Engine, Table, bindparam, case, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._backend import Change, JobRow, utcnow
+from .models import REQUIRED_COLUMNS, Status
+
+__all__ = ["SQLAlchemyBackend", "resolve_engine", "resolve_table"]
+
+
+def resolve_engine(bind: Any) -> Engine:
+    """The Engine behind ``bind`` (an Engine, or a sessionmaker bound to one)."""
+    if isinstance(bind, Engine):
+        return bind
+    if isinstance(bind, sessionmaker):
+        engine = bind.kw.get("bind")
+        if isinstance(engine, Engine):
+            return engine
+        raise TypeError("the sessionmaker passed to Jobs has no Engine bind; pass the Engine")
+    raise TypeError(
+        f"Jobs needs an Engine or a sessionmaker bound to one, got {type(bind).__name__}"
+    )
+
+
+def resolve_table(model: Any) -> tuple[Table, str]:
+    """The Table of ``model`` (a mapped class or a Table) and the name used in messages."""
+    if isinstance(model, Table):
+        return model, model.name
+    table = getattr(model, "__table__", None)
+    if isinstance(model, type) and isinstance(table, Table):
+        return table, model.__name__
+    raise TypeError(f"expected a mapped model class or a Table, got {model!r}")
+
+
+class SQLAlchemyBackend:
+    """Jobs in one table, reached through one SQLAlchemy Engine."""
+
+    def __init__(self, bind: Any, model: Any) -> None:
+        self.engine = resolve_engine(bind)
+        self.table, self.model_name = resolve_table(model)
+        missing = [name for name in REQUIRED_COLUMNS if name not in self.table.c]
+        if missing:
+            raise TypeError(
+                f"{self.model_name} lacks the column(s) {', '.join(missing)} that dbcancel "
+                "needs; add CancellableMixin to the model, or add them to an existing table "
+                "with dbcancel.migrations.add_cancellation"
+            )
+        pk = list(self.table.primary_key.columns)
+        if len(pk) != 1:
+            raise TypeError(
+                f"{self.model_name} needs a single-column primary key to identify jobs, "
+                f"it has {len(pk)}"
+            )
+        self.pk: Column[Any] = pk[0]
+        try:
+            self._id_type: type | None = self.pk.type.python_type
+        except NotImplementedError:
+            self._id_type = None
+        self.key: Hashable = (
+            "sqlalchemy",
+            self.engine.url.render_as_string(hide_password=True),
+            self.table.fullname,
+        )
+        c = self.table.c
+        self._columns = (c.status, c.cancel_reason, c.finished_at)
+        self._read_one = select(*self._columns).where(self.pk == bindparam("job_id"))
+        self._read_many = select(self.pk, *self._columns).where(
+            self.pk.in_(bindparam("job_ids", expanding=True))
+        )
+        self._mark_stopped = (
+            update(self.table)
+            .where(self.pk == bindparam("job_id"), c.finished_at.is_(None))
+            .values(finished_at=bindparam("now"))
+        )
+
+    def check_id(self, job_id: Any) -> None:
+        """Refuse an id whose Python type cannot match the primary key column."""
+        expected = self._id_type
+        if (
+            job_id is None
+            or isinstance(job_id, bool)
+            or (expected is not None and not isinstance(job_id, expected))
+        ):
+            name = expected.__name__ if expected is not None else "a primary key value"
+            raise TypeError(
+                f"{self.model_name} ids are {name}, got {job_id!r} "
+                f"({type(job_id).__name__}); nothing was changed"
+            )
+
+    def check_filters(self, filters: Mapping[str, Any] | None) -> None:
+        """Refuse filters that name columns the table does not have."""
+        if not filters:
+            return
+        unknown = sorted(str(k) for k in filters if k not in self.table.c)
+        if unknown:
+            raise ValueError(
+                f"{self.model_name} has no column(s) {', '.join(map(repr, unknown))} to filter "
+                f"on; its columns are {', '.join(self.table.c.keys())}. Nothing was changed"
+            )
+
+    def _where(self, job_id: Any, filters: Mapping[str, Any] | None) -> list[Any]:
+        clauses: list[Any] = [] if job_id is None else [self.pk == job_id]
+        for name, value in (filters or {}).items():
+            clauses.append(self.table.c[name] == value)
+        return clauses
+
+    def apply(
+        self,
+        change: Change,
+        *,
+        job_id: Any = None,
+        filters: Mapping[str, Any] | None = None,
+        using: Session | Connection | None = None,
+    ) -> int:
+        """Run ``change`` as one ``UPDATE ... WHERE status IN (...)``; return the row count."""
+        c = self.table.c
+        now = utcnow()
+        # MySQL evaluates SET assignments left to right, each seeing the ones before it:
+        # the CASEs that read the old status must come before status itself is assigned.
+        assignments: list[tuple[Any, Any]] = [
+            (c[name], case((c.status.in_([s.value for s in sources]), now), else_=c[name]))
+            for name, sources in change.stamp_if_from.items()
+        ]
+        assignments += [(c[name], now) for name in change.stamp]
+        assignments += [(c[name], value) for name, value in change.values.items()]
+        assignments.append((c.status, change.to))
+        stmt = (
+            update(self.table)
+            .where(c.status.in_([s.value for s in change.sources]))
+            .where(*self._where(job_id, filters))
+            .ordered_values(*assignments)
+        )
+        if using is not None:
+            return int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
+        with self.engine.begin() as conn:
+            return int(conn.execute(stmt).rowcount)
+
+    def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
+        """One job's status, cancel reason and finished_at; None when there is no such row."""
+        stmt = self._read_one
+        params: dict[str, Any] = {"job_id": job_id}
+        if filters:
+            stmt = select(*self._columns).where(*self._where(job_id, filters))
+            params = {}
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt, params).first()
+        return None if row is None else JobRow(Status(row[0]), row[1], row[2])
+
+    def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """The rows of those ``job_ids`` that exist, in one query."""
+        if not job_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(self._read_many, {"job_ids": list(job_ids)}).all()
+        return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
+
+    def mark_stopped(self, job_id: Any) -> None:
+        """Stamp ``finished_at`` where it is still null."""
+        with self.engine.begin() as conn:
+            conn.execute(self._mark_stopped, {"job_id": job_id, "now": utcnow()})

@@ -1,0 +1,282 @@
+"""Checkpoints: the cheap per-item check a worker loop calls.
+
+A :class:`Checkpoint` belongs to one running job. Calling it costs a clock read and a
+comparison until a poll is due; then it re-reads the job's row (at most once per
+``interval`` of its clock). A cancel issued in this process flips it at once, without
+waiting for a poll. Cancellation is sticky: once observed, every later call raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Hashable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, Protocol
+
+from .errors import Cancelled
+from .models import Status
+
+__all__ = ["CallbackHandle", "Checkpoint", "checkpoint", "current"]
+
+log = logging.getLogger("dbcancel")
+
+_current: ContextVar[Checkpoint | None] = ContextVar("dbcancel_checkpoint", default=None)
+
+DELETED = "deleted"
+"""The reason a checkpoint reports when its job's row has disappeared."""
+
+
+class _Source(Protocol):
+    """What a checkpoint needs from the object that created it (a ``Jobs``)."""
+
+    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]: ...
+
+    def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None: ...
+
+
+class CallbackHandle:
+    """Returned by :meth:`Checkpoint.on_cancel`; ``remove()`` or ``with`` unregisters it."""
+
+    __slots__ = ("_checkpoint", "_fn")
+
+    def __init__(self, checkpoint: Checkpoint, fn: Callable[[], object]) -> None:
+        self._checkpoint = checkpoint
+        self._fn = fn
+
+    def remove(self) -> None:
+        """Unregister the callback; harmless when it already ran or was removed."""
+        self._checkpoint._remove_callback(self)
+
+    def __enter__(self) -> CallbackHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+
+class Checkpoint:
+    """The cancellation check of one running job; obtained from ``jobs.run(job_id)``.
+
+    ::
+
+        with jobs.run(analysis_id) as cp:
+            for path in files:
+                cp()              # raises Cancelled once the job is cancelled
+                process(path)
+
+    Thread-safe: any thread may cancel it; the worker thread calls it.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_callbacks",
+        "_cancelled",
+        "_clock",
+        "_completed",
+        "_due",
+        "_failing",
+        "_interval",
+        "_key",
+        "_lock",
+        "_reason",
+        "_source",
+        "_stopped",
+        "job_id",
+    )
+
+    def __init__(
+        self,
+        source: _Source,
+        job_id: Any,
+        *,
+        interval: float,
+        clock: Callable[[], float],
+        key: Hashable = None,
+        cancelled: bool = False,
+        reason: str | None = None,
+    ) -> None:
+        self.job_id = job_id
+        """The id of the job this checkpoint watches."""
+        self._source = source
+        self._interval = interval
+        self._clock = clock
+        self._key = key
+        self._lock = threading.Lock()
+        self._callbacks: list[CallbackHandle] | None = []
+        self._cancelled = False
+        self._reason: str | None = None
+        self._completed = False
+        self._failing = False
+        self._stopped = threading.Event()
+        # The clock reading at which the next poll is due; -inf once cancelled, so that
+        # the hot path below needs only one comparison to know it has nothing to do.
+        self._due = clock() + interval
+        if cancelled:
+            self._observe(reason)
+
+    # -- the hot path -----------------------------------------------------------------
+
+    def __call__(self) -> None:
+        """Raise :class:`Cancelled` if the job is cancelled; poll the row when one is due."""
+        if self._clock() >= self._due:
+            self._slow_check()
+
+    def _slow_check(self) -> None:
+        if self._cancelled:
+            raise self._exception()
+        try:
+            self.poll()
+        except Exception:
+            # A failed poll must not kill the job: the database may be back at the next
+            # interval. Logged once per outage, not once per call.
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "dbcancel: polling job %r failed; retrying every %ss",
+                    self.job_id,
+                    self._interval,
+                    exc_info=True,
+                )
+            self._due = self._clock() + self._interval
+        else:
+            if self._failing:
+                self._failing = False
+                log.warning("dbcancel: polling job %r works again", self.job_id)
+        if self._cancelled:
+            raise self._exception()
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancellation has been observed; never raises, never polls."""
+        return self._cancelled
+
+    @property
+    def reason(self) -> str | None:
+        """The cancel reason once cancelled (``"deleted"`` when the row vanished), else None."""
+        return self._reason
+
+    @property
+    def interval(self) -> float:
+        """Seconds of the clock between two polls of the row."""
+        return self._interval
+
+    def poll(self) -> Status:
+        """Re-read the row now and return its status (``cancelled`` when it was deleted).
+
+        Observes a cancellation (flag, callbacks) but does not raise :class:`Cancelled`;
+        database errors propagate.
+        """
+        status, reason = self._source._poll_row(self.job_id)
+        with self._lock:
+            # Under the lock: a cancel observed by another thread meanwhile keeps _due at
+            # -inf, so the stale row read here cannot make the hot path skip it.
+            if not self._cancelled:
+                self._due = self._clock() + self._interval
+        if status is None:
+            self._observe(DELETED)
+            return Status.CANCELLED
+        if status is Status.CANCELLED:
+            self._observe(reason)
+        return status
+
+    def on_cancel(self, fn: Callable[[], object]) -> CallbackHandle:
+        """Run ``fn()`` once when cancellation is observed; at once if it already was.
+
+        Callbacks run in the thread that observes the cancellation: the worker's own
+        thread after a poll, or the thread calling ``jobs.cancel()`` in this process, so
+        they can close a socket the worker is blocked on. An exception in one callback
+        is logged and does not stop the others. Returns a handle whose ``remove()`` (or
+        ``with`` block) unregisters ``fn``.
+        """
+        handle = CallbackHandle(self, fn)
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(handle)
+                return handle
+        _run_callback(self.job_id, handle)
+        return handle
+
+    def complete(self, using: Any) -> None:
+        """Mark the job completed inside the caller's open transaction ``using``.
+
+        ``using`` is a SQLAlchemy ``Session`` or ``Connection`` in which the worker has
+        written its results. The status change joins that transaction, so results and
+        completion commit together. If the job was cancelled (or deleted) meanwhile,
+        raises :class:`Cancelled`: the caller's ``with session.begin():`` then rolls the
+        results back, and ``jobs.run()`` swallows the exception. Raises
+        :class:`dbcancel.InvalidTransition` when the job is neither in progress nor
+        cancelled (for example completed twice).
+        """
+        if self._cancelled:
+            raise self._exception()
+        refused = self._source._complete_in(self.job_id, using)
+        if refused is None:
+            self._completed = True
+            return
+        status, reason = refused
+        self._observe(DELETED if status is None else reason)
+        raise self._exception()
+
+    def __repr__(self) -> str:
+        state = f"cancelled, reason={self._reason!r}" if self._cancelled else "running"
+        return f"<Checkpoint job_id={self.job_id!r} {state}>"
+
+    # -- internals --------------------------------------------------------------------
+
+    def _exception(self) -> Cancelled:
+        exc = Cancelled(self.job_id, self._reason)
+        exc._dbcancel_key = self._key  # type: ignore[attr-defined]
+        return exc
+
+    def _observe(self, reason: str | None) -> None:
+        """Record the cancellation (first reason wins) and run the callbacks once."""
+        with self._lock:
+            if not self._cancelled:
+                self._reason = reason
+                self._cancelled = True
+                self._due = -math.inf
+            callbacks, self._callbacks = self._callbacks, None
+        for handle in callbacks or ():
+            _run_callback(self.job_id, handle)
+
+    def _remove_callback(self, handle: CallbackHandle) -> None:
+        with self._lock:
+            if self._callbacks is not None and handle in self._callbacks:
+                self._callbacks.remove(handle)
+
+
+def _run_callback(job_id: Any, handle: CallbackHandle) -> None:
+    try:
+        handle._fn()
+    except Exception:
+        log.exception("dbcancel: on_cancel callback %r of job %r failed", handle._fn, job_id)
+
+
+def current() -> Checkpoint | None:
+    """The checkpoint of the job running in the current context, or None."""
+    return _current.get()
+
+
+def checkpoint() -> None:
+    """Check the job running in the current context; a no-op outside any job.
+
+    Deep code can stop a cancelled job without a checkpoint passed down to it::
+
+        def decode(path):
+            for chunk in read_chunks(path):
+                dbcancel.checkpoint()
+                ...
+    """
+    cp = _current.get()
+    if cp is not None:
+        cp()

@@ -1,0 +1,78 @@
+"""The exceptions dbcancel raises.
+
+``Cancelled`` derives from :class:`BaseException`, like :class:`asyncio.CancelledError`
+and :class:`KeyboardInterrupt`, so that a broad ``except Exception`` around one item of a
+worker loop cannot swallow a cancellation. Everything else derives from
+:class:`DbcancelError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound"]
+
+
+class Cancelled(BaseException):
+    """Raised by a checkpoint when its job has been cancelled (or its row deleted).
+
+    ``job_id`` is the id of the cancelled job; ``reason`` is the reason given to
+    :meth:`dbcancel.Jobs.cancel`, ``"deleted"`` when the row disappeared, or ``None``.
+    ``jobs.run()`` swallows the ``Cancelled`` of its own job, so a worker normally never
+    needs to catch it.
+    """
+
+    def __init__(self, job_id: Any, reason: str | None = None) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        text = f"job {job_id!r} was cancelled"
+        if reason:
+            text += f": {reason}"
+        super().__init__(text)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id, self.reason))
+
+
+class DbcancelError(Exception):
+    """Base class of every dbcancel error except :class:`Cancelled`."""
+
+
+class JobNotFound(DbcancelError, LookupError):
+    """No job row has this id (or it exists but does not match the ``where`` filters).
+
+    A row that exists but belongs to someone else is reported exactly like a missing row,
+    so that callers cannot probe for other users' jobs.
+    """
+
+    def __init__(self, model: str, job_id: Any, where: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.where = dict(where) if where else None
+        text = f"{model} {job_id!r} not found"
+        if where:
+            text += f" (or it does not match {self.where!r})"
+        super().__init__(text + "; nothing was changed")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.model, self.job_id, self.where))
+
+
+class InvalidTransition(DbcancelError):
+    """A status change that the transition table does not allow.
+
+    ``current`` is the status the row had when the change was refused, ``wanted`` the
+    status that was asked for.
+    """
+
+    def __init__(self, model: str, job_id: Any, current: str, wanted: str) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.current = current
+        self.wanted = wanted
+        super().__init__(
+            f"{model} {job_id!r} cannot go from {current!r} to {wanted!r}; nothing was changed"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.model, self.job_id, self.current, self.wanted))

@@ -1,0 +1,355 @@
+"""``Jobs``: request, run and wait for cancellable jobs stored in one table."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from contextvars import Token
+from numbers import Real
+from types import TracebackType
+from typing import Any
+
+from ._backend import (
+    Backend,
+    JobRow,
+    cancel_change,
+    complete_change,
+    fail_change,
+    start_change,
+    utcnow,
+)
+from .checkpoint import DELETED, Checkpoint, _current
+from .errors import Cancelled, InvalidTransition, JobNotFound
+from .models import Status
+from .registry import ActiveJob, registry
+
+__all__ = ["JobRun", "Jobs"]
+
+log = logging.getLogger("dbcancel")
+
+
+def _check_interval(interval: Any) -> float:
+    if isinstance(interval, bool) or not isinstance(interval, Real):
+        raise TypeError(f"interval must be a number of seconds, got {interval!r}")
+    value = float(interval)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"interval must be a finite number of seconds > 0, got {interval!r}")
+    return value
+
+
+class Jobs:
+    """Cancel, run and wait for the jobs of one table.
+
+    ::
+
+        jobs = Jobs(engine, Analysis, interval=0.5)
+        with jobs.run(analysis_id) as cp:     # in the worker
+            for path in files:
+                cp()
+                process(path)
+
+        jobs.cancel(analysis_id, where={"user_id": uid})   # anywhere, any process
+
+    ``bind`` is an Engine or a sessionmaker bound to one; ``model`` a mapped class using
+    :class:`dbcancel.CancellableMixin` (or a Table with the same columns). ``interval`` is
+    the number of seconds of ``clock`` (default :func:`time.monotonic`) between two polls
+    of a running job's row. Every status change is one conditional UPDATE, committed
+    before the method returns.
+    """
+
+    def __init__(
+        self,
+        bind: Any,
+        model: Any,
+        *,
+        interval: float = 0.5,
+        clock: Callable[[], float] | None = None,
+        watch: bool = False,
+    ) -> None:
+        from ._sqla import SQLAlchemyBackend
+
+        self._setup(SQLAlchemyBackend(bind, model), interval=interval, clock=clock, watch=watch)
+
+    def _setup(
+        self,
+        backend: Backend,
+        *,
+        interval: float,
+        clock: Callable[[], float] | None,
+        watch: bool,
+    ) -> None:
+        self._interval = _check_interval(interval)
+        if clock is not None and not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        if watch:
+            raise NotImplementedError(
+                "Jobs(watch=True), the shared per-process watcher, is not available yet; "
+                "use the default watch=False (each checkpoint polls its own row)"
+            )
+        self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
+        self._backend = backend
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two polls of a running job's row."""
+        return self._interval
+
+    @property
+    def model_name(self) -> str:
+        """The name of the job model, as used in error messages."""
+        return self._backend.model_name
+
+    def __repr__(self) -> str:
+        return f"<Jobs {self.model_name} interval={self._interval}>"
+
+    # -- requesting -------------------------------------------------------------------
+
+    def cancel(
+        self, job_id: Any, *, reason: str | None = None, where: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Cancel a pending or running job; durable when this returns.
+
+        Returns True when the job is cancelled, by this call or before; False when it had
+        already completed or failed (nothing changed). ``where`` maps columns to values
+        the row must also have (``{"user_id": uid}``): a row that does not match, or does
+        not exist, raises :class:`JobNotFound` and nothing changes. Checkpoints of the job
+        running in this process see the cancel at once and run their callbacks.
+        """
+        b = self._backend
+        b.check_id(job_id)
+        b.check_filters(where)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None, got {reason!r}")
+        if not b.apply(cancel_change(reason), job_id=job_id, filters=where):
+            row = b.read(job_id, where)
+            if row is None:
+                raise JobNotFound(b.model_name, job_id, dict(where) if where else None)
+            if row.status is not Status.CANCELLED:
+                return False
+            reason = row.cancel_reason
+        for cp in registry.checkpoints(b.key, job_id):
+            cp._observe(reason)
+        return True
+
+    def cancel_where(self, **filters: Any) -> int:
+        """Cancel every pending or running job matching ``filters``; return how many.
+
+        ``jobs.cancel_where(user_id=uid, session_id=sid)``. At least one filter is
+        required, so that a forgotten argument cannot cancel the whole table.
+        """
+        b = self._backend
+        if not filters:
+            raise ValueError(
+                f"cancel_where() needs at least one column filter for {b.model_name}, "
+                "e.g. cancel_where(session_id=...); nothing was changed"
+            )
+        b.check_filters(filters)
+        count = b.apply(cancel_change(None), filters=filters)
+        local = registry.active(b.key)
+        if count and local:
+            rows = b.read_many({e.job_id for e in local})
+            for entry in local:
+                row = rows.get(entry.job_id)
+                if row is None or row.status is Status.CANCELLED:
+                    entry.checkpoint._observe(None if row is None else row.cancel_reason)
+        return count
+
+    def status(self, job_id: Any) -> Status:
+        """The job's current status, read from the database."""
+        self._backend.check_id(job_id)
+        return self._read(job_id).status
+
+    def wait(self, job_id: Any, timeout: float | None = None) -> Status:
+        """Block until the job has stopped (``finished_at`` set); return its final status.
+
+        Raises :class:`TimeoutError` when ``timeout`` seconds pass first and
+        :class:`JobNotFound` when the row does not exist. A job running in this process
+        is waited for without polling.
+        """
+        b = self._backend
+        b.check_id(job_id)
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            row = self._read(job_id)
+            if row.finished_at is not None:
+                return row.status
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{b.model_name} {job_id!r} has not stopped after {timeout}s "
+                    f"(status {row.status.value!r})"
+                )
+            local = registry.checkpoints(b.key, job_id)
+            if local:
+                # Running here: its run() sets this event after recording how it ended.
+                local[0]._stopped.wait(min(remaining, self._interval))
+            else:
+                time.sleep(min(remaining, delay))
+                delay = min(delay * 2, self._interval)
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
+        """Run a job: a context manager (``with`` or ``async with``) yielding its Checkpoint.
+
+        On enter: pending → in_progress. A job already cancelled yields a checkpoint
+        that is already cancelled; a missing row raises :class:`JobNotFound`; a job in
+        any other state raises :class:`InvalidTransition`. On exit: in_progress →
+        completed, unless it was cancelled meanwhile (then it stays cancelled); a
+        ``Cancelled`` of this job is swallowed; any other exception marks it failed and
+        propagates. Every exit stamps ``finished_at``.
+        """
+        self._backend.check_id(job_id)
+        self._backend.check_filters(where)
+        return JobRun(self, job_id, where)
+
+    def active(self) -> tuple[ActiveJob, ...]:
+        """The jobs of this table running in this process now."""
+        return registry.active(self._backend.key)
+
+    # -- used by checkpoints and JobRun -----------------------------------------------
+
+    def _read(self, job_id: Any, where: Mapping[str, Any] | None = None) -> JobRow:
+        row = self._backend.read(job_id, where)
+        if row is None:
+            raise JobNotFound(self._backend.model_name, job_id, dict(where) if where else None)
+        return row
+
+    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
+        row = self._backend.read(job_id)
+        return (None, None) if row is None else (row.status, row.cancel_reason)
+
+    def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
+        if self._backend.apply(complete_change(), job_id=job_id, using=using):
+            return None
+        status, reason = self._poll_row(job_id)
+        if status is None or status is Status.CANCELLED:
+            return status, reason
+        raise InvalidTransition(self.model_name, job_id, status.value, Status.COMPLETED.value)
+
+    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> Checkpoint:
+        b = self._backend
+        cancelled, reason = False, None
+        if not b.apply(start_change(), job_id=job_id, filters=where):
+            row = self._read(job_id, where)
+            if row.status is not Status.CANCELLED:
+                raise InvalidTransition(
+                    b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
+                )
+            cancelled, reason = True, row.cancel_reason
+        return Checkpoint(
+            self,
+            job_id,
+            interval=self._interval,
+            clock=self._clock,
+            key=b.key,
+            cancelled=cancelled,
+            reason=reason,
+        )
+
+    def _finish(self, cp: Checkpoint, exc: BaseException | None) -> bool:
+        """Record how the job ended; True when ``exc`` is to be swallowed."""
+        b = self._backend
+        job_id = cp.job_id
+        if exc is None:
+            if cp._completed or b.apply(complete_change(), job_id=job_id):
+                return False
+            # Not in progress any more: cancelled (or deleted) meanwhile. Never completed.
+            status, reason = self._poll_row(job_id)
+            if status is None or status is Status.CANCELLED:
+                cp._observe(DELETED if status is None else reason)
+            b.mark_stopped(job_id)
+            return False
+        if isinstance(exc, Cancelled) and _is_own(exc, cp, b.key):
+            if not cp.cancelled:
+                # Raised by the worker itself: make the row say so.
+                b.apply(cancel_change(exc.reason), job_id=job_id)
+                cp._observe(exc.reason)
+            b.mark_stopped(job_id)
+            return True
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not b.apply(fail_change(text), job_id=job_id):
+            b.mark_stopped(job_id)
+        return False
+
+
+def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
+    exc_key = getattr(exc, "_dbcancel_key", None)
+    return bool(exc.job_id == cp.job_id and (exc_key is None or exc_key == key))
+
+
+class JobRun:
+    """The context manager returned by :meth:`Jobs.run`; yields the job's Checkpoint.
+
+    Usable once, with ``with`` in a thread or process, or ``async with`` in a task (the
+    database round trips of enter and exit then run in a worker thread).
+    """
+
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_token", "_where")
+
+    def __init__(self, jobs: Jobs, job_id: Any, where: Mapping[str, Any] | None) -> None:
+        self._jobs = jobs
+        self._job_id = job_id
+        self._where = dict(where) if where else None
+        self._cp: Checkpoint | None = None
+        self._entry: ActiveJob | None = None
+        self._token: Token[Checkpoint | None] | None = None
+
+    def _enter(self, cp: Checkpoint) -> Checkpoint:
+        self._cp = cp
+        self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
+        registry.add(self._jobs._backend.key, self._entry)
+        self._token = _current.set(cp)
+        return cp
+
+    def _leave(self) -> None:
+        assert self._cp is not None
+        assert self._entry is not None
+        assert self._token is not None
+        _current.reset(self._token)
+        registry.remove(self._jobs._backend.key, self._entry)
+        self._cp._stopped.set()
+
+    def __enter__(self) -> Checkpoint:
+        if self._cp is not None:
+            raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
+        return self._enter(self._jobs._start(self._job_id, self._where))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._cp is not None
+        try:
+            return self._jobs._finish(self._cp, exc)
+        finally:
+            self._leave()
+
+    async def __aenter__(self) -> Checkpoint:
+        if self._cp is not None:
+            raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
+        cp = await asyncio.to_thread(self._jobs._start, self._job_id, self._where)
+        return self._enter(cp)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._cp is not None
+        try:
+            return await asyncio.to_thread(self._jobs._finish, self._cp, exc)
+        finally:
+            self._leave()
