@@ -8,13 +8,14 @@ waiting for a poll. Cancellation is sticky: once observed, every later call rais
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
 from collections.abc import Callable, Hashable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from .errors import Cancelled
 from .models import Status
@@ -62,7 +63,7 @@ class CallbackHandle:
         self.remove()
 
 
-class Checkpoint:
+class Checkpoint(functools.partial[None]):
     """The cancellation check of one running job; obtained from ``jobs.run(job_id)``.
 
     ::
@@ -72,11 +73,15 @@ class Checkpoint:
                 cp()              # raises Cancelled once the job is cancelled
                 process(path)
 
-    Thread-safe: any thread may cancel it; the worker thread calls it.
+    Calling it raises :class:`Cancelled` once the job is cancelled, and re-reads the row
+    when a poll is due (at most once per ``interval`` of the clock). Thread-safe: any
+    thread may cancel it; the worker thread calls it.
     """
 
+    # Why a partial: CPython calls a partial's function through C vectorcall, while an
+    # instance's Python __call__ goes through a generic slot lookup. The no-poll-due
+    # call is ~40 % cheaper this way, which is most of its cost (see benchmarks/).
     __slots__ = (
-        "__weakref__",
         "_callbacks",
         "_cancelled",
         "_clock",
@@ -92,8 +97,23 @@ class Checkpoint:
         "job_id",
     )
 
-    def __init__(
-        self,
+    job_id: Any
+    """The id of the job this checkpoint watches."""
+    _callbacks: list[CallbackHandle] | None
+    _cancelled: bool
+    _clock: Callable[[], float]
+    _completed: bool
+    _due: float
+    _failing: bool
+    _interval: float
+    _key: Hashable
+    _lock: threading.Lock
+    _reason: str | None
+    _source: _Source
+    _stopped: threading.Event
+
+    def __new__(
+        cls,
         source: _Source,
         job_id: Any,
         *,
@@ -102,32 +122,33 @@ class Checkpoint:
         key: Hashable = None,
         cancelled: bool = False,
         reason: str | None = None,
-    ) -> None:
+    ) -> Self:
+        """Create the checkpoint of job ``job_id``; ``jobs.run()`` does this for you."""
+
+        def check() -> None:
+            # The hot path: one clock read and one comparison when nothing is due.
+            if clock() >= self._due:
+                self._slow_check()
+
+        self = super().__new__(cls, check)
         self.job_id = job_id
-        """The id of the job this checkpoint watches."""
         self._source = source
         self._interval = interval
         self._clock = clock
         self._key = key
         self._lock = threading.Lock()
-        self._callbacks: list[CallbackHandle] | None = []
+        self._callbacks = []
         self._cancelled = False
-        self._reason: str | None = None
+        self._reason = None
         self._completed = False
         self._failing = False
         self._stopped = threading.Event()
         # The clock reading at which the next poll is due; -inf once cancelled, so that
-        # the hot path below needs only one comparison to know it has nothing to do.
+        # the hot path needs only one comparison to know it has nothing to do.
         self._due = clock() + interval
         if cancelled:
             self._observe(reason)
-
-    # -- the hot path -----------------------------------------------------------------
-
-    def __call__(self) -> None:
-        """Raise :class:`Cancelled` if the job is cancelled; poll the row when one is due."""
-        if self._clock() >= self._due:
-            self._slow_check()
+        return self
 
     def _slow_check(self) -> None:
         if self._cancelled:
