@@ -21,6 +21,7 @@ __all__ = [
     "JobRow",
     "cancel_change",
     "complete_change",
+    "cut_reason",
     "fail_change",
     "start_change",
     "utcnow",
@@ -61,6 +62,14 @@ class Change:
         return allowed_sources(self.to)
 
 
+def cut_reason(reason: str | None) -> str | None:
+    """The reason as the row stores it (at most 255 characters).
+
+    Local observers get the same text, so a cancel reads the same in every process.
+    """
+    return None if reason is None else reason[:CANCEL_REASON_LENGTH]
+
+
 def start_change() -> Change:
     """pending → in_progress, stamping ``started_at`` and ``heartbeat_at``."""
     return Change(Status.IN_PROGRESS, stamp=("started_at", "heartbeat_at"))
@@ -86,7 +95,7 @@ def cancel_change(reason: str | None) -> Change:
         Status.CANCELLED,
         stamp=("cancel_requested_at",),
         stamp_if_from={"finished_at": frozenset({Status.PENDING})},
-        values={"cancel_reason": None if reason is None else reason[:CANCEL_REASON_LENGTH]},
+        values={"cancel_reason": cut_reason(reason)},
     )
 
 

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import random
+import time
 from collections.abc import Collection, Hashable, Mapping
 from typing import Any
 
 from sqlalchemy import Column, Connection, Engine, Table, bindparam, case, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ._backend import Change, JobRow, utcnow
 from .models import REQUIRED_COLUMNS, Status
 
 __all__ = ["SQLAlchemyBackend", "resolve_engine", "resolve_table"]
+
+log = logging.getLogger("dbcancel")
 
 
 def resolve_engine(bind: Any) -> Engine:
@@ -136,10 +142,16 @@ class SQLAlchemyBackend:
             .where(*self._where(job_id, filters))
             .ordered_values(*assignments)
         )
+        if job_id is not None:
+            # InnoDB may reach "id = :id AND status IN (:one)" through the status index
+            # (it ends in the primary key), locking that index before the row, while a
+            # concurrent UPDATE of the same row locks the row first: a deadlock. Forcing
+            # the primary key makes every transition lock in the same order.
+            for dialect in ("mysql", "mariadb"):
+                stmt = stmt.with_hint("FORCE INDEX (PRIMARY)", dialect_name=dialect)
         if using is not None:
             return int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
-        with self.engine.begin() as conn:
-            return int(conn.execute(stmt).rowcount)
+        return self._write(stmt, {})
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
         """One job's status, cancel reason and finished_at; None when there is no such row."""
@@ -162,5 +174,34 @@ class SQLAlchemyBackend:
 
     def mark_stopped(self, job_id: Any) -> None:
         """Stamp ``finished_at`` where it is still null."""
-        with self.engine.begin() as conn:
-            conn.execute(self._mark_stopped, {"job_id": job_id, "now": utcnow()})
+        self._write(self._mark_stopped, {"job_id": job_id, "now": utcnow()})
+
+    def _write(self, stmt: Any, params: dict[str, Any]) -> int:
+        """Run one write in its own transaction, retried when the database chose it as
+        the victim of a deadlock (it was rolled back whole, so running it again is safe)."""
+        for attempt in range(_RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    return int(conn.execute(stmt, params).rowcount)
+            except DBAPIError as err:
+                if attempt == _RETRIES - 1 or not _is_transient(err):
+                    raise
+                log.info("dbcancel: %s on %s, retrying", err.orig, self.model_name)
+                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+
+_RETRIES = 5
+# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. PostgreSQL: 40P01 deadlock,
+# 40001 serialization failure.
+_MYSQL_TRANSIENT = frozenset({1213, 1205})
+_PG_TRANSIENT = frozenset({"40P01", "40001"})
+
+
+def _is_transient(err: DBAPIError) -> bool:
+    orig = err.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate in _PG_TRANSIENT:
+        return True
+    args: Any = getattr(orig, "args", ())
+    return bool(args) and args[0] in _MYSQL_TRANSIENT

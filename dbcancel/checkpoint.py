@@ -78,14 +78,14 @@ class Checkpoint(functools.partial[None]):
     thread may cancel it; the worker thread calls it.
     """
 
-    # Why a partial: CPython calls a partial's function through C vectorcall, while an
-    # instance's Python __call__ goes through a generic slot lookup. The no-poll-due
-    # call is ~40 % cheaper this way, which is most of its cost (see benchmarks/).
+    # Why a partial: CPython 3.11 calls a partial's function from C, while an instance's
+    # Python __call__ goes through a generic slot lookup. That makes the no-poll-due call
+    # about 10 % cheaper (77 vs 87 ns here), enough to keep it within 2x of a bare
+    # time.monotonic() loop (benchmarks/bench_core.py, row (a)).
     __slots__ = (
         "_callbacks",
         "_cancelled",
         "_clock",
-        "_completed",
         "_due",
         "_failing",
         "_interval",
@@ -102,7 +102,6 @@ class Checkpoint(functools.partial[None]):
     _callbacks: list[CallbackHandle] | None
     _cancelled: bool
     _clock: Callable[[], float]
-    _completed: bool
     _due: float
     _failing: bool
     _interval: float
@@ -140,7 +139,6 @@ class Checkpoint(functools.partial[None]):
         self._callbacks = []
         self._cancelled = False
         self._reason = None
-        self._completed = False
         self._failing = False
         self._stopped = threading.Event()
         # The clock reading at which the next poll is due; -inf once cancelled, so that
@@ -242,7 +240,6 @@ class Checkpoint(functools.partial[None]):
             raise self._exception()
         refused = self._source._complete_in(self.job_id, using)
         if refused is None:
-            self._completed = True
             return
         status, reason = refused
         self._observe(DELETED if status is None else reason)

@@ -18,6 +18,7 @@ from ._backend import (
     JobRow,
     cancel_change,
     complete_change,
+    cut_reason,
     fail_change,
     start_change,
     utcnow,
@@ -126,6 +127,7 @@ class Jobs:
         b.check_filters(where)
         if reason is not None and not isinstance(reason, str):
             raise TypeError(f"reason must be a string or None, got {reason!r}")
+        reason = cut_reason(reason)
         if not b.apply(cancel_change(reason), job_id=job_id, filters=where):
             row = b.read(job_id, where)
             if row is None:
@@ -206,7 +208,9 @@ class Jobs:
         any other state raises :class:`InvalidTransition`. On exit: in_progress →
         completed, unless it was cancelled meanwhile (then it stays cancelled); a
         ``Cancelled`` of this job is swallowed; any other exception marks it failed and
-        propagates. Every exit stamps ``finished_at``.
+        propagates. Every exit of a run that started the job stamps ``finished_at``; a
+        run that found the job already cancelled writes nothing (its first worker, if
+        any, is the one that says when it has stopped).
         """
         self._backend.check_id(job_id)
         self._backend.check_filters(where)
@@ -236,44 +240,57 @@ class Jobs:
             return status, reason
         raise InvalidTransition(self.model_name, job_id, status.value, Status.COMPLETED.value)
 
-    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> Checkpoint:
+    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
+        """Move the job to in_progress; return its checkpoint and whether this call did it."""
         b = self._backend
-        cancelled, reason = False, None
+        started, reason = True, None
         if not b.apply(start_change(), job_id=job_id, filters=where):
             row = self._read(job_id, where)
             if row.status is not Status.CANCELLED:
                 raise InvalidTransition(
                     b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
                 )
-            cancelled, reason = True, row.cancel_reason
-        return Checkpoint(
+            started, reason = False, row.cancel_reason
+        cp = Checkpoint(
             self,
             job_id,
             interval=self._interval,
             clock=self._clock,
             key=b.key,
-            cancelled=cancelled,
+            cancelled=not started,
             reason=reason,
         )
+        return cp, started
 
-    def _finish(self, cp: Checkpoint, exc: BaseException | None) -> bool:
-        """Record how the job ended; True when ``exc`` is to be swallowed."""
+    def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
+        """Record how the job ended; True when ``exc`` is to be swallowed.
+
+        A run that found its job already cancelled (``started`` False) writes nothing: the
+        job may still have a worker elsewhere (a cancelled duplicate delivery), and only
+        that worker may say it has stopped.
+        """
         b = self._backend
         job_id = cp.job_id
+        own_cancel = isinstance(exc, Cancelled) and _is_own(exc, cp, b.key)
+        if not started:
+            return own_cancel
         if exc is None:
-            if cp._completed or b.apply(complete_change(), job_id=job_id):
+            if b.apply(complete_change(), job_id=job_id):
                 return False
-            # Not in progress any more: cancelled (or deleted) meanwhile. Never completed.
+            # Not in progress any more: completed through cp.complete(), or cancelled
+            # (or deleted) meanwhile. Never completed after a cancel.
             status, reason = self._poll_row(job_id)
             if status is None or status is Status.CANCELLED:
                 cp._observe(DELETED if status is None else reason)
             b.mark_stopped(job_id)
             return False
-        if isinstance(exc, Cancelled) and _is_own(exc, cp, b.key):
+        if own_cancel:
+            assert isinstance(exc, Cancelled)
             if not cp.cancelled:
                 # Raised by the worker itself: make the row say so.
-                b.apply(cancel_change(exc.reason), job_id=job_id)
-                cp._observe(exc.reason)
+                reason = cut_reason(exc.reason)
+                b.apply(cancel_change(reason), job_id=job_id)
+                cp._observe(reason)
             b.mark_stopped(job_id)
             return True
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -294,7 +311,7 @@ class JobRun:
     database round trips of enter and exit then run in a worker thread).
     """
 
-    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_token", "_where")
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_token", "_where")
 
     def __init__(self, jobs: Jobs, job_id: Any, where: Mapping[str, Any] | None) -> None:
         self._jobs = jobs
@@ -303,9 +320,11 @@ class JobRun:
         self._cp: Checkpoint | None = None
         self._entry: ActiveJob | None = None
         self._token: Token[Checkpoint | None] | None = None
+        self._started = False
 
-    def _enter(self, cp: Checkpoint) -> Checkpoint:
+    def _enter(self, cp: Checkpoint, started: bool) -> Checkpoint:
         self._cp = cp
+        self._started = started
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(self._jobs._backend.key, self._entry)
         self._token = _current.set(cp)
@@ -322,7 +341,7 @@ class JobRun:
     def __enter__(self) -> Checkpoint:
         if self._cp is not None:
             raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
-        return self._enter(self._jobs._start(self._job_id, self._where))
+        return self._enter(*self._jobs._start(self._job_id, self._where))
 
     def __exit__(
         self,
@@ -332,15 +351,15 @@ class JobRun:
     ) -> bool:
         assert self._cp is not None
         try:
-            return self._jobs._finish(self._cp, exc)
+            return self._jobs._finish(self._cp, exc, self._started)
         finally:
             self._leave()
 
     async def __aenter__(self) -> Checkpoint:
         if self._cp is not None:
             raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
-        cp = await asyncio.to_thread(self._jobs._start, self._job_id, self._where)
-        return self._enter(cp)
+        cp, started = await asyncio.to_thread(self._jobs._start, self._job_id, self._where)
+        return self._enter(cp, started)
 
     async def __aexit__(
         self,
@@ -350,6 +369,6 @@ class JobRun:
     ) -> bool:
         assert self._cp is not None
         try:
-            return await asyncio.to_thread(self._jobs._finish, self._cp, exc)
+            return await asyncio.to_thread(self._jobs._finish, self._cp, exc, self._started)
         finally:
             self._leave()
