@@ -24,7 +24,19 @@ __all__ = ["CallbackHandle", "Checkpoint", "checkpoint", "current"]
 
 log = logging.getLogger("dbcancel")
 
-_current: ContextVar[Checkpoint | None] = ContextVar("dbcancel_checkpoint", default=None)
+# The checkpoints of the jobs running in this context, innermost last. A stack rather
+# than one value reset by tokens: runs left out of order (manual __enter__/__exit__)
+# must not leave a finished job current.
+_current: ContextVar[tuple[Checkpoint, ...]] = ContextVar("dbcancel_checkpoints", default=())
+
+
+def _push(cp: Checkpoint) -> None:
+    _current.set((*_current.get(), cp))
+
+
+def _pop(cp: Checkpoint) -> None:
+    _current.set(tuple(c for c in _current.get() if c is not cp))
+
 
 DELETED = "deleted"
 """The reason a checkpoint reports when its job's row has disappeared."""
@@ -282,7 +294,8 @@ def _run_callback(job_id: Any, handle: CallbackHandle) -> None:
 
 def current() -> Checkpoint | None:
     """The checkpoint of the job running in the current context, or None."""
-    return _current.get()
+    stack = _current.get()
+    return stack[-1] if stack else None
 
 
 def checkpoint() -> None:
@@ -295,6 +308,6 @@ def checkpoint() -> None:
                 dbcancel.checkpoint()
                 ...
     """
-    cp = _current.get()
-    if cp is not None:
-        cp()
+    stack = _current.get()
+    if stack:
+        stack[-1]()

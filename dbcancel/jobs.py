@@ -8,7 +8,6 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextvars import Token
 from numbers import Real
 from types import TracebackType
 from typing import Any
@@ -23,7 +22,7 @@ from ._backend import (
     start_change,
     utcnow,
 )
-from .checkpoint import DELETED, Checkpoint, _current
+from .checkpoint import DELETED, Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition, JobNotFound
 from .models import Status
 from .registry import ActiveJob, registry
@@ -311,7 +310,7 @@ class JobRun:
     database round trips of enter and exit then run in a worker thread).
     """
 
-    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_token", "_where")
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_where")
 
     def __init__(self, jobs: Jobs, job_id: Any, where: Mapping[str, Any] | None) -> None:
         self._jobs = jobs
@@ -319,7 +318,6 @@ class JobRun:
         self._where = dict(where) if where else None
         self._cp: Checkpoint | None = None
         self._entry: ActiveJob | None = None
-        self._token: Token[Checkpoint | None] | None = None
         self._started = False
 
     def _enter(self, cp: Checkpoint, started: bool) -> Checkpoint:
@@ -327,14 +325,13 @@ class JobRun:
         self._started = started
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(self._jobs._backend.key, self._entry)
-        self._token = _current.set(cp)
+        _push(cp)
         return cp
 
     def _leave(self) -> None:
         assert self._cp is not None
         assert self._entry is not None
-        assert self._token is not None
-        _current.reset(self._token)
+        _pop(self._cp)
         registry.remove(self._jobs._backend.key, self._entry)
         self._cp._stopped.set()
 
