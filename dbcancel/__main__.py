@@ -1,0 +1,8 @@
+"""``python -m dbcancel``: see :mod:`dbcancel.cli`."""
+
+from .cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main(prog="python -m dbcancel"))
