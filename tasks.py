@@ -24,7 +24,7 @@ def _run(*args: str | os.PathLike[str]) -> int:
 
 
 def _install(extra: str | None) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - tasks.py runs before any install
         sys.exit(f"dbcancel needs Python 3.11+, this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"+ creating {VENV}", flush=True)

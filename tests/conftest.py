@@ -81,7 +81,9 @@ def _engine(url: str) -> Engine:
         pytest.param("mariadb", marks=pytest.mark.mariadb),
     ],
 )
-def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+def database(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Database]:
     name: str = request.param
     scope = f"dbcancel_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     cleanup = None
@@ -96,7 +98,7 @@ def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
                     conn.execute(text(f"CREATE SCHEMA {scope}"))
                 else:
                     conn.execute(text(f"CREATE DATABASE {scope}"))
-        except Exception as err:  # noqa: BLE001 - any driver error means unreachable
+        except Exception as err:  # any driver error means unreachable
             admin.dispose()
             _unreachable(name, err)
         base = make_url(SERVERS[name])

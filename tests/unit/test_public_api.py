@@ -1,0 +1,201 @@
+"""The package's public surface: exports, docstrings, typing marker, import weight."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib
+import importlib.resources
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import dbcancel
+
+PUBLIC_MODULES = ["models", "checkpoint", "errors", "jobs", "registry", "testing"]
+OPTIONAL_PACKAGES = ["websockets", "flask", "django", "psycopg", "pymysql", "alembic"]
+ROOT = Path(dbcancel.__file__).resolve().parent
+
+
+def isort_key(name: str) -> tuple[int, str]:
+    """The order ruff's RUF022 (isort style) keeps ``__all__`` in.
+
+    SCREAMING_CASE constants first, then CamelCase classes, then everything else, each
+    group in case-sensitive alphabetical order.
+    """
+    if name.isupper():
+        group = 0
+    elif name[:1].isupper():
+        group = 1
+    else:
+        group = 2
+    return group, name
+
+
+def module_assignments(module: ModuleType) -> dict[str, str | None]:
+    """Names assigned at module level in ``module``'s source, with their attribute docstring."""
+    tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+    found: dict[str, str | None] = {}
+    body = tree.body
+    for i, node in enumerate(body):
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        doc = None
+        nxt = body[i + 1] if i + 1 < len(body) else None
+        if (
+            isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            doc = nxt.value.value
+        for target in targets:
+            if isinstance(target, ast.Name):
+                found[target.id] = doc
+    return found
+
+
+def own_docstring(obj: object) -> str | None:
+    """The docstring written for ``obj`` itself, not one inherited from a base or a type."""
+    if inspect.isclass(obj):
+        return obj.__dict__.get("__doc__")
+    if inspect.isfunction(obj) or inspect.ismodule(obj):
+        return obj.__doc__
+    return None
+
+
+def test_all_is_sorted():
+    names = list(dbcancel.__all__)
+    assert len(names) == len(set(names)), "duplicates in dbcancel.__all__"
+    assert names == sorted(names, key=isort_key)
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_module_all_is_sorted(module):
+    names = list(importlib.import_module(f"dbcancel.{module}").__all__)
+    assert len(names) == len(set(names))
+    assert names == sorted(names, key=isort_key)
+
+
+def test_core_names_are_exported():
+    # The names API.md sections 1-4 promise at the top level.
+    promised = {
+        "Status",
+        "CancellableMixin",
+        "Jobs",
+        "Cancelled",
+        "JobNotFound",
+        "InvalidTransition",
+        "DbcancelError",
+        "Checkpoint",
+        "checkpoint",
+        "current",
+    }
+    assert promised <= set(dbcancel.__all__)
+    assert "TERMINAL" in dbcancel.__all__ or callable(getattr(dbcancel.Status, "terminal", None))
+
+
+@pytest.mark.parametrize("name", dbcancel.__all__)
+def test_every_exported_name_exists_and_is_documented(name):
+    assert hasattr(dbcancel, name), f"dbcancel.__all__ lists {name!r}, which does not exist"
+    obj = getattr(dbcancel, name)
+    doc = own_docstring(obj)
+    if doc is None:
+        # A constant: its docstring is the string literal after its assignment.
+        home = next(
+            (
+                importlib.import_module(f"dbcancel.{m}")
+                for m in PUBLIC_MODULES
+                if name in module_assignments(importlib.import_module(f"dbcancel.{m}"))
+            ),
+            None,
+        )
+        assert home is not None, f"cannot find where {name!r} is defined"
+        doc = module_assignments(home)[name]
+    assert (doc or "").strip(), f"dbcancel.{name} has no docstring"
+
+
+def test_package_and_public_modules_have_docstrings():
+    assert (dbcancel.__doc__ or "").strip()
+    for module in PUBLIC_MODULES:
+        mod = importlib.import_module(f"dbcancel.{module}")
+        assert (mod.__doc__ or "").strip(), f"dbcancel.{module} has no docstring"
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_module_all_names_are_defined_there(module):
+    mod = importlib.import_module(f"dbcancel.{module}")
+    assert isinstance(getattr(mod, "__all__", None), list | tuple), f"{module} has no __all__"
+    assigned = module_assignments(mod)
+    for name in mod.__all__:
+        assert hasattr(mod, name), f"dbcancel.{module}.__all__ lists missing {name!r}"
+        obj = getattr(mod, name)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__module__ == mod.__name__, (
+                f"dbcancel.{module}.__all__ re-exports {name!r} from {obj.__module__}"
+            )
+        else:
+            assert name in assigned, f"{name!r} is not assigned in dbcancel.{module}"
+
+
+def test_top_level_names_are_the_modules_objects():
+    for name in dbcancel.__all__:
+        obj = getattr(dbcancel, name)
+        homes = [
+            m
+            for m in PUBLIC_MODULES
+            if name in importlib.import_module(f"dbcancel.{m}").__all__
+            and getattr(importlib.import_module(f"dbcancel.{m}"), name) is obj
+        ]
+        assert homes, f"dbcancel.{name} is not exported by any public module"
+
+
+def test_py_typed_ships():
+    marker = importlib.resources.files("dbcancel").joinpath("py.typed")
+    assert marker.is_file()
+    # An editable install reads the source tree, so also check the packaging metadata
+    # that puts the marker into wheels and sdists.
+    setup_cfg = ROOT.parent / "setup.cfg"
+    if setup_cfg.is_file():
+        cfg = configparser.ConfigParser()
+        cfg.read(setup_cfg, encoding="utf-8")
+        assert "py.typed" in cfg.get("options.package_data", "dbcancel", fallback="")
+
+
+def test_core_imports_no_optional_package():
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import dbcancel
+        for name in {PUBLIC_MODULES!r}:
+            __import__("dbcancel." + name)
+        print(json.dumps(sorted(sys.modules)))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    loaded = json.loads(out)
+    assert "dbcancel" in loaded
+    assert "sqlalchemy" in loaded
+    heavy = sorted(
+        m
+        for m in loaded
+        if m.split(".")[0] in OPTIONAL_PACKAGES or m.startswith("dbcancel.contrib")
+    )
+    assert heavy == [], f"importing the core pulled in optional packages: {heavy}"
+
+
+def test_optional_packages_are_importable_here():
+    """Guards the test above: the packages it looks for are importable in this venv."""
+    probe = [p for p in ("psycopg", "pymysql") if importlib.util.find_spec(p) is not None]
+    assert probe, "the dev environment should have psycopg and PyMySQL installed"
