@@ -54,8 +54,7 @@ class SQLAlchemyBackend:
         if missing:
             raise TypeError(
                 f"{self.model_name} lacks the column(s) {', '.join(missing)} that dbcancel "
-                "needs; add CancellableMixin to the model, or add them to an existing table "
-                "with dbcancel.migrations.add_cancellation"
+                "needs; add CancellableMixin to the model (and its columns to the table)"
             )
         pk = list(self.table.primary_key.columns)
         if len(pk) != 1:

@@ -72,8 +72,8 @@ examples:
   %(prog)s cancel 42 --reason "session deleted"
   %(prog)s status 42
 
-The table commands work on any table with dbcancel's columns (CancellableMixin, or
-dbcancel.migrations.add_cancellation) and a one-column primary key. Times are UTC.
+The table commands work on any table with dbcancel's columns (those of
+CancellableMixin) and a one-column primary key. Times are UTC.
 Passwords in URLs are never printed.
 
 {_EXIT_STATUS}"""
