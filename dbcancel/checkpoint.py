@@ -163,26 +163,45 @@ class Checkpoint(functools.partial[None]):
     def _slow_check(self) -> None:
         if self._cancelled:
             raise self._exception()
+        self._poll_logged()
+        if self._cancelled:
+            raise self._exception()
+
+    def _poll_logged(self) -> None:
+        """Poll, turning a database error into a log line and a retry next interval.
+
+        A failed poll must not kill the job: the database may be back at the next
+        interval. Logged once per outage, not once per call.
+        """
         try:
             self.poll()
         except Exception:
-            # A failed poll must not kill the job: the database may be back at the next
-            # interval. Logged once per outage, not once per call.
-            if not self._failing:
-                self._failing = True
-                log.warning(
-                    "dbcancel: polling job %r failed; retrying every %ss",
-                    self.job_id,
-                    self._interval,
-                    exc_info=True,
-                )
-            self._due = self._clock() + self._interval
+            self._poll_failed()
         else:
-            if self._failing:
-                self._failing = False
-                log.warning("dbcancel: polling job %r works again", self.job_id)
-        if self._cancelled:
-            raise self._exception()
+            self._poll_succeeded()
+
+    def _poll_failed(self) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "dbcancel: polling job %r failed; retrying every %ss",
+                self.job_id,
+                self._interval,
+                exc_info=True,
+            )
+        self._schedule_next_poll()
+
+    def _poll_succeeded(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("dbcancel: polling job %r works again", self.job_id)
+
+    def _schedule_next_poll(self) -> None:
+        with self._lock:
+            # Under the lock: a cancel observed by another thread meanwhile keeps _due at
+            # -inf, so a stale row read (or a failed read) cannot make the hot path skip it.
+            if not self._cancelled:
+                self._due = self._clock() + self._interval
 
     # -- public API -------------------------------------------------------------------
 
@@ -208,11 +227,11 @@ class Checkpoint(functools.partial[None]):
         database errors propagate.
         """
         status, reason = self._source._poll_row(self.job_id)
-        with self._lock:
-            # Under the lock: a cancel observed by another thread meanwhile keeps _due at
-            # -inf, so the stale row read here cannot make the hot path skip it.
-            if not self._cancelled:
-                self._due = self._clock() + self._interval
+        return self._apply_row(status, reason)
+
+    def _apply_row(self, status: Status | None, reason: str | None) -> Status:
+        """Take in a freshly read row (None: deleted) and schedule the next poll."""
+        self._schedule_next_poll()
         if status is None:
             self._observe(DELETED)
             return Status.CANCELLED
