@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Collection, Hashable
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -46,6 +46,8 @@ class _Source(Protocol):
     """What a checkpoint needs from the object that created it (a ``Jobs``)."""
 
     def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]: ...
+
+    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]: ...
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None: ...
 

@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from numbers import Real
 from types import TracebackType
 from typing import Any
@@ -230,6 +230,11 @@ class Jobs:
     def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
         row = self._backend.read(job_id)
         return (None, None) if row is None else (row.status, row.cancel_reason)
+
+    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]:
+        """The status and cancel reason of those jobs that still exist, in one query."""
+        rows = self._backend.read_many(job_ids)
+        return {job_id: (row.status, row.cancel_reason) for job_id, row in rows.items()}
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
         if self._backend.apply(complete_change(), job_id=job_id, using=using):

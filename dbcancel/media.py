@@ -1,0 +1,313 @@
+"""WebSocket frame loops that stop when their job is cancelled (extra ``[media]``).
+
+Built on the ``websockets`` package (its asyncio API). Two pieces:
+
+* :func:`receive` — ``async for message in receive(ws, cp)``: the messages of a
+  connection until the job is cancelled. Cancellation is noticed while waiting for a
+  frame: the connection is closed with code 1001, reason ``"cancelled"``, and
+  :class:`dbcancel.Cancelled` is raised.
+* :class:`MediaAnalysisService` — streams video frames to an analysis server over one
+  connection per analysis and collects one result per frame.
+
+Neither blocks the event loop on the database: the job's row is polled in a worker thread
+(one query per interval for all the streams of a loop), and a ``jobs.cancel()`` issued
+in this process — from any thread, such as a Flask request — reaches the loop at once
+through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+from ._aio import watching
+from .checkpoint import Checkpoint, current
+from .errors import DbcancelError
+
+try:
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+except ImportError as err:  # pragma: no cover - exercised by the extra-less install test
+    raise ImportError(
+        "dbcancel.media needs the websockets package: pip install 'dbcancel[media]'"
+    ) from err
+
+__all__ = [
+    "CANCEL_CLOSE_CODE",
+    "CANCEL_CLOSE_REASON",
+    "MediaAnalysisService",
+    "MediaError",
+    "receive",
+]
+
+log = logging.getLogger("dbcancel")
+
+CANCEL_CLOSE_CODE = 1001
+"""The close code sent when a job's connection is closed because it was cancelled."""
+CANCEL_CLOSE_REASON = "cancelled"
+"""The close reason sent with :data:`CANCEL_CLOSE_CODE`."""
+
+Frame = bytes | bytearray | memoryview
+
+
+class MediaError(DbcancelError):
+    """An analysis failed: the server could not be reached, misbehaved or went silent.
+
+    ``job_id`` and ``uri`` say which analysis; the message says what happened. The
+    connection is closed when this is raised; inside ``jobs.run()`` the job is then
+    marked failed with this text.
+    """
+
+    def __init__(self, job_id: Any, uri: str, problem: str) -> None:
+        self.job_id = job_id
+        self.uri = uri
+        self.problem = problem
+        super().__init__(f"analysis of job {job_id!r} at {uri}: {problem}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.job_id, self.uri, self.problem))
+
+
+@asynccontextmanager
+async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[None]:
+    """While inside, a cancellation of ``cp`` closes ``ws`` with 1001 "cancelled".
+
+    The checkpoint's row is polled off the loop; its callback may run in any thread
+    (the one calling ``jobs.cancel()``, or the poller's worker thread), so it only
+    schedules the close on the connection's own loop.
+    """
+    loop = asyncio.get_running_loop()
+    closing: list[asyncio.Task[None]] = []
+
+    def start_close() -> None:  # on the loop
+        closing.append(loop.create_task(ws.close(CANCEL_CLOSE_CODE, CANCEL_CLOSE_REASON)))
+
+    def on_cancel() -> None:  # any thread
+        # RuntimeError: the loop has closed, and so has the connection.
+        with suppress(RuntimeError):
+            loop.call_soon_threadsafe(start_close)
+
+    async with watching(cp):
+        handle = cp.on_cancel(on_cancel)
+        try:
+            yield
+        finally:
+            handle.remove()
+            # The close started by a cancel must finish (bounded by the connection's
+            # close_timeout) before we leave: no task outlives the stream.
+            for task in closing:
+                with suppress(Exception):
+                    await asyncio.shield(task)
+
+
+async def _raise_if_cancelled(ws: ClientConnection, cp: Checkpoint) -> None:
+    if cp.cancelled:
+        await ws.close(CANCEL_CLOSE_CODE, CANCEL_CLOSE_REASON)
+        raise cp._exception()
+
+
+async def receive(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[str | bytes]:
+    """Yield the messages of ``ws`` until the connection ends or ``cp``'s job is cancelled.
+
+    ::
+
+        async with connect(uri) as ws:
+            async for message in dbcancel.media.receive(ws, cp):
+                handle(message)
+
+    A cancellation is noticed while waiting for a message, however silent the peer: the
+    connection is closed with code 1001, reason ``"cancelled"``, and
+    :class:`dbcancel.Cancelled` is raised. A normal close of the connection ends the
+    iteration; an abnormal one raises ``websockets.exceptions.ConnectionClosedError``.
+    """
+    await _raise_if_cancelled(ws, cp)
+    async with _closing_on_cancel(ws, cp):
+        async for message in ws:
+            if cp.cancelled:
+                break
+            yield message
+    await _raise_if_cancelled(ws, cp)
+
+
+async def _frames(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
+    if isinstance(frames, AsyncIterable):
+        async for frame in frames:
+            yield frame
+    else:
+        for frame in frames:
+            yield frame
+
+
+class MediaAnalysisService:
+    """A client of a WebSocket analysis server: one connection per analysis.
+
+    ::
+
+        service = MediaAnalysisService("ws://127.0.0.1:8765", token=api_token)
+        async with jobs.run(analysis_id) as cp:
+            results = await service.analyze(frames, view="front", checkpoint=cp)
+
+    The protocol: the ``token`` goes in an ``Authorization: Bearer`` header; the first
+    message is ``{"type": "start", "view": ..., "job": ...}`` (JSON text); each frame is
+    one binary message, answered by one JSON result ``{"frame": <index>, ...}`` in order;
+    ``{"type": "end"}`` ends the stream and the server closes the connection.
+
+    ``open_timeout`` bounds connecting and the handshake, ``receive_timeout`` the wait for
+    each result, ``close_timeout`` the closing handshake (seconds, None for no bound).
+    ``connect_options`` go to ``websockets.asyncio.client.connect`` as they are.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        token: str | None = None,
+        open_timeout: float | None = 10.0,
+        receive_timeout: float | None = 30.0,
+        close_timeout: float | None = 5.0,
+        headers: Mapping[str, str] | None = None,
+        **connect_options: Any,
+    ) -> None:
+        if not isinstance(uri, str) or not uri.startswith(("ws://", "wss://")):
+            raise ValueError(f"the analysis server's URI must start with ws:// or wss://: {uri!r}")
+        for name, value in (
+            ("open_timeout", open_timeout),
+            ("receive_timeout", receive_timeout),
+            ("close_timeout", close_timeout),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be None or a number of seconds > 0, got {value!r}")
+        self.uri = uri
+        """The analysis server's ``ws://`` or ``wss://`` URI."""
+        self.open_timeout = open_timeout
+        """Seconds allowed for connecting and the opening handshake."""
+        self.receive_timeout = receive_timeout
+        """Seconds allowed for each frame's result."""
+        self.close_timeout = close_timeout
+        """Seconds allowed for the closing handshake."""
+        self._headers = dict(headers or {})
+        if token is not None:
+            self._headers["Authorization"] = f"Bearer {token}"
+        # Video frames are compressed already: deflate would only burn CPU.
+        connect_options.setdefault("compression", None)
+        self._connect_options = connect_options
+
+    def __repr__(self) -> str:
+        return f"<MediaAnalysisService {self.uri}>"
+
+    async def analyze(
+        self,
+        frames: Iterable[Frame] | AsyncIterable[Frame],
+        *,
+        view: str,
+        checkpoint: Checkpoint | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stream ``frames`` (bytes) to the server; return one result dict per frame.
+
+        ``checkpoint`` defaults to the job running in this context (``dbcancel.current()``).
+        A cancellation of that job, between frames or while waiting for a result, closes
+        the connection with 1001 "cancelled" and raises :class:`dbcancel.Cancelled`. Any
+        other failure raises :class:`MediaError` naming the job and the URI. The connection
+        is closed on every exit path.
+        """
+        cp = checkpoint if checkpoint is not None else current()
+        if cp is None:
+            raise TypeError(
+                "analyze() needs a checkpoint: pass checkpoint=cp, or call it inside "
+                "jobs.run() so that dbcancel.current() finds one"
+            )
+        if not isinstance(view, str):
+            raise TypeError(f"view must be a string, got {view!r}")
+        if cp.cancelled:
+            raise cp._exception()
+        ws = await self._connect(cp)
+        try:
+            async with _closing_on_cancel(ws, cp):
+                results = await self._stream(ws, cp, frames, view)
+        except ConnectionClosed as err:
+            if cp.cancelled:
+                raise cp._exception() from None
+            raise MediaError(
+                cp.job_id, self.uri, f"the server closed the connection mid-stream ({err})"
+            ) from err
+        except TimeoutError as err:
+            raise MediaError(
+                cp.job_id,
+                self.uri,
+                f"no result within receive_timeout={self.receive_timeout}s",
+            ) from err
+        finally:
+            # Every exit path closes: normally with 1000, on a cancel with 1001.
+            if cp.cancelled:
+                await ws.close(CANCEL_CLOSE_CODE, CANCEL_CLOSE_REASON)
+            else:
+                await ws.close()
+        if cp.cancelled:
+            raise cp._exception()
+        return results
+
+    async def _connect(self, cp: Checkpoint) -> ClientConnection:
+        try:
+            return await connect(
+                self.uri,
+                additional_headers=self._headers,
+                open_timeout=self.open_timeout,
+                close_timeout=self.close_timeout,
+                **self._connect_options,
+            )
+        except InvalidURI as err:
+            raise MediaError(cp.job_id, self.uri, f"invalid URI: {err}") from err
+        except TimeoutError as err:
+            raise MediaError(
+                cp.job_id, self.uri, f"no handshake within open_timeout={self.open_timeout}s"
+            ) from err
+        except InvalidHandshake as err:
+            raise MediaError(cp.job_id, self.uri, f"handshake refused: {err}") from err
+        except OSError as err:
+            raise MediaError(cp.job_id, self.uri, f"cannot connect: {err}") from err
+
+    async def _stream(
+        self,
+        ws: ClientConnection,
+        cp: Checkpoint,
+        frames: Iterable[Frame] | AsyncIterable[Frame],
+        view: str,
+    ) -> list[dict[str, Any]]:
+        await ws.send(json.dumps({"type": "start", "view": view, "job": _jsonable(cp.job_id)}))
+        results: list[dict[str, Any]] = []
+        async for frame in _frames(frames):
+            if cp.cancelled:
+                return results
+            if not isinstance(frame, bytes | bytearray | memoryview):
+                raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
+            await ws.send(frame)
+            async with asyncio.timeout(self.receive_timeout):
+                raw = await ws.recv()
+            results.append(self._result(cp, raw, len(results)))
+        if not cp.cancelled:
+            await ws.send(json.dumps({"type": "end"}))
+        return results
+
+    def _result(self, cp: Checkpoint, raw: str | bytes, index: int) -> dict[str, Any]:
+        try:
+            result = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise MediaError(
+                cp.job_id, self.uri, f"the result for frame {index} is not JSON: {raw[:80]!r}"
+            ) from None
+        if not isinstance(result, dict) or result.get("frame") != index:
+            got = result.get("frame") if isinstance(result, dict) else result
+            raise MediaError(
+                cp.job_id,
+                self.uri,
+                f"out-of-order result: expected frame {index}, got {got!r}",
+            )
+        return result
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, int | str | float | type(None)) else str(value)
