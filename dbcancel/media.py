@@ -20,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager, suppress
 from typing import Any
 
 from ._aio import watching
@@ -31,6 +31,7 @@ from .errors import DbcancelError
 try:
     from websockets.asyncio.client import ClientConnection, connect
     from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+    from websockets.uri import parse_uri
 except ImportError as err:  # pragma: no cover - exercised by the extra-less install test
     raise ImportError(
         "dbcancel.media needs the websockets package: pip install 'dbcancel[media]'"
@@ -82,9 +83,14 @@ async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncItera
     """
     loop = asyncio.get_running_loop()
     closing: list[asyncio.Task[None]] = []
+    inside = True
 
     def start_close() -> None:  # on the loop
-        closing.append(loop.create_task(ws.close(CANCEL_CLOSE_CODE, CANCEL_CLOSE_REASON)))
+        # A cancel observed just before the block ends runs this just after it: the exit
+        # paths close the connection themselves by then, and a close task started now
+        # would outlive the stream (seen as a stray Connection.close task).
+        if inside:
+            closing.append(loop.create_task(ws.close(CANCEL_CLOSE_CODE, CANCEL_CLOSE_REASON)))
 
     def on_cancel() -> None:  # any thread
         # RuntimeError: the loop has closed, and so has the connection.
@@ -97,6 +103,7 @@ async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncItera
             yield
         finally:
             handle.remove()
+            inside = False
             # The close started by a cancel must finish (bounded by the connection's
             # close_timeout) before we leave: no task outlives the stream.
             for task in closing:
@@ -133,10 +140,19 @@ async def receive(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[str | b
     await _raise_if_cancelled(ws, cp)
 
 
-async def _frames(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncIterator[Frame]:
+async def _frames(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncGenerator[Frame, None]:
     if isinstance(frames, AsyncIterable):
-        async for frame in frames:
-            yield frame
+        iterator = aiter(frames)
+        try:
+            async for frame in iterator:
+                yield frame
+        finally:
+            # Left early (cancel, error): an async generator merely dropped is closed by
+            # the loop's finalizer in a task of its own, one that outlives the analysis.
+            # Close it here, as a for loop's dropped generator is closed at once.
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
     else:
         for frame in frames:
             yield frame
@@ -252,6 +268,12 @@ class MediaAnalysisService:
 
     async def _connect(self, cp: Checkpoint) -> ClientConnection:
         try:
+            # Checked first: for a bad port or IPv6 host ("ws://host:99999") urllib raises
+            # a bare ValueError, not InvalidURI, which would escape naming neither job nor URI.
+            parse_uri(self.uri)
+        except (InvalidURI, ValueError) as err:
+            raise MediaError(cp.job_id, self.uri, f"invalid URI: {err}") from err
+        try:
             return await connect(
                 self.uri,
                 additional_headers=self._headers,
@@ -279,15 +301,18 @@ class MediaAnalysisService:
     ) -> list[dict[str, Any]]:
         await ws.send(json.dumps({"type": "start", "view": view, "job": _jsonable(cp.job_id)}))
         results: list[dict[str, Any]] = []
-        async for frame in _frames(frames):
-            if cp.cancelled:
-                return results
-            if not isinstance(frame, bytes | bytearray | memoryview):
-                raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
-            await ws.send(frame)
-            async with asyncio.timeout(self.receive_timeout):
-                raw = await ws.recv()
-            results.append(self._result(cp, raw, len(results)))
+        # aclosing: see _frames; a stream cut short must not leave its generator to the
+        # loop's finalizer.
+        async with aclosing(_frames(frames)) as each:
+            async for frame in each:
+                if cp.cancelled:
+                    return results
+                if not isinstance(frame, bytes | bytearray | memoryview):
+                    raise TypeError(f"frames must be bytes, got {type(frame).__name__}")
+                await ws.send(frame)
+                async with asyncio.timeout(self.receive_timeout):
+                    raw = await ws.recv()
+                results.append(self._result(cp, raw, len(results)))
         if not cp.cancelled:
             await ws.send(json.dumps({"type": "end"}))
         return results

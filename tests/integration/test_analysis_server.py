@@ -1,22 +1,20 @@
 """The example analysis server, driven by a bare websockets client (no dbcancel.media).
 
-The server lives in ``examples/analysis_server.py``; it is loaded here by path, as the media
-tests do. Each async test runs its own event loop with ``asyncio.run``.
+The server lives in ``examples/analysis_server.py``; it is loaded by path (see
+``example_modules.py``), as the media tests do. Each async test runs its own event loop with
+``asyncio.run``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -30,23 +28,9 @@ from websockets.exceptions import (
     InvalidStatus,
 )
 
-SERVER_PATH = Path(__file__).resolve().parents[2] / "examples" / "analysis_server.py"
+from tests.integration.example_modules import SERVER_PATH, load_example
 
-
-def _load() -> ModuleType:
-    name = "dbcancel_examples_analysis_server"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, SERVER_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-analysis_server = _load()
+analysis_server = load_example(SERVER_PATH)
 AnalysisServer = analysis_server.AnalysisServer
 running_server = analysis_server.running_server
 
