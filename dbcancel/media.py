@@ -20,9 +20,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Coroutine,
+    Iterable,
+    Mapping,
+)
 from contextlib import aclosing, asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 
 from ._aio import watching
 from .checkpoint import Checkpoint, current
@@ -53,6 +60,7 @@ CANCEL_CLOSE_REASON = "cancelled"
 """The close reason sent with :data:`CANCEL_CLOSE_CODE`."""
 
 Frame = bytes | bytearray | memoryview
+_T = TypeVar("_T")
 
 
 class MediaError(DbcancelError):
@@ -109,6 +117,29 @@ async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncItera
             for task in closing:
                 with suppress(Exception):
                     await asyncio.shield(task)
+
+
+async def _cancellable(aw: Coroutine[Any, Any, _T], cp: Checkpoint) -> _T:
+    """Await ``aw`` (connecting, say), giving up with Cancelled when ``cp`` is cancelled.
+
+    Without this a cancel during a slow handshake would wait for ``open_timeout``.
+    """
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(aw)
+
+    def on_cancel() -> None:  # any thread
+        with suppress(RuntimeError):  # the loop has closed: so has the task
+            loop.call_soon_threadsafe(task.cancel)
+
+    async with watching(cp):
+        with cp.on_cancel(on_cancel):
+            try:
+                return await task
+            except asyncio.CancelledError:
+                me = asyncio.current_task()
+                if cp.cancelled and not (me is not None and me.cancelling()):
+                    raise cp._exception() from None
+                raise
 
 
 async def _raise_if_cancelled(ws: ClientConnection, cp: Checkpoint) -> None:
@@ -240,7 +271,7 @@ class MediaAnalysisService:
             raise TypeError(f"view must be a string, got {view!r}")
         if cp.cancelled:
             raise cp._exception()
-        ws = await self._connect(cp)
+        ws = await _cancellable(self._connect(cp), cp)
         try:
             async with _closing_on_cancel(ws, cp):
                 results = await self._stream(ws, cp, frames, view)

@@ -912,6 +912,40 @@ def test_handshake_timeout_fails_the_job_naming_job_and_uri(db):
     assert_failed(db, job_id, err, uri, r"no handshake within open_timeout=0.2s")
 
 
+@needs_proc
+def test_cancel_during_a_slow_handshake_does_not_wait_for_open_timeout(db):
+    """A cancel from a synchronous thread while the handshake hangs ends analyze() at once."""
+    jobs = db.jobs(interval=30)  # only the local path can be this fast
+    job_id = db.add()
+    with socket.create_server(("127.0.0.1", 0), backlog=8) as mute:
+        port = mute.getsockname()[1]
+        service = MediaAnalysisService(f"ws://127.0.0.1:{port}", open_timeout=30)
+
+        async def test() -> float:
+            loop = asyncio.get_running_loop()
+            async with jobs.run(job_id) as cp:
+                connecting = asyncio.Event()
+                # The handshake request reaches the mute server's backlog: then cancel.
+                canceller = threading.Thread(
+                    target=lambda: (
+                        asyncio.run_coroutine_threadsafe(connecting.wait(), loop).result(10),
+                        jobs.cancel(job_id, reason="user left"),
+                    ),
+                    daemon=True,
+                )
+                canceller.start()
+                loop.call_later(0.05, connecting.set)
+                began = time.monotonic()
+                await service.analyze(FRAMES, view="front", checkpoint=cp)
+            canceller.join(10)
+            assert tcp_connections(port, client_only=True) == []
+            return time.monotonic() - began
+
+        elapsed = run(test)
+    assert elapsed < 5, f"analyze() waited {elapsed:.1f}s: the cancel waited for open_timeout"
+    assert_cancelled(db, job_id, "user left")
+
+
 # -- bad input --------------------------------------------------------------------------
 
 
