@@ -1,0 +1,433 @@
+"""``dbcancel.migrations`` on real SQLite, PostgreSQL and MariaDB tables.
+
+Each test creates its own uniquely named tables in the session's database and drives
+Alembic through ``MigrationContext`` and ``Operations`` directly, as a migration script
+would, without a migration directory.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import alembic.op
+import pytest
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dbcancel import CancellableMixin, Cancelled, Jobs, Status
+from dbcancel.migrations import (
+    AddCancellationOp,
+    DropCancellationOp,
+    MigrationError,
+    add_cancellation,
+    drop_cancellation,
+)
+from tests.conftest import Database
+
+ROWS = [
+    {"id": 1, "user_id": "alice", "session_id": "s1"},
+    {"id": 2, "user_id": "bob", "session_id": None},
+    {"id": 3, "user_id": "carol", "session_id": "s3"},
+]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+def own_columns(name: str) -> list[Any]:
+    """The job table's own columns and constraints, before dbcancel."""
+    return [
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("user_id", sa.String(64), nullable=False),
+        sa.Column("session_id", sa.String(64), index=True),
+        sa.CheckConstraint("user_id <> ''", name=f"ck_{name}_user"),
+    ]
+
+
+def legacy_table(db: Database, name: str, *extra: Any, rows: list[dict[str, Any]] = ROWS) -> None:
+    """Create the app's job table as it was before dbcancel, with rows."""
+    table = sa.Table(name, sa.MetaData(), *own_columns(name), *extra)
+    table.create(db.engine)
+    if rows:
+        with db.engine.begin() as conn:
+            conn.execute(table.insert(), rows)
+
+
+def model_for(name: str) -> Any:
+    """The equivalent model with the mixin, as the app declares it after the migration."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Job(CancellableMixin, Base):
+        __tablename__ = name
+        __table_args__ = (sa.CheckConstraint("user_id <> ''", name=f"ck_{name}_user"),)
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        user_id: Mapped[str] = mapped_column(sa.String(64))
+        session_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+
+    return Job
+
+
+@contextmanager
+def migrate(db: Database) -> Iterator[Operations]:
+    """An Alembic ``op`` on one connection, committed at the end (rolled back on error)."""
+    with db.engine.connect() as conn:
+        ops = Operations(MigrationContext.configure(conn))
+        try:
+            yield ops
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+
+def schema(db: Database, name: str) -> dict[str, Any]:
+    """The table's shape, with the table's name replaced by ``T`` in object names."""
+    inspector = sa.inspect(db.engine)
+    dialect = db.engine.dialect
+
+    def norm(obj_name: str | None) -> str | None:
+        return None if obj_name is None else obj_name.replace(name, "T")
+
+    return {
+        "columns": [
+            (
+                c["name"],
+                c["type"].compile(dialect=dialect),
+                c["nullable"],
+                None if c.get("default") is None else str(c["default"]),
+            )
+            for c in inspector.get_columns(name)
+        ],
+        "pk": inspector.get_pk_constraint(name)["constrained_columns"],
+        "indexes": sorted(
+            (norm(i["name"]), tuple(i["column_names"]), bool(i["unique"]))
+            for i in inspector.get_indexes(name)
+        ),
+        "checks": sorted(
+            (norm(c["name"]), str(c["sqltext"])) for c in inspector.get_check_constraints(name)
+        ),
+    }
+
+
+def rows(db: Database, name: str, *columns: str) -> list[tuple[Any, ...]]:
+    table = sa.table(name, *(sa.column(c) for c in columns))
+    with db.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(table).order_by(table.c.id))]
+
+
+@pytest.fixture
+def names(db: Database) -> Iterator[list[str]]:
+    """Tables a test creates, dropped after it."""
+    created: list[str] = []
+    yield created
+    inspector = sa.inspect(db.engine)
+    with db.engine.begin() as conn:
+        for name in created:
+            if inspector.has_table(name):
+                conn.execute(sa.text(f"DROP TABLE {name}"))
+
+
+# -- the round trip ---------------------------------------------------------------------
+
+
+def test_add_then_drop_round_trips_schema_and_data(db: Database, names: list[str]) -> None:
+    name, ref = unique("mig"), unique("ref")
+    names += [name, ref]
+    legacy_table(db, name)
+    before = schema(db, name)
+
+    with migrate(db) as ops:
+        add_cancellation(ops, name)
+
+    # The upgraded table is what create_all() makes of the model with the mixin.
+    Model = model_for(name)
+    reference = model_for(ref).__table__
+    reference.create(db.engine)
+    assert schema(db, name) == schema(db, ref)
+    after = schema(db, name)
+    assert ("ix_T_status", ("status",), False) in after["indexes"]
+    assert "ck_T_status" in dict(after["checks"])
+
+    # Rows kept, now pending jobs with nothing else set.
+    assert rows(db, name, "id", "user_id", "session_id", "status", "finished_at", "error") == [
+        (1, "alice", "s1", "pending", None, None),
+        (2, "bob", None, "pending", None, None),
+        (3, "carol", "s3", "pending", None, None),
+    ]
+
+    # Jobs works on it.
+    jobs = Jobs(db.engine, Model, interval=0.05)
+    with jobs.run(1) as cp:
+        cp()
+    assert jobs.status(1) is Status.COMPLETED
+    assert jobs.cancel(2, reason="session deleted") is True
+    assert jobs.wait(2, timeout=5) is Status.CANCELLED
+    with jobs.run(3) as cp:
+        jobs.cancel(3)
+        with pytest.raises(Cancelled):
+            cp()
+    assert jobs.wait(3, timeout=5) is Status.CANCELLED
+
+    with migrate(db) as ops:
+        drop_cancellation(ops, name)
+
+    assert schema(db, name) == before
+    assert rows(db, name, "id", "user_id", "session_id") == [tuple(r.values()) for r in ROWS]
+
+
+def test_adding_twice_is_refused_and_changes_nothing(db: Database, names: list[str]) -> None:
+    name = unique("mig")
+    names.append(name)
+    legacy_table(db, name)
+    with migrate(db) as ops:
+        add_cancellation(ops, name)
+    upgraded = schema(db, name)
+
+    with pytest.raises(MigrationError) as err, migrate(db) as ops:
+        add_cancellation(ops, name)
+    message = str(err.value)
+    assert name in message
+    assert "column status" in message
+    assert "column error" in message
+    assert f"constraint ck_{name}_status" in message
+    assert f"index ix_{name}_status" in message
+    assert "already run" in message
+    assert "Nothing was changed" in message
+    assert schema(db, name) == upgraded
+
+    with migrate(db) as ops:
+        drop_cancellation(ops, name)
+    dropped = schema(db, name)
+    with (
+        pytest.raises(
+            MigrationError,
+            match=rf"{name} lacks column cancel_requested_at.*column status, .*has not run",
+        ),
+        migrate(db) as ops,
+    ):
+        drop_cancellation(ops, name)
+    assert schema(db, name) == dropped
+
+
+def test_partial_parts_and_missing_tables_are_refused(db: Database, names: list[str]) -> None:
+    name = unique("mig")
+    names.append(name)
+    legacy_table(db, name, sa.Column("started_at", sa.DateTime))
+    before = schema(db, name)
+    with (
+        pytest.raises(MigrationError, match=rf"{name} already has column started_at: rename"),
+        migrate(db) as ops,
+    ):
+        add_cancellation(ops, name)
+    assert schema(db, name) == before
+
+    with pytest.raises(MigrationError, match=r"no table 'no_such_job_table'"), migrate(db) as ops:
+        add_cancellation(ops, "no_such_job_table")
+    with (
+        pytest.raises(MigrationError, match=r"has no status column for existing_status"),
+        migrate(db) as ops,
+    ):
+        add_cancellation(ops, name, existing_status=True)
+    assert schema(db, name) == before
+
+
+# -- the Alembic operations -------------------------------------------------------------
+
+
+def test_registered_operations_and_their_reverse(db: Database, names: list[str]) -> None:
+    name = unique("mig")
+    names.append(name)
+    legacy_table(db, name)
+    before = schema(db, name)
+    default_schema = sa.inspect(db.engine).default_schema_name
+
+    def columns() -> list[str]:
+        return [c[0] for c in schema(db, name)["columns"]]
+
+    with migrate(db) as ops:
+        ops.add_cancellation(name, schema=default_schema)  # type: ignore[attr-defined]
+    assert columns()[3:] == [
+        "cancel_requested_at",
+        "cancel_reason",
+        "started_at",
+        "finished_at",
+        "heartbeat_at",
+        "error",
+        "status",
+    ]
+    upgraded = schema(db, name)
+
+    # As a migration script sees it: the module-level proxy alembic.op.
+    with migrate(db) as ops, Operations.context(ops.migration_context):
+        alembic.op.drop_cancellation(name)  # type: ignore[attr-defined]
+    assert schema(db, name) == before
+
+    forward = AddCancellationOp(name)
+    assert isinstance(forward.reverse(), DropCancellationOp)
+    assert repr(forward.reverse().reverse()) == f"AddCancellationOp({name!r})"
+    with migrate(db) as ops:
+        ops.invoke(DropCancellationOp(name).reverse())
+    assert schema(db, name) == upgraded
+    with migrate(db) as ops, Operations.context(ops.migration_context):
+        drop_cancellation(alembic.op, name)
+    assert schema(db, name) == before
+
+
+# -- a status column of the app's own ---------------------------------------------------
+
+
+def test_an_existing_status_column_is_kept_and_its_constraint_widened(
+    db: Database, names: list[str]
+) -> None:
+    name = unique("mig")
+    names.append(name)
+    ck, ix = f"ck_{name}_status", f"ix_{name}_status"
+    legacy_table(
+        db,
+        name,
+        sa.Column("status", sa.String(20), nullable=False, server_default="queued"),
+        sa.CheckConstraint("status IN ('queued', 'pending', 'done', 'it''s')", name=ck),
+        sa.Index(ix, "status"),
+        rows=[{**ROWS[0], "status": "queued"}, {**ROWS[1], "status": "done"}],
+    )
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO {name} (id, user_id, status) VALUES (3, 'c', 'pending')")
+        )
+    before = schema(db, name)
+
+    # Without the flag: refused, with the way out in the message.
+    with (
+        pytest.raises(MigrationError, match=r"predates dbcancel: pass existing_status=True"),
+        migrate(db) as ops,
+    ):
+        add_cancellation(ops, name)
+    assert schema(db, name) == before
+
+    with migrate(db) as ops:
+        add_cancellation(ops, name, existing_status=True)
+    after = schema(db, name)
+    assert after["columns"][:4] == before["columns"][:4]  # status untouched
+    assert [c[0] for c in after["columns"][4:]] == [
+        "cancel_requested_at",
+        "cancel_reason",
+        "started_at",
+        "finished_at",
+        "heartbeat_at",
+        "error",
+    ]
+    assert after["indexes"] == before["indexes"]
+    assert rows(db, name, "id", "status") == [(1, "queued"), (2, "done"), (3, "pending")]
+
+    # The widened constraint allows dbcancel's states and the app's values, nothing else.
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.text(f"INSERT INTO {name} (id, user_id, status) VALUES (4, 'd', 'in_progress')")
+        )
+        conn.execute(sa.text(f"INSERT INTO {name} (id, user_id, status) VALUES (5, 'e', 'it''s')"))
+    with pytest.raises(sa.exc.DBAPIError), db.engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {name} (id, user_id, status) VALUES (6, 'f', 'bogus')"))
+
+    jobs = Jobs(db.engine, model_for(name), interval=0.05)
+    assert jobs.cancel(3) is True
+    assert jobs.status(3) is Status.CANCELLED
+
+    # A downgrade that forgets the flag would drop the app's column: refused.
+    upgraded = schema(db, name)
+    with (
+        pytest.raises(
+            MigrationError, match=r"values dbcancel never writes \('done', \"it's\", 'queued'\)"
+        ),
+        migrate(db) as ops,
+    ):
+        drop_cancellation(ops, name)
+    assert schema(db, name) == upgraded
+
+    with migrate(db) as ops:
+        drop_cancellation(ops, name, existing_status=True)
+    final = schema(db, name)
+    assert final["columns"] == before["columns"]
+    assert final["indexes"] == before["indexes"]
+    assert "ck_T_status" in dict(final["checks"])  # the wider constraint stays
+    assert rows(db, name, "id", "status") == [
+        (1, "queued"),
+        (2, "done"),
+        (3, "cancelled"),
+        (4, "in_progress"),
+        (5, "it's"),
+    ]
+
+
+def test_an_existing_status_column_without_room_is_refused(db: Database, names: list[str]) -> None:
+    name = unique("mig")
+    names.append(name)
+    legacy_table(db, name, sa.Column("status", sa.String(8)))
+    before = schema(db, name)
+    with (
+        pytest.raises(MigrationError, match=r"status is VARCHAR\(length=8\).*room for 11"),
+        migrate(db) as ops,
+    ):
+        add_cancellation(ops, name, existing_status=True)
+    assert schema(db, name) == before
+
+
+# -- without a database -----------------------------------------------------------------
+
+
+def offline(dialect: str) -> tuple[Operations, io.StringIO]:
+    out = io.StringIO()
+    context = MigrationContext.configure(
+        dialect_name=dialect, opts={"as_sql": True, "output_buffer": out}
+    )
+    return Operations(context), out
+
+
+def test_offline_mode_writes_the_statements_for_postgresql_and_mariadb() -> None:
+    ops, out = offline("postgresql")
+    ops.add_cancellation("analysis")  # type: ignore[attr-defined]
+    ops.drop_cancellation("analysis")  # type: ignore[attr-defined]
+    sql = out.getvalue()
+    assert "ALTER TABLE analysis ADD COLUMN status VARCHAR(16) DEFAULT 'pending' NOT NULL" in sql
+    assert "ADD COLUMN finished_at TIMESTAMP WITH TIME ZONE" in sql
+    assert "CREATE INDEX ix_analysis_status ON analysis (status)" in sql
+    assert "ADD CONSTRAINT ck_analysis_status CHECK (status IN ('pending'," in sql
+    assert "ALTER TABLE analysis DROP CONSTRAINT ck_analysis_status" in sql
+    assert "ALTER TABLE analysis DROP COLUMN error" in sql
+
+    ops, out = offline("mysql")
+    ops.add_cancellation("analysis")  # type: ignore[attr-defined]
+    assert "ADD COLUMN finished_at DATETIME(6)" in out.getvalue()
+
+
+def test_offline_mode_refuses_what_needs_the_database() -> None:
+    ops, _ = offline("sqlite")
+    with pytest.raises(MigrationError, match=r"offline \(--sql\) mode on SQLite"):
+        ops.add_cancellation("analysis")  # type: ignore[attr-defined]
+    ops, _ = offline("postgresql")
+    with pytest.raises(MigrationError, match=r"existing_status=True\) cannot run in offline"):
+        ops.drop_cancellation("analysis", existing_status=True)  # type: ignore[attr-defined]
+
+
+def test_bad_table_names_are_refused() -> None:
+    with pytest.raises(TypeError, match="table_name must be the name of a table"):
+        AddCancellationOp("")
+
+
+def test_importing_without_alembic_names_the_extra() -> None:
+    script = "import sys; sys.modules['alembic'] = None; import dbcancel.migrations"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert "pip install 'dbcancel[alembic]'" in proc.stderr
