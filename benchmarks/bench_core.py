@@ -824,11 +824,9 @@ def describe(report: Report, dbs: list[Database]) -> None:
     h["seed"] = str(report.seed)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line."""
-    parser = argparse.ArgumentParser(
-        description="Measure dbcancel's checkpoint cost, naive re-reads and cancel latency."
-    )
+def parse_args(argv: list[str], description: str) -> argparse.Namespace:
+    """The command line, shared by the benchmark scripts."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--quick", action="store_true", help="fewer repeats and trials: a smoke run under ~60 s"
     )
@@ -855,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD_FLAG]:
         return child_main(argv[1:])
-    args = parse_args(argv)
+    args = parse_args(
+        argv, "Measure dbcancel's checkpoint cost, naive re-reads and cancel latency."
+    )
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(Settings.make(args.quick, args.trials), seed)

@@ -29,7 +29,6 @@ dbcancel itself.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
 import contextlib
@@ -59,7 +58,6 @@ from typing import Any, TypeVar
 
 import sqlalchemy
 from bench_core import (
-    DEFAULT_PG_URL,
     Database,
     add_job,
     fmt_ms,
@@ -69,6 +67,7 @@ from bench_core import (
     make_model,
     nearest_rank,
     open_database,
+    parse_args,
     progress,
     source_fingerprint,
     table,
@@ -1079,33 +1078,6 @@ def describe(report: Report, dbs: list[Database]) -> None:
     h["seed"] = str(report.seed)
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The command line."""
-    parser = argparse.ArgumentParser(
-        description="Measure dbcancel.media: receive() throughput, close latency after a "
-        "cancel, analyze() frames/s."
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="fewer runs and trials: a smoke run under ~60 s"
-    )
-    parser.add_argument(
-        "--pg-url",
-        default=DEFAULT_PG_URL,
-        help="SQLAlchemy URL of the PostgreSQL database (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--sqlite-only", action="store_true", help="skip PostgreSQL; measure on SQLite only"
-    )
-    parser.add_argument(
-        "--trials", type=int, default=None, help="cancels per latency row (default 40, quick 8)"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
-    args = parser.parse_args(argv)
-    if args.trials is not None and args.trials < 1:
-        parser.error("--trials must be at least 1")
-    return args
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the report."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1113,7 +1085,11 @@ def main(argv: list[str] | None = None) -> int:
         return push_server_main()
     if argv[:1] == [STREAM_FLAG]:
         return child_stream_main(argv[1:])
-    args = parse_args(argv)
+    args = parse_args(
+        argv,
+        "Measure dbcancel.media: receive() throughput, close latency after a cancel, "
+        "analyze() frames/s.",
+    )
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(Settings.make(args.quick, args.trials), seed)
