@@ -38,6 +38,7 @@ __all__ = [
     "CommandError",
     "build_parser",
     "main",
+    "parse_job_id",
 ]
 
 EXIT_OK = 0
@@ -405,9 +406,12 @@ def _primary_key(table: Table) -> Column[Any]:
     return next(iter(table.primary_key.columns))
 
 
-def _job_id(args: argparse.Namespace, table: Table) -> Any:
-    """The ID argument converted to the primary key's Python type (int for integers)."""
-    text: str = args.id
+def parse_job_id(table: Table, text: str) -> Any:
+    """``text`` converted to the primary key's Python type (int for integer keys).
+
+    Raises :class:`ValueError` naming the table when it cannot be one of its ids. Shared
+    with ``flask dbcancel``.
+    """
     try:
         kind = _primary_key(table).type.python_type
     except NotImplementedError:
@@ -418,7 +422,15 @@ def _job_id(args: argparse.Namespace, table: Table) -> Any:
         return kind(text)
     except (TypeError, ValueError, ArithmeticError):
         kinds = {int: "integers", uuid.UUID: "UUIDs"}.get(kind, f"{kind.__name__} values")
-        _usage(args, f"{table.name} ids are {kinds}; {text!r} is not one")
+        raise ValueError(f"{table.name} ids are {kinds}; {text!r} is not one") from None
+
+
+def _job_id(args: argparse.Namespace, table: Table) -> Any:
+    """The ID argument converted to the primary key's Python type."""
+    try:
+        return parse_job_id(table, args.id)
+    except ValueError as exc:
+        _usage(args, str(exc))
 
 
 def _reason(exc: Exception, password: str | None) -> str:

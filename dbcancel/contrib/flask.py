@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -58,12 +57,12 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "dbcancel.contrib.flask needs Flask, which is not installed: pip install 'dbcancel[flask]'"
     ) from err
 
-from sqlalchemy import Column, Engine, Table, select
+from sqlalchemy import Engine, Table, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
-from dbcancel.cli import EXIT_ERROR, EXIT_REFUSED, _reason, _text, _when
+from dbcancel.cli import EXIT_ERROR, EXIT_REFUSED, _reason, _text, _when, parse_job_id
 from dbcancel.demo import format_table
 from dbcancel.errors import InvalidTransition, JobNotFound
 from dbcancel.jobs import Jobs, _check_interval
@@ -355,25 +354,12 @@ def _state() -> DBCancelState:
     return state
 
 
-def _primary_key(table: Table) -> Column[Any]:
-    return next(iter(table.primary_key.columns))
-
-
 def _job_id(table: Table, text: str) -> Any:
     """``ID`` converted to the primary key's Python type, as ``python -m dbcancel`` does."""
     try:
-        kind = _primary_key(table).type.python_type
-    except NotImplementedError:
-        return text
-    if kind is str:
-        return text
-    try:
-        return kind(text)
-    except (TypeError, ValueError, ArithmeticError):
-        kinds = {int: "integers", uuid.UUID: "UUIDs"}.get(kind, f"{kind.__name__} values")
-        raise click.BadParameter(
-            f"{table.name} ids are {kinds}; {text!r} is not one", param_hint="ID"
-        ) from None
+        return parse_job_id(table, text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="ID") from None
 
 
 def _database_error(state: DBCancelState, exc: SQLAlchemyError) -> _Failure:
@@ -396,7 +382,7 @@ def list_command(every: bool, status: str | None) -> None:
     state = _state()
     table = state.extension.table
     c = table.c
-    pk = _primary_key(table)
+    pk = next(iter(table.primary_key.columns))
     stmt = select(pk, c.status, c.started_at, c.cancel_requested_at, c.cancel_reason)
     if status:
         stmt = stmt.where(c.status == status)
