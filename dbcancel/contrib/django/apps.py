@@ -1,0 +1,21 @@
+"""The Django app of dbcancel: ``INSTALLED_APPS = [..., "dbcancel.contrib.django"]``."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class DbcancelConfig(AppConfig):  # type: ignore[misc]
+    """Registers dbcancel's system checks; the app has no models or migrations of its own."""
+
+    name = "dbcancel.contrib.django"
+    label = "dbcancel"
+    verbose_name = "dbcancel"
+
+    def ready(self) -> None:
+        """Register :func:`dbcancel.contrib.django.checks.check_job_models`."""
+        from django.core import checks
+
+        from .checks import check_job_models
+
+        checks.register(check_job_models, checks.Tags.models)

@@ -1,0 +1,318 @@
+"""The Django ORM implementation of dbcancel's backend seam.
+
+:class:`DjangoBackend` does for :class:`~dbcancel.contrib.django.DjangoJobs` what
+``dbcancel._sqla.SQLAlchemyBackend`` does for :class:`dbcancel.Jobs`: read one or many
+jobs and turn one :class:`dbcancel._backend.Change` into ONE conditional
+``filter(...).update(...)``. Checkpoints, the registry and the run/cancel/wait logic are
+the core's, unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Hashable, Mapping
+from contextlib import nullcontext
+from typing import Any
+
+from django.apps import apps
+from django.conf import settings
+from django.db import OperationalError, connections, models, transaction
+from django.db.models import Case, F, Value, When
+from django.utils import timezone
+
+from dbcancel._backend import Change, JobRow
+from dbcancel.models import Status
+
+from .models import _missing_fields, _wrong_fields
+
+__all__ = ["DjangoBackend", "resolve_model"]
+
+log = logging.getLogger("dbcancel")
+
+_RETRIES = 5
+# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. PostgreSQL: 40P01 deadlock,
+# 40001 serialization failure. The same list as the SQLAlchemy backend's.
+_MYSQL_TRANSIENT = frozenset({1213, 1205})
+_PG_TRANSIENT = frozenset({"40P01", "40001"})
+
+
+def resolve_model(model: Any) -> Any:
+    """The model class for ``model``: a model class, or an ``"app_label.ModelName"`` string."""
+    if isinstance(model, str):
+        try:
+            return apps.get_model(model)
+        except (LookupError, ValueError) as err:
+            raise ValueError(
+                f"{model!r} is not an installed model; name it as 'app_label.ModelName' "
+                "(and make sure its app is in INSTALLED_APPS)"
+            ) from err
+    if isinstance(model, type) and issubclass(model, models.Model):
+        return model
+    raise TypeError(
+        f"DjangoJobs needs a Django model class or 'app_label.ModelName', got {model!r}"
+    )
+
+
+def _id_type(pk: Any) -> type | None:
+    """The Python type of the primary key's values, when it has one clear type."""
+    target = pk.target_field if pk.is_relation else pk
+    if isinstance(target, models.IntegerField | models.AutoField):
+        return int
+    if isinstance(target, models.UUIDField):
+        return uuid.UUID
+    if isinstance(target, models.CharField | models.TextField):
+        return str
+    return None
+
+
+def _is_transient(err: OperationalError) -> bool:
+    """True for a deadlock or serialization failure, after which the statement may rerun."""
+    orig = err.__cause__ if err.__cause__ is not None else err
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate in _PG_TRANSIENT:
+        return True
+    args: Any = getattr(orig, "args", ())
+    return bool(args) and args[0] in _MYSQL_TRANSIENT
+
+
+class DjangoBackend:
+    """Jobs in one Django model's table, reached through one database alias."""
+
+    def __init__(self, model: Any, using: str) -> None:
+        model = resolve_model(model)
+        meta = model._meta
+        name = model.__name__
+        if meta.abstract:
+            raise TypeError(f"{name} is abstract; pass the concrete job model to DjangoJobs")
+        missing = _missing_fields(model)
+        if missing:
+            raise TypeError(
+                f"{name} lacks the field(s) {', '.join(missing)} that dbcancel needs; "
+                "subclass dbcancel.contrib.django.models.CancellableModel (then run "
+                "makemigrations)"
+            )
+        wrong = _wrong_fields(model)
+        if wrong:
+            raise TypeError(f"{name} cannot store dbcancel's state: {'; '.join(wrong)}")
+        owner = meta.get_field("status").model._meta.concrete_model
+        if owner is not meta.concrete_model:
+            # Multi-table inheritance: the update would touch the parent's table too.
+            raise TypeError(
+                f"{name} inherits its job fields from {owner.__name__} (multi-table "
+                f"inheritance); pass {owner.__name__} to DjangoJobs"
+            )
+        if not isinstance(using, str) or using not in settings.DATABASES:
+            raise ValueError(
+                f"using={using!r} is not a database alias; settings.DATABASES has "
+                f"{', '.join(map(repr, settings.DATABASES))}"
+            )
+        self.model = model
+        self.alias = using
+        self.model_name: str = name
+        self.key: Hashable = ("django", using, meta.db_table)
+        self._manager = model._base_manager
+        self._id_type = _id_type(meta.pk)
+        self._names = frozenset(
+            ["pk", *(n for f in meta.concrete_fields for n in (f.name, f.attname))]
+        )
+        self._fields = ", ".join(f.name for f in meta.concrete_fields)
+        self._hint: Callable[..., Any] | None = None
+        if connections[using].vendor == "mysql":
+            self._hint = _force_primary(connections[using].ops.quote_name(meta.db_table))
+
+    # -- Backend ----------------------------------------------------------------------
+
+    def check_id(self, job_id: Any) -> None:
+        """Refuse an id whose Python type cannot match the primary key field."""
+        expected = self._id_type
+        if (
+            job_id is None
+            or isinstance(job_id, bool)
+            or (expected is not None and not isinstance(job_id, expected))
+        ):
+            kind = expected.__name__ if expected is not None else "a primary key value"
+            raise TypeError(
+                f"{self.model_name} ids are {kind}, got {job_id!r} "
+                f"({type(job_id).__name__}); nothing was changed"
+            )
+
+    def check_filters(self, filters: Mapping[str, Any] | None) -> None:
+        """Refuse filters that name fields the model does not have (lookups included)."""
+        if not filters:
+            return
+        unknown = sorted(str(k) for k in filters if k not in self._names)
+        if unknown:
+            raise ValueError(
+                f"{self.model_name} has no field(s) {', '.join(map(repr, unknown))} to filter "
+                f"on; its fields are {self._fields}. Nothing was changed"
+            )
+
+    def apply(
+        self,
+        change: Change,
+        *,
+        job_id: Any = None,
+        filters: Mapping[str, Any] | None = None,
+        using: Any = None,
+    ) -> int:
+        """Run ``change`` as one ``filter(status__in=...).update(...)``; return the row count.
+
+        ``using`` is the alias of the caller's open ``transaction.atomic()`` block
+        (from ``cp.complete(alias)``): the update then joins it, uncommitted.
+        """
+        now = timezone.now()
+        updates: dict[str, Any] = {}
+        # MySQL/MariaDB evaluate SET assignments left to right, each seeing the ones
+        # before it: the CASEs that read the old status must come before status itself.
+        # update() keeps the order of its keyword arguments.
+        for name, sources in change.stamp_if_from.items():
+            updates[name] = Case(
+                When(
+                    status__in=[s.value for s in sources],
+                    then=Value(now, output_field=models.DateTimeField()),
+                ),
+                default=F(name),
+            )
+        for name in change.stamp:
+            updates[name] = now
+        updates.update(change.values)
+        updates["status"] = change.to.value
+        qs = self._manager.using(self.alias).filter(status__in=[s.value for s in change.sources])
+        if job_id is not None:
+            qs = qs.filter(pk=job_id)
+        if filters:
+            qs = qs.filter(**filters)
+
+        def update() -> int:
+            with self._hinted(job_id is not None):
+                return int(qs.update(**updates))
+
+        if using is not None:
+            self._check_caller_transaction(using)
+            return update()
+        return self._write(update)
+
+    def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
+        """One job's status, cancel reason and finished_at; None when there is no such row."""
+        qs = self._manager.using(self.alias).filter(pk=job_id)
+        if filters:
+            qs = qs.filter(**filters)
+        rows = list(qs.values_list("status", "cancel_reason", "finished_at")[:1])
+        if not rows:
+            return None
+        status, reason, finished_at = rows[0]
+        return JobRow(Status(status), reason, finished_at)
+
+    def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """The rows of those ``job_ids`` that exist, in one query."""
+        if not job_ids:
+            return {}
+        rows = self._manager.using(self.alias).filter(pk__in=list(job_ids))
+        return {
+            pk: JobRow(Status(status), reason, finished_at)
+            for pk, status, reason, finished_at in rows.values_list(
+                "pk", "status", "cancel_reason", "finished_at"
+            )
+        }
+
+    def mark_stopped(self, job_id: Any) -> None:
+        """Stamp ``finished_at`` where it is still null."""
+        qs = self._manager.using(self.alias).filter(pk=job_id, finished_at__isnull=True)
+        now = timezone.now()
+        self._write(lambda: int(qs.update(finished_at=now)))
+
+    # -- connections ------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Close this thread's connection to the alias, unless this is the main thread.
+
+        Django opens one connection per thread and closes it only at the end of a
+        request; a worker thread that ran a job would keep its connection until the
+        thread object is collected. A connection inside ``transaction.atomic()`` is the
+        caller's and stays open; a closed one reopens by itself on the next query.
+        """
+        if threading.current_thread() is threading.main_thread():
+            return
+        conn = connections[self.alias]
+        if not conn.in_atomic_block:
+            conn.close()
+
+    # -- internals --------------------------------------------------------------------
+
+    def _write(self, update: Callable[[], int]) -> int:
+        """Run one write in its own committed transaction, retried when the database
+        chose it as the victim of a deadlock (it was rolled back whole, so running it
+        again is safe)."""
+        for attempt in range(_RETRIES):
+            try:
+                with self._own_transaction():
+                    return update()
+            except OperationalError as err:
+                if attempt == _RETRIES - 1 or not _is_transient(err):
+                    raise
+                log.info("dbcancel: %s on %s, retrying", err, self.model_name)
+                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _own_transaction(self) -> Any:
+        """A transaction that commits when the write is done (``durable=True``).
+
+        Inside the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS``, say) a cancel
+        would stay invisible to the worker until that block commits, and ``wait()``
+        after it would wait in vain: refuse with a message that says what to do.
+        Django's test cases are let through, as ``durable=True`` lets them through.
+        """
+        conn = connections[self.alias]
+        blocks = getattr(conn, "atomic_blocks", ())
+        if blocks and not getattr(blocks[-1], "_from_testcase", False):
+            raise RuntimeError(
+                f"dbcancel commits every status change of {self.model_name} at once, but "
+                f"this call is inside transaction.atomic() on {self.alias!r}. Call it "
+                "outside the atomic block (with ATOMIC_REQUESTS, decorate the view with "
+                "transaction.non_atomic_requests), or defer it with "
+                "transaction.on_commit(...)"
+            )
+        return transaction.atomic(using=self.alias, durable=True)
+
+    def _check_caller_transaction(self, using: Any) -> None:
+        if using != self.alias:
+            raise ValueError(
+                f"cp.complete() on {self.model_name} takes the alias of the open "
+                f"transaction.atomic() block, {self.alias!r}; got {using!r}"
+            )
+        if not connections[self.alias].in_atomic_block:
+            raise ValueError(
+                f"cp.complete({using!r}) joins the caller's transaction: call it inside "
+                f"`with transaction.atomic(using={using!r}):`, where the results are written"
+            )
+
+    def _hinted(self, by_id: bool) -> Any:
+        """On MySQL/MariaDB, make an update by id go through the primary key.
+
+        InnoDB may reach ``id = %s AND status IN (%s)`` through the status index (it
+        ends in the primary key), locking that index entry before the row, while a
+        concurrent update of the same row locks the row first and then needs the index
+        entry: a deadlock. The ORM has no index hints, so the hint goes in through
+        Django's documented hook for rewriting SQL, ``connection.execute_wrapper()``.
+        """
+        if self._hint is None or not by_id:
+            return nullcontext()
+        return connections[self.alias].execute_wrapper(self._hint)
+
+
+def _force_primary(quoted_table: str) -> Callable[..., Any]:
+    prefix = f"UPDATE {quoted_table} SET "
+    hinted = f"UPDATE {quoted_table} FORCE INDEX (PRIMARY) SET "
+
+    def wrapper(
+        execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if sql.startswith(prefix):
+            sql = hinted + sql[len(prefix) :]
+        return execute(sql, params, many, context)
+
+    return wrapper

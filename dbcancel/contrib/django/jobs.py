@@ -1,0 +1,122 @@
+"""``DjangoJobs``: :class:`dbcancel.Jobs` on the Django ORM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS
+
+from dbcancel.checkpoint import Checkpoint
+from dbcancel.jobs import JobRun, Jobs
+
+from .backend import DjangoBackend
+
+__all__ = ["DjangoJobs"]
+
+# Set while an ``async with jobs.run()`` enters: asyncio.to_thread copies the context, so
+# _start, running in an executor thread, knows that its connection is not the worker's.
+_entering_async: ContextVar[bool] = ContextVar("dbcancel_django_async_enter", default=False)
+
+
+class DjangoJobs(Jobs):
+    """Cancel, run and wait for the jobs of one Django model; the methods of :class:`Jobs`.
+
+    ::
+
+        jobs = DjangoJobs(Analysis, interval=0.5)          # using="default"
+        with jobs.run(analysis.pk) as cp:                   # in the worker
+            for path in files:
+                cp()
+                process(path)
+
+        jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
+        jobs.wait(analysis.pk, timeout=10)
+
+    ``model`` is a concrete subclass of
+    :class:`~dbcancel.contrib.django.models.CancellableModel` (or any model with its
+    fields), or its ``"app_label.ModelName"``; ``using`` the database alias. Every status
+    change is one conditional ``filter(...).update(...)`` committed in its own
+    transaction before the method returns, so it refuses to run inside the caller's
+    ``transaction.atomic()`` (``ATOMIC_REQUESTS`` included). ``where`` filters name
+    fields (``user``, ``user_id``). Timestamps are ``django.utils.timezone.now()``: aware
+    UTC under ``USE_TZ = True`` (Django's default), as the SQLAlchemy side writes them.
+
+    Threads: a worker thread's connection to ``using`` is closed when its ``run()``
+    ends (in any thread but the main one), since Django only closes connections at the
+    end of requests. Connections to other aliases, and those of threads that only
+    cancel or wait, are the thread's to close (``django.db.connections.close_all()``).
+    To join the status change to the results, call ``cp.complete(alias)`` inside
+    ``transaction.atomic(using=alias)``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        interval: float = 0.5,
+        clock: Callable[[], float] | None = None,
+        using: str = DEFAULT_DB_ALIAS,
+    ) -> None:
+        self._django = DjangoBackend(model, using)
+        self._setup(self._django, interval=interval, clock=clock, watch=False)
+
+    @property
+    def model(self) -> Any:
+        """The job model class."""
+        return self._django.model
+
+    @property
+    def using(self) -> str:
+        """The database alias the jobs are read and written through."""
+        return self._django.alias
+
+    def __repr__(self) -> str:
+        return f"<DjangoJobs {self.model_name} using={self.using!r} interval={self.interval}>"
+
+    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
+        """Run a job, exactly as :meth:`dbcancel.Jobs.run`; see there."""
+        self._backend.check_id(job_id)
+        self._backend.check_filters(where)
+        return _DjangoJobRun(self, job_id, where)
+
+    # -- where a worker's connection is released ----------------------------------------
+
+    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
+        entered = False
+        try:
+            result = super()._start(job_id, where)
+            entered = True
+            return result
+        finally:
+            # A sync worker keeps its connection for its polls; an async one entered in
+            # an executor thread, and a run that failed to enter has no later exit.
+            if not entered or _entering_async.get():
+                self._django.release()
+
+    def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
+        try:
+            return super()._finish(cp, exc, started)
+        finally:
+            self._django.release()
+
+    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Any, str | None]]:
+        # Called only by the asyncio poller, from an executor thread.
+        try:
+            return super()._poll_rows(job_ids)
+        finally:
+            self._django.release()
+
+
+class _DjangoJobRun(JobRun):
+    """A :class:`JobRun` that tells ``_start`` when it runs on behalf of ``async with``."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Checkpoint:
+        token = _entering_async.set(True)
+        try:
+            return await super().__aenter__()
+        finally:
+            _entering_async.reset(token)

@@ -1,0 +1,1 @@
+"""Analyses: background work over a folder of files, cancelled and deleted on request."""

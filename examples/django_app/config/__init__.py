@@ -1,0 +1,1 @@
+"""The example project's configuration: settings, URLs, WSGI entry point."""

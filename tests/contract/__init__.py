@@ -1,0 +1,1 @@
+"""The shared contract tests, run against every backend on every database."""

@@ -1,0 +1,20 @@
+"""The contract tests run on both backends, so Django is configured here too.
+
+``tests/contrib/django/settings.py`` holds the one configuration; whichever of the two
+test folders pytest imports first configures Django, the other finds it done.
+"""
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.contrib.django import settings as django_settings
+
+django_settings.configure()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection_modifyitems() -> Iterator[None]:
+    """See :func:`tests.contrib.django.settings.suite_order_kept`."""
+    with django_settings.suite_order_kept():
+        return (yield)

@@ -1,0 +1,668 @@
+"""The shared contract: the same tests against ``Jobs`` (SQLAlchemy) and ``DjangoJobs``.
+
+Every test here takes the ``backend`` fixture, parametrized over (backend x database):
+SQLAlchemy ``Jobs`` and ``DjangoJobs``, each on SQLite, PostgreSQL and MariaDB. Both work
+in pytest-django's test database of that server, each on its own tables (the SQLAlchemy
+models of ``tests/models.py``, the Django ones of the test app), so the contract tests
+leave the rest of the suite's databases alone. A test states the contract once, through
+:class:`Backend`, which hides only how rows are inserted, read and changed behind
+dbcancel's back; everything under test is ``Jobs``' public API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, delete, select, update
+from sqlalchemy.orm import sessionmaker
+
+from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel.testing import FakeClock
+from tests.contrib.django import settings as django_settings
+from tests.models import Analysis as SqlAnalysis
+from tests.models import Base
+from tests.models import Result as SqlResult
+
+DATABASES = ("sqlite", "postgresql", "mariadb")
+KINDS = ("sqlalchemy", "django")
+INTERVAL = 0.05
+SLACK = dt.timedelta(seconds=2)
+JOIN_TIMEOUT = 60
+TABLE = SqlAnalysis.__table__
+
+
+def case(kind: str, name: str) -> Any:
+    marks: list[Any] = [getattr(pytest.mark, name)]
+    if django_settings.unreachable(name) is None:
+        # Django creates the test database both backends use; workers run in other
+        # threads, which only see committed rows.
+        alias = django_settings.ALIASES[name]
+        marks.append(pytest.mark.django_db(transaction=True, databases=[alias]))
+    return pytest.param((kind, name), marks=marks, id=f"{kind}-{name}")
+
+
+CASES = [case(kind, name) for kind in KINDS for name in DATABASES]
+
+
+def check_reachable(name: str) -> None:
+    reason = django_settings.unreachable(name)
+    if reason is None:
+        return
+    if django_settings.IN_CI:
+        pytest.fail(f"{reason} (under CI=true every database must be up)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def sqlalchemy_engines(django_db_setup: None) -> Iterator[dict[str, Any]]:
+    """SQLAlchemy engines on pytest-django's test databases, by alias, made on demand.
+
+    Disposed before pytest-django drops the databases (this fixture depends on it).
+    """
+    engines: dict[str, Any] = {}
+    yield engines
+    for engine in engines.values():
+        engine.dispose()
+
+
+def sqlalchemy_url(alias: str) -> Any:
+    """The URL of the test database behind ``alias``, as pytest-django has named it."""
+    from django.db import connections
+    from sqlalchemy.engine import URL
+
+    entry = connections[alias].settings_dict
+    if entry["ENGINE"].endswith("sqlite3"):
+        return URL.create("sqlite", database=entry["NAME"])
+    return URL.create(
+        "postgresql+psycopg" if alias == "postgresql" else "mysql+pymysql",
+        username=entry["USER"] or None,
+        password=entry["PASSWORD"] or None,
+        host=entry["HOST"],
+        port=int(entry["PORT"]) if entry["PORT"] else None,
+        database=entry["NAME"],
+    )
+
+
+# -- the two backends behind one face ------------------------------------------------------
+
+
+class Backend:
+    """What a test needs besides ``Jobs`` itself: rows to work on and a look at them."""
+
+    name: str
+
+    def jobs(self, **kwargs: Any) -> Jobs:
+        raise NotImplementedError
+
+    def add(self, **values: Any) -> Any:
+        """Insert one job (pending unless ``status`` is given); return its id."""
+        raise NotImplementedError
+
+    def row(self, job_id: Any) -> dict[str, Any] | None:
+        """Every dbcancel column of the job, as the database has it now."""
+        raise NotImplementedError
+
+    def force(self, job_id: Any, **values: Any) -> None:
+        """Change the row behind dbcancel's back, as another process or actor would."""
+        raise NotImplementedError
+
+    def delete(self, job_id: Any) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Any, Callable[[Any, str], None]]]:
+        """An open transaction: yields ``cp.complete``'s argument and a result writer."""
+        raise NotImplementedError
+        yield
+
+    def results(self, job_id: Any) -> list[str]:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """Empty the tables after a test."""
+
+
+COLUMNS = (
+    "status",
+    "cancel_requested_at",
+    "cancel_reason",
+    "started_at",
+    "finished_at",
+    "heartbeat_at",
+    "error",
+    "user_id",
+    "session_id",
+)
+
+
+class SQLAlchemyBackend(Backend):
+    def __init__(self, name: str, engines: dict[str, Any]) -> None:
+        alias = django_settings.ALIASES[name]
+        self.name = name
+        if alias not in engines:
+            engine = create_engine(
+                sqlalchemy_url(alias),
+                **({"connect_args": {"timeout": 30}} if name == "sqlite" else {}),
+            )
+            Base.metadata.create_all(engine)
+            engines[alias] = engine
+        self.engine = engines[alias]
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def jobs(self, **kwargs: Any) -> Jobs:
+        kwargs.setdefault("interval", INTERVAL)
+        return Jobs(self.engine, SqlAnalysis, **kwargs)
+
+    def add(self, **values: Any) -> Any:
+        with self.sessions.begin() as session:
+            job = SqlAnalysis(**values)
+            session.add(job)
+            session.flush()
+            return job.id
+
+    def row(self, job_id: Any) -> dict[str, Any] | None:
+        cols = [TABLE.c[name] for name in COLUMNS]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*cols).where(TABLE.c.id == job_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def force(self, job_id: Any, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(TABLE).where(TABLE.c.id == job_id).values(**values))
+
+    def delete(self, job_id: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(TABLE).where(TABLE.c.id == job_id))
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Any, Callable[[Any, str], None]]]:
+        with self.sessions.begin() as session:
+
+            def write(job_id: Any, value: str) -> None:
+                session.add(SqlResult(analysis_id=job_id, value=value))
+                session.flush()
+
+            yield session, write
+
+    def results(self, job_id: Any) -> list[str]:
+        with self.engine.connect() as conn:
+            stmt = select(SqlResult.value).where(SqlResult.analysis_id == job_id)
+            return list(conn.execute(stmt).scalars())
+
+    def clear(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(SqlResult))
+            conn.execute(delete(TABLE))
+
+
+class DjangoBackend(Backend):
+    def __init__(self, name: str) -> None:
+        from tests.contrib.django.testapp.models import Analysis, Result
+
+        self.name = name
+        self.alias = django_settings.ALIASES[name]
+        self.analyses = Analysis.objects.using(self.alias)
+        self.result_rows = Result.objects.using(self.alias)
+
+    def jobs(self, **kwargs: Any) -> Jobs:
+        from dbcancel.contrib.django import DjangoJobs
+        from tests.contrib.django.testapp.models import Analysis
+
+        kwargs.setdefault("interval", INTERVAL)
+        return DjangoJobs(Analysis, using=self.alias, **kwargs)
+
+    def add(self, **values: Any) -> Any:
+        return self.analyses.create(**values).pk
+
+    def row(self, job_id: Any) -> dict[str, Any] | None:
+        row = self.analyses.filter(pk=job_id).values(*COLUMNS).first()
+        if row is not None:
+            row["status"] = Status(row["status"])
+        return row
+
+    def force(self, job_id: Any, **values: Any) -> None:
+        values = {k: v.value if isinstance(v, Status) else v for k, v in values.items()}
+        self.analyses.filter(pk=job_id).update(**values)
+
+    def delete(self, job_id: Any) -> None:
+        self.analyses.filter(pk=job_id).delete()
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Any, Callable[[Any, str], None]]]:
+        from django.db import transaction
+
+        with transaction.atomic(using=self.alias):
+
+            def write(job_id: Any, value: str) -> None:
+                self.result_rows.create(analysis_id=job_id, value=value)
+
+            yield self.alias, write
+
+    def results(self, job_id: Any) -> list[str]:
+        return list(self.result_rows.filter(analysis_id=job_id).values_list("value", flat=True))
+
+
+@pytest.fixture(params=CASES)
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """One backend on one database; its rows are gone after the test."""
+    kind, name = request.param
+    check_reachable(name)
+    b: Backend
+    if kind == "sqlalchemy":
+        b = SQLAlchemyBackend(name, request.getfixturevalue("sqlalchemy_engines"))
+    else:
+        b = DjangoBackend(name)
+    try:
+        yield b
+    finally:
+        # Django's transactional test case empties the Django tables itself.
+        b.clear()
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def assert_between(value: dt.datetime | None, start: dt.datetime, end: dt.datetime) -> None:
+    assert value is not None
+    assert value.tzinfo is not None, f"{value!r} is not timezone-aware"
+    assert start - SLACK <= value <= end + SLACK, (start, value, end)
+
+
+def raised(exc: BaseException) -> BaseException:
+    """``exc`` with a traceback, as a ``with`` block's ``__exit__`` would receive it."""
+    try:
+        raise exc
+    except BaseException as caught:
+        return caught
+
+
+class Worker:
+    """One job and the worker side of it, driven step by step in this thread.
+
+    ``enter()``/``leave()`` are what ``with jobs.run(id) as cp:`` calls; doing them by
+    hand lets a test stop between them.
+    """
+
+    def __init__(self, b: Backend, jobs: Jobs) -> None:
+        self.b = b
+        self.jobs = jobs
+        self.id = b.add()
+        self.run: Any = None
+        self.cp: Any = None
+
+    def enter(self) -> Any:
+        run = self.jobs.run(self.id)
+        self.cp = run.__enter__()
+        self.run = run
+        return self.cp
+
+    def leave(self, exc: BaseException | None = None) -> bool:
+        run, self.run = self.run, None
+        if exc is None:
+            return bool(run.__exit__(None, None, None))
+        exc = raised(exc)
+        return bool(run.__exit__(type(exc), exc, exc.__traceback__))
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.leave()
+
+
+@pytest.fixture
+def worker(backend: Backend) -> Iterator[Worker]:
+    w = Worker(backend, backend.jobs())
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def arrange_at_rest(w: Worker, src: Status) -> None:
+    """Bring the job to ``src`` through the API; an in_progress job keeps its run open."""
+    if src is Status.PENDING:
+        return
+    w.enter()
+    if src is Status.CANCELLED:
+        assert w.jobs.cancel(w.id, reason="arranged") is True
+        assert w.leave() is False
+    elif src is Status.COMPLETED:
+        assert w.leave() is False
+    elif src is Status.FAILED:
+        assert w.leave(RuntimeError("arranged failure")) is False
+    assert w.b.row(w.id)["status"] is src
+
+
+def arrange_with_open_run(w: Worker, src: Status) -> None:
+    """Enter ``run()``, then bring the row to ``src`` while the worker is still inside.
+
+    No operation moves a running job to pending or failed: those are forced, as a
+    misbehaving actor on the table would.
+    """
+    w.enter()
+    if src is Status.CANCELLED:
+        assert w.jobs.cancel(w.id, reason="arranged") is True
+    elif src is Status.COMPLETED:
+        with w.b.transaction() as (using, _):
+            w.cp.complete(using)
+    elif src is not Status.IN_PROGRESS:
+        w.b.force(w.id, status=src)
+    assert w.b.row(w.id)["status"] is src
+
+
+# -- the transition table ------------------------------------------------------------------
+
+OPERATIONS = (Status.IN_PROGRESS, Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+PAIRS = [
+    pytest.param(src, dst, id=f"{src.value}->{dst.value}") for src in Status for dst in OPERATIONS
+]
+
+
+@pytest.mark.parametrize(("src", "dst"), PAIRS)
+def test_transition(backend, worker, src, dst):
+    """Each (state, operation) pair: an allowed one happens, any other changes nothing."""
+    allowed = dst in TRANSITIONS[src]
+    if dst is Status.IN_PROGRESS:
+        check_enter(worker, src, allowed)
+    elif dst is Status.CANCELLED:
+        check_cancel(worker, src, allowed)
+    else:
+        check_leave(worker, src, dst, allowed)
+
+
+def check_enter(w: Worker, src: Status, allowed: bool) -> None:
+    arrange_at_rest(w, src)
+    before = w.b.row(w.id)
+    if allowed:
+        t0 = now()
+        cp = w.enter()
+        t1 = now()
+        assert cp.cancelled is False
+        row = w.b.row(w.id)
+        assert row["status"] is Status.IN_PROGRESS
+        assert_between(row["started_at"], t0, t1)
+        assert row["heartbeat_at"] is not None
+        assert row["finished_at"] is None
+        assert w.leave() is False
+        return
+    if src is Status.CANCELLED:
+        cp = w.enter()  # not a transition: the checkpoint is cancelled from the start
+        assert (cp.cancelled, cp.reason) == (True, "arranged")
+        with pytest.raises(Cancelled) as info:
+            cp()
+        assert w.leave(info.value) is True
+    else:
+        with pytest.raises(InvalidTransition) as info:
+            w.jobs.run(w.id).__enter__()
+        err = info.value
+        assert (err.model, err.job_id, err.current, err.wanted) == (
+            "Analysis",
+            w.id,
+            src.value,
+            "in_progress",
+        )
+    assert w.b.row(w.id) == before
+
+
+def check_cancel(w: Worker, src: Status, allowed: bool) -> None:
+    arrange_at_rest(w, src)
+    before = w.b.row(w.id)
+    t0 = now()
+    result = w.jobs.cancel(w.id, reason="by the test")
+    t1 = now()
+    row = w.b.row(w.id)
+    if not allowed:
+        # Already cancelled: True, the first reason is kept. Completed/failed: False.
+        assert result is (src is Status.CANCELLED)
+        assert row == before
+        return
+    assert result is True
+    assert row["status"] is Status.CANCELLED
+    assert_between(row["cancel_requested_at"], t0, t1)
+    assert row["cancel_reason"] == "by the test"
+    if src is Status.PENDING:
+        assert_between(row["finished_at"], t0, t1)  # nothing runs it: stopped now
+        assert w.jobs.wait(w.id, timeout=5) is Status.CANCELLED
+        return
+    assert row["finished_at"] is None  # its worker has not stopped yet...
+    assert (w.cp.cancelled, w.cp.reason) == (True, "by the test")  # ...but knows at once
+    assert w.leave() is False
+    after = w.b.row(w.id)
+    assert after["status"] is Status.CANCELLED  # never completed after a cancel
+    assert after["finished_at"] >= row["cancel_requested_at"]
+
+
+def check_leave(w: Worker, src: Status, dst: Status, allowed: bool) -> None:
+    arrange_with_open_run(w, src)
+    before = w.b.row(w.id)
+    t0 = now()
+    swallowed = w.leave() if dst is Status.COMPLETED else w.leave(RuntimeError("it broke"))
+    t1 = now()
+    assert swallowed is False
+    row = w.b.row(w.id)
+    if allowed:
+        assert row["status"] is dst
+        assert_between(row["finished_at"], t0, t1)
+        assert row["error"] == (None if dst is Status.COMPLETED else "RuntimeError: it broke")
+        return
+    # Refused: only finished_at may change (this worker has really stopped).
+    assert row["status"] is src
+    assert {k: v for k, v in row.items() if k != "finished_at"} == {
+        k: v for k, v in before.items() if k != "finished_at"
+    }
+    assert row["finished_at"] is not None
+
+
+# -- run / cancel / wait -------------------------------------------------------------------
+
+
+def test_run_completes_and_wait_returns_the_final_status(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    with jobs.run(job) as cp:
+        assert jobs.status(job) is Status.IN_PROGRESS
+        assert [a.job_id for a in jobs.active()] == [job]
+        cp()
+    assert jobs.active() == ()
+    assert jobs.status(job) is Status.COMPLETED
+    assert jobs.wait(job, timeout=5) is Status.COMPLETED
+
+
+def test_failure_is_recorded_and_reraised(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    error = ValueError("bad file: x.wav")
+    with pytest.raises(ValueError) as info, jobs.run(job):
+        raise error
+    assert info.value is error
+    row = backend.row(job)
+    assert (row["status"], row["error"]) == (Status.FAILED, "ValueError: bad file: x.wav")
+    assert jobs.wait(job, timeout=5) is Status.FAILED
+
+
+def test_worker_raising_cancelled_marks_the_job_cancelled(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    with jobs.run(job):
+        raise Cancelled(job, "worker gave up")
+    row = backend.row(job)
+    assert (row["status"], row["cancel_reason"]) == (Status.CANCELLED, "worker gave up")
+    assert row["finished_at"] is not None
+
+
+def test_cancel_seen_by_poll(backend):
+    """A cancel made behind this process's back reaches ``cp()`` at the next poll."""
+    clock = FakeClock()
+    jobs = backend.jobs(interval=10, clock=clock)
+    job = backend.add(user_id="bob")
+    with jobs.run(job) as cp:
+        backend.force(job, status=Status.CANCELLED, cancel_reason="elsewhere")
+        cp()  # no poll due yet: the stale state is kept
+        assert cp.cancelled is False
+        clock.advance(10)
+        with pytest.raises(Cancelled) as info:
+            cp()
+        assert (info.value.job_id, info.value.reason) == (job, "elsewhere")
+    row = backend.row(job)
+    assert row["status"] is Status.CANCELLED
+    assert row["finished_at"] is not None
+
+
+def test_deleted_row_stops_the_worker(backend):
+    clock = FakeClock()
+    jobs = backend.jobs(interval=1, clock=clock)
+    job = backend.add()
+    with jobs.run(job) as cp:
+        backend.delete(job)
+        clock.advance(1)
+        with pytest.raises(Cancelled) as info:
+            cp()
+        assert info.value.reason == "deleted"
+    assert backend.row(job) is None
+
+
+def test_wait_times_out_while_the_worker_runs(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    with jobs.run(job), pytest.raises(TimeoutError):
+        jobs.wait(job, timeout=0)
+    assert jobs.wait(job, timeout=5) is Status.COMPLETED
+    with pytest.raises(JobNotFound):
+        jobs.wait(backend.add() + 1000, timeout=1)
+
+
+def test_results_commit_with_the_completion(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    with jobs.run(job) as cp, backend.transaction() as (using, write):
+        write(job, "r1")
+        write(job, "r2")
+        cp.complete(using)
+    assert sorted(backend.results(job)) == ["r1", "r2"]
+    assert backend.row(job)["status"] is Status.COMPLETED
+
+
+def test_results_of_a_cancelled_job_roll_back(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    with jobs.run(job) as cp:
+        jobs.cancel(job, reason="changed my mind")
+        with pytest.raises(Cancelled):
+            complete_with_a_result(backend, cp, job)
+    assert backend.results(job) == []
+    assert backend.row(job)["status"] is Status.CANCELLED
+
+
+def complete_with_a_result(backend: Backend, cp: Any, job: Any) -> None:
+    with backend.transaction() as (using, write):
+        write(job, "r1")
+        cp.complete(using)
+
+
+def test_cancel_from_another_thread(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    entered, seen = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    items = []
+
+    def work() -> None:
+        try:
+            with jobs.run(job) as cp:
+                cp.on_cancel(seen.set)
+                entered.set()
+                while True:
+                    cp()
+                    items.append(1)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            entered.set()
+            _close_thread_connections(backend)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    assert entered.wait(JOIN_TIMEOUT)
+    assert jobs.cancel(job, reason="from the main thread") is True
+    assert seen.wait(JOIN_TIMEOUT)
+    assert jobs.wait(job, timeout=JOIN_TIMEOUT) is Status.CANCELLED
+    thread.join(JOIN_TIMEOUT)
+    assert not thread.is_alive()
+    assert errors == []
+    row = backend.row(job)
+    assert (row["status"], row["cancel_reason"]) == (Status.CANCELLED, "from the main thread")
+
+
+def _close_thread_connections(backend: Backend) -> None:
+    if isinstance(backend, DjangoBackend):
+        from django.db import connections
+
+        connections.close_all()
+
+
+# -- filters and bad input -----------------------------------------------------------------
+
+
+def test_where_filters_guard_ownership(backend):
+    jobs = backend.jobs()
+    job = backend.add(user_id="alice")
+    before = backend.row(job)
+    with pytest.raises(JobNotFound) as info:
+        jobs.cancel(job, where={"user_id": "mallory"})
+    assert info.value.where == {"user_id": "mallory"}
+    with pytest.raises(JobNotFound):
+        jobs.run(job, where={"user_id": "mallory"}).__enter__()
+    assert backend.row(job) == before
+    with jobs.run(job, where={"user_id": "alice"}):
+        assert jobs.cancel(job, where={"user_id": "alice"}) is True
+    assert backend.row(job)["status"] is Status.CANCELLED
+
+
+def test_cancel_where_cancels_only_matching_unfinished_jobs(backend):
+    jobs = backend.jobs()
+    mine = [backend.add(session_id="s1") for _ in range(3)]
+    other = backend.add(session_id="s2")
+    done = backend.add(session_id="s1")
+    with jobs.run(done):
+        pass
+    with jobs.run(mine[0]) as cp:
+        assert jobs.cancel_where(session_id="s1", user_id="alice") == 3
+        assert cp.cancelled is True  # a local worker is told at once
+    assert [backend.row(j)["status"] for j in mine] == [Status.CANCELLED] * 3
+    assert backend.row(other)["status"] is Status.PENDING
+    assert backend.row(done)["status"] is Status.COMPLETED
+    with pytest.raises(ValueError, match="at least one"):
+        jobs.cancel_where()
+
+
+def test_bad_input_changes_nothing(backend):
+    jobs = backend.jobs()
+    job = backend.add()
+    before = backend.row(job)
+    missing = job + 1000
+    with pytest.raises(ValueError, match="nope"):
+        jobs.cancel(job, where={"nope": 1})
+    with pytest.raises(ValueError, match="nope"):
+        jobs.cancel_where(nope=1)
+    with pytest.raises(TypeError, match="ids are int"):
+        jobs.cancel(str(job))
+    with pytest.raises(TypeError):
+        jobs.status(None)
+    for call in (jobs.status, jobs.cancel, lambda j: jobs.run(j).__enter__()):
+        with pytest.raises(JobNotFound) as info:
+            call(missing)
+        assert info.value.job_id == missing
+        assert "not found" in str(info.value)
+    with pytest.raises(ValueError):
+        backend.jobs(interval=0)
+    assert backend.row(job) == before

@@ -1,0 +1,1 @@
+"""Tests of dbcancel.contrib.django, on SQLite, PostgreSQL and MariaDB."""

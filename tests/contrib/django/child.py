@@ -1,0 +1,48 @@
+"""A child process for the cross-process tests: ``python -m tests.contrib.django.child``.
+
+``worker ID``: runs job ID with ``DjangoJobs`` until it is cancelled, printing
+``entered`` once inside and ``left <status>`` at the end. ``cancel ID REASON``: cancels
+job ID and prints what ``cancel()`` returned. The database is the test database the
+parent passed in the environment (see ``settings.child_env``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tests.contrib.django import settings as test_settings
+
+
+def main(argv: list[str]) -> int:
+    test_settings.configure_child()
+    from django.db import connections
+
+    try:
+        return run(argv)
+    finally:
+        connections.close_all()
+
+
+def run(argv: list[str]) -> int:
+    from dbcancel.contrib.django import DjangoJobs
+    from tests.contrib.django.testapp.models import Analysis
+
+    jobs = DjangoJobs(Analysis, interval=0.05)
+    command, job_id = argv[0], int(argv[1])
+    if command == "worker":
+        with jobs.run(job_id) as cp:
+            print("entered", flush=True)
+            while True:
+                cp()
+                sum(i * i for i in range(300))  # one item of work
+        print(f"left {jobs.status(job_id).value}", flush=True)
+        return 0
+    if command == "cancel":
+        print(f"cancel returned {jobs.cancel(job_id, reason=argv[2])}", flush=True)
+        return 0
+    print(f"unknown command {command!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

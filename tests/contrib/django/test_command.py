@@ -1,0 +1,110 @@
+"""``manage.py dbcancel list|status|cancel``."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.test import override_settings
+
+from dbcancel import Status
+
+MODEL = ("--model", "testapp.Analysis")
+
+
+def run(alias: str, *args: str) -> str:
+    out = io.StringIO()
+    call_command("dbcancel", *args, *MODEL, "--database", alias, stdout=out)
+    return out.getvalue()
+
+
+def test_status(alias, add, jobs):
+    job = add()
+    assert run(alias, "status", str(job)) == "pending\n"
+    with jobs.run(job):
+        assert run(alias, "status", str(job)) == "in_progress\n"
+    assert run(alias, "status", str(job)) == "completed\n"
+
+
+def test_cancel(alias, add, jobs, row):
+    pending, running, done = add(), add(), add()
+    with jobs.run(done):
+        pass
+    assert run(alias, "cancel", str(pending), "--reason", "ops said so") == (
+        f"Analysis {pending}: cancelled\n"
+    )
+    assert row(pending).cancel_reason == "ops said so"
+    assert run(alias, "cancel", str(pending)) == f"Analysis {pending}: already cancelled\n"
+    with jobs.run(running) as cp:
+        out = run(alias, "cancel", str(running))
+        assert cp.cancelled
+    assert out == (
+        f"Analysis {running}: cancelled (it was in progress: its worker stops at its next "
+        "checkpoint)\n"
+    )
+    with pytest.raises(CommandError, match=f"Analysis {done}: not cancelled: it is completed") as e:
+        run(alias, "cancel", str(done))
+    assert e.value.returncode == 1
+    assert row(done).status == Status.COMPLETED
+
+
+def test_list(alias, add, jobs):
+    assert run(alias, "list") == "no pending or in_progress jobs in testapp.Analysis\n"
+    pending, done = add(), add()
+    with jobs.run(done):
+        pass
+    jobs.cancel(pending, reason="a reason")
+    live = add()
+    lines = run(alias, "list").splitlines()
+    assert lines[0].split() == [
+        "id",
+        "status",
+        "started_at",
+        "finished_at",
+        "cancel_requested_at",
+        "reason",
+    ]
+    assert [line.split()[:2] for line in lines[2:]] == [[str(live), "pending"]]
+    every = run(alias, "list", "--all").splitlines()
+    assert [line.split()[:2] for line in every[2:]] == [
+        [str(pending), "cancelled"],
+        [str(done), "completed"],
+        [str(live), "pending"],
+    ]
+    assert every[2].endswith("a reason")
+    assert every[3].split()[2].endswith("Z")  # started_at, in UTC
+
+
+def test_unknown_job_and_bad_id(alias, add):
+    missing = add() + 1000
+    for args in (("status", str(missing)), ("cancel", str(missing))):
+        with pytest.raises(CommandError, match="not found") as e:
+            run(alias, *args)
+        assert e.value.returncode == 2
+    with pytest.raises(CommandError, match="'seven' is not one") as e:
+        run(alias, "status", "seven")
+    assert e.value.returncode == 2
+
+
+def test_model_and_database_options():
+    with pytest.raises(CommandError, match=r"name the job model with --model.*testapp.Analysis"):
+        call_command("dbcancel", "list")
+    with pytest.raises(CommandError, match="not an installed model"):
+        call_command("dbcancel", "list", "--model", "testapp.Nope")
+    with pytest.raises(CommandError, match="lacks the field"):
+        call_command("dbcancel", "list", "--model", "testapp.Result")
+    with pytest.raises(CommandError, match="not a database alias"):
+        call_command("dbcancel", "list", *MODEL, "--database", "nowhere")
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_options_before_the_subcommand_and_the_default_model():
+    out = io.StringIO()
+    call_command("dbcancel", "--model", "testapp.Analysis", "list", stdout=out)
+    assert out.getvalue() == "no pending or in_progress jobs in testapp.Analysis\n"
+    with override_settings(DBCANCEL_DEFAULT_MODEL="testapp.Renamed"):
+        call_command("dbcancel", "list", stdout=out)
+    assert out.getvalue().endswith("no pending or in_progress jobs in testapp.Renamed\n")

@@ -1,0 +1,1 @@
+"""The Django app the tests declare their job models in."""
