@@ -20,6 +20,7 @@ __all__ = [
     "Change",
     "JobRow",
     "cancel_change",
+    "check_id_type",
     "complete_change",
     "cut_reason",
     "fail_change",
@@ -68,6 +69,24 @@ def cut_reason(reason: str | None) -> str | None:
     Local observers get the same text, so a cancel reads the same in every process.
     """
     return None if reason is None else reason[:CANCEL_REASON_LENGTH]
+
+
+def check_id_type(model_name: str, id_type: type | None, job_id: Any) -> None:
+    """Raise :class:`TypeError` when ``job_id`` cannot be an id of type ``id_type``.
+
+    Shared by the backends' ``check_id``; ``id_type`` None accepts any non-None value
+    except a bool.
+    """
+    if (
+        job_id is None
+        or isinstance(job_id, bool)
+        or (id_type is not None and not isinstance(job_id, id_type))
+    ):
+        kind = id_type.__name__ if id_type is not None else "a primary key value"
+        raise TypeError(
+            f"{model_name} ids are {kind}, got {job_id!r} "
+            f"({type(job_id).__name__}); nothing was changed"
+        )
 
 
 def start_change() -> Change:

@@ -12,7 +12,7 @@ from sqlalchemy import Column, Connection, Engine, Table, bindparam, case, selec
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._backend import Change, JobRow, utcnow
+from ._backend import Change, JobRow, check_id_type, utcnow
 from .models import REQUIRED_COLUMNS, Status
 
 __all__ = ["SQLAlchemyBackend", "resolve_engine", "resolve_table"]
@@ -87,17 +87,7 @@ class SQLAlchemyBackend:
 
     def check_id(self, job_id: Any) -> None:
         """Refuse an id whose Python type cannot match the primary key column."""
-        expected = self._id_type
-        if (
-            job_id is None
-            or isinstance(job_id, bool)
-            or (expected is not None and not isinstance(job_id, expected))
-        ):
-            name = expected.__name__ if expected is not None else "a primary key value"
-            raise TypeError(
-                f"{self.model_name} ids are {name}, got {job_id!r} "
-                f"({type(job_id).__name__}); nothing was changed"
-            )
+        check_id_type(self.model_name, self._id_type, job_id)
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters that name columns the table does not have."""

@@ -24,7 +24,7 @@ from django.db import OperationalError, connections, models, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from dbcancel._backend import Change, JobRow
+from dbcancel._backend import Change, JobRow, check_id_type
 from dbcancel.models import Status
 
 from .models import _missing_fields, _wrong_fields
@@ -128,17 +128,7 @@ class DjangoBackend:
 
     def check_id(self, job_id: Any) -> None:
         """Refuse an id whose Python type cannot match the primary key field."""
-        expected = self._id_type
-        if (
-            job_id is None
-            or isinstance(job_id, bool)
-            or (expected is not None and not isinstance(job_id, expected))
-        ):
-            kind = expected.__name__ if expected is not None else "a primary key value"
-            raise TypeError(
-                f"{self.model_name} ids are {kind}, got {job_id!r} "
-                f"({type(job_id).__name__}); nothing was changed"
-            )
+        check_id_type(self.model_name, self._id_type, job_id)
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters that name fields the model does not have (lookups included)."""
