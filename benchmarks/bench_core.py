@@ -824,6 +824,34 @@ def describe(report: Report, dbs: list[Database]) -> None:
     h["seed"] = str(report.seed)
 
 
+def open_databases(
+    stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path, table_name: str
+) -> list[Database] | None:
+    """Open SQLite (in ``tmp``) and, unless --sqlite-only, PostgreSQL on ``stack``.
+
+    None, after saying why on stderr, when PostgreSQL is unreachable. Shared by the
+    benchmark scripts.
+    """
+    targets = [("SQLite", f"sqlite:///{tmp / 'bench.db'}")]
+    if not args.sqlite_only:
+        targets.append(("PostgreSQL", args.pg_url))
+    dbs: list[Database] = []
+    for name, url in targets:
+        try:
+            db = stack.enter_context(open_database(name, url, table_name))
+        except OperationalError as err:
+            shown = make_url(url).render_as_string(hide_password=True)
+            print(
+                f"{name} at {shown} is not reachable ({err.orig}); "
+                "pass --pg-url URL or --sqlite-only",
+                file=sys.stderr,
+            )
+            return None
+        db.count_statements()
+        dbs.append(db)
+    return dbs
+
+
 def parse_args(argv: list[str], description: str) -> argparse.Namespace:
     """The command line, shared by the benchmark scripts."""
     parser = argparse.ArgumentParser(description=description)
@@ -863,34 +891,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     fingerprint = source_fingerprint()
 
-    with tempfile.TemporaryDirectory(prefix="dbcancel-bench-") as tmp:
-        targets = [("SQLite", f"sqlite:///{Path(tmp) / 'bench.db'}")]
-        if not args.sqlite_only:
-            targets.append(("PostgreSQL", args.pg_url))
-        with contextlib.ExitStack() as stack:
-            dbs: list[Database] = []
-            for name, url in targets:
-                try:
-                    db = stack.enter_context(open_database(name, url, table_name))
-                except OperationalError as err:
-                    shown = make_url(url).render_as_string(hide_password=True)
-                    print(
-                        f"{name} at {shown} is not reachable ({err.orig}); "
-                        "pass --pg-url URL or --sqlite-only",
-                        file=sys.stderr,
-                    )
-                    return 2
-                db.count_statements()
-                dbs.append(db)
-            describe(report, dbs)
+    with (
+        tempfile.TemporaryDirectory(prefix="dbcancel-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        dbs = open_databases(stack, args, Path(tmp), table_name)
+        if dbs is None:
+            return 2
+        describe(report, dbs)
 
-            progress("calibrating the ~100 µs work item")
-            report.work_n, report.work_item = calibrate_work()
-            progress("(a) checkpoint hot path vs monotonic loops")
-            measure_hot_path(report, dbs, rng)
-            progress("(b) naive re-reads and round-trip floors")
-            measure_reads(report, dbs, rng)
-            measure_latency(report, dbs, rng)
+        progress("calibrating the ~100 µs work item")
+        report.work_n, report.work_item = calibrate_work()
+        progress("(a) checkpoint hot path vs monotonic loops")
+        measure_hot_path(report, dbs, rng)
+        progress("(b) naive re-reads and round-trip floors")
+        measure_reads(report, dbs, rng)
+        measure_latency(report, dbs, rng)
 
     report.header["load avg at end"] = load_average()
     report.header["took"] = f"{time.monotonic() - started:.0f} s"

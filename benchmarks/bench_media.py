@@ -66,7 +66,7 @@ from bench_core import (
     make_engine,
     make_model,
     nearest_rank,
-    open_database,
+    open_databases,
     parse_args,
     progress,
     source_fingerprint,
@@ -75,8 +75,6 @@ from bench_core import (
     version,
 )
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.frames import Close, Frame, Opcode
@@ -1098,35 +1096,23 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     hashes = source_hashes()
 
-    with tempfile.TemporaryDirectory(prefix="dbcancel-bench-media-") as tmp:
-        targets = [("SQLite", f"sqlite:///{Path(tmp) / 'bench.db'}")]
-        if not args.sqlite_only:
-            targets.append(("PostgreSQL", args.pg_url))
-        with contextlib.ExitStack() as stack:
-            dbs: list[Database] = []
-            for name, url in targets:
-                try:
-                    db = stack.enter_context(open_database(name, url, table_name))
-                except OperationalError as err:
-                    shown = make_url(url).render_as_string(hide_password=True)
-                    print(
-                        f"{name} at {shown} is not reachable ({err.orig}); "
-                        "pass --pg-url URL or --sqlite-only",
-                        file=sys.stderr,
-                    )
-                    return 2
-                db.count_statements()
-                dbs.append(db)
-            report.dbs = [db.name for db in dbs]
-            describe(report, dbs)
-            progress("(d) receive() throughput vs a bare async for")
-            measure_throughput(report, dbs, rng)
-            report.sample_load()
-            measure_latency(report, dbs, rng)
-            report.sample_load()
-            progress("(f) analyze() vs a bare lock-step client")
-            measure_analysis(report, dbs, rng)
-            report.sample_load()
+    with (
+        tempfile.TemporaryDirectory(prefix="dbcancel-bench-media-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        dbs = open_databases(stack, args, Path(tmp), table_name)
+        if dbs is None:
+            return 2
+        report.dbs = [db.name for db in dbs]
+        describe(report, dbs)
+        progress("(d) receive() throughput vs a bare async for")
+        measure_throughput(report, dbs, rng)
+        report.sample_load()
+        measure_latency(report, dbs, rng)
+        report.sample_load()
+        progress("(f) analyze() vs a bare lock-step client")
+        measure_analysis(report, dbs, rng)
+        report.sample_load()
 
     report.header["load avg at end"] = load_average()
     if report.loads:
