@@ -36,7 +36,7 @@ What existing rows get, and tables that already have a ``status`` column:
   replaced, to allow dbcancel's five states plus every value the column holds and every
   value the old constraint allowed. Rows whose status is not one of the five are not
   jobs dbcancel can read: map them to dbcancel's states before using ``Jobs`` on them.
-  ``drop_cancellation(..., existing_status=True)`` then removes only the six columns it
+  ``drop_cancellation(..., existing_status=True)`` then removes only the seven columns it
   added and leaves the ``status`` column, its index and its (wider) constraint, so the
   old code keeps working after a downgrade. The flag is explicit because nothing in the
   table can tell afterwards whether ``status`` was there before: without it, a downgrade
@@ -172,7 +172,7 @@ class DropCancellationOp(MigrateOperation):
         """Undo :meth:`AddCancellationOp.add_cancellation` on ``table_name``.
 
         Drops the CHECK constraint, the status index and dbcancel's columns; with
-        ``existing_status=True`` (pass what the upgrade passed) only the six columns
+        ``existing_status=True`` (pass what the upgrade passed) only the seven columns
         beside ``status``. The rows and their other columns stay.
         """
         operations.invoke(cls(table_name, schema=schema, existing_status=existing_status))

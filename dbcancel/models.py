@@ -83,6 +83,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "status",
     "cancel_requested_at",
     "cancel_reason",
+    "cancel_observed_at",
     "started_at",
     "finished_at",
     "heartbeat_at",
@@ -177,9 +178,10 @@ class CancellableMixin:
 
     Columns: ``status`` (not null, default ``pending``, indexed, with a CHECK constraint
     named ``ck_<table>_status``), ``cancel_requested_at``, ``cancel_reason``,
-    ``started_at``, ``finished_at``, ``heartbeat_at`` (aware UTC datetimes, null) and
-    ``error`` (the text of the exception that failed the job). "Stopped" means
-    ``finished_at IS NOT NULL``. Change ``status`` only through :class:`dbcancel.Jobs`.
+    ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at`` (aware UTC
+    datetimes, null) and ``error`` (the text of the exception that failed the job).
+    "Stopped" means ``finished_at IS NOT NULL``. Change ``status`` only through
+    :class:`dbcancel.Jobs`.
     """
 
     @declared_attr
@@ -206,6 +208,10 @@ class CancellableMixin:
         String(CANCEL_REASON_LENGTH), default=None, sort_order=_LAST
     )
     """The reason given to the first cancel (at most 255 characters)."""
+    cancel_observed_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """When a worker of the job first observed the cancel (stamped when it stops)."""
     started_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), default=None, sort_order=_LAST
     )

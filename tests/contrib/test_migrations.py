@@ -260,6 +260,7 @@ def test_registered_operations_and_their_reverse(db: Database, names: list[str])
     assert columns()[3:] == [
         "cancel_requested_at",
         "cancel_reason",
+        "cancel_observed_at",
         "started_at",
         "finished_at",
         "heartbeat_at",
@@ -322,6 +323,7 @@ def test_an_existing_status_column_is_kept_and_its_constraint_widened(
     assert [c[0] for c in after["columns"][4:]] == [
         "cancel_requested_at",
         "cancel_reason",
+        "cancel_observed_at",
         "started_at",
         "finished_at",
         "heartbeat_at",

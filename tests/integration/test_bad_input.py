@@ -145,6 +145,7 @@ class TwoKeys(CancellableMixin, OtherBase):
 MIXIN_COLUMNS = [
     "cancel_requested_at",
     "cancel_reason",
+    "cancel_observed_at",
     "started_at",
     "finished_at",
     "heartbeat_at",
@@ -178,7 +179,13 @@ def test_table_without_some_columns(engine):
     message = str(info.value)
     assert "half_job" in message
     missing = message.split("that dbcancel needs")[0]
-    for name in ("cancel_requested_at", "cancel_reason", "heartbeat_at", "error"):
+    for name in (
+        "cancel_requested_at",
+        "cancel_reason",
+        "cancel_observed_at",
+        "heartbeat_at",
+        "error",
+    ):
         assert name in missing
     for name in ("started_at", "finished_at"):
         assert name not in missing

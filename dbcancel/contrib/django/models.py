@@ -66,10 +66,10 @@ class CancellableModel(models.Model):  # type: ignore[misc]
 
     ``status`` (``CharField(16)``, choices from :class:`dbcancel.Status`, default
     ``pending``, indexed), ``cancel_requested_at``, ``cancel_reason`` (at most 255
-    characters), ``started_at``, ``finished_at``, ``heartbeat_at`` (aware datetimes, null)
-    and ``error`` (the text of the exception that failed the job), plus a CHECK constraint
-    named ``ck_<db_table>_status`` that limits ``status`` to the five values. "Stopped"
-    means ``finished_at`` is set.
+    characters), ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at``
+    (aware datetimes, null) and ``error`` (the text of the exception that failed the
+    job), plus a CHECK constraint named ``ck_<db_table>_status`` that limits ``status`` to
+    the five values. "Stopped" means ``finished_at`` is set.
 
     A subclass that declares its own ``Meta.constraints`` must keep this one: write
     ``class Meta(CancellableModel.Meta):`` and add to ``constraints``, or the
@@ -90,6 +90,8 @@ class CancellableModel(models.Model):  # type: ignore[misc]
         max_length=CANCEL_REASON_LENGTH, null=True, blank=True, editable=False
     )
     """The reason given to the first cancel (at most 255 characters)."""
+    cancel_observed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    """When a worker of the job first observed the cancel (stamped when it stops)."""
     started_at = models.DateTimeField(null=True, blank=True, editable=False)
     """When a worker moved the job to ``in_progress``."""
     finished_at = models.DateTimeField(null=True, blank=True, editable=False)
@@ -141,7 +143,13 @@ class_prepared.connect(_name_status_check, dispatch_uid="dbcancel.name_status_ch
 
 # -- what DjangoJobs and the system checks require of a job model -------------------------
 
-_DATETIMES = ("cancel_requested_at", "started_at", "finished_at", "heartbeat_at")
+_DATETIMES = (
+    "cancel_requested_at",
+    "cancel_observed_at",
+    "started_at",
+    "finished_at",
+    "heartbeat_at",
+)
 
 
 def _missing_fields(model: Any) -> list[str]:

@@ -17,6 +17,7 @@ class AnalysisAdmin(admin.ModelAdmin):
         "status",
         "cancel_requested_at",
         "cancel_reason",
+        "cancel_observed_at",
         "started_at",
         "finished_at",
         "heartbeat_at",

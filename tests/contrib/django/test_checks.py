@@ -131,7 +131,10 @@ def test_model_listed_in_the_setting_is_checked(django_isolated_apps):
     with override_settings(DBCANCEL_MODELS=["testapp.Legacy"]):
         found = {m.id: m for m in run_check(django_isolated_apps)}
     assert set(found) == {"dbcancel.E001", "dbcancel.E002", "dbcancel.E003"}
-    assert "cancel_requested_at, cancel_reason, finished_at" in found["dbcancel.E001"].msg
+    assert (
+        "cancel_requested_at, cancel_reason, cancel_observed_at, finished_at"
+        in found["dbcancel.E001"].msg
+    )
     assert "'status' must be a CharField" in found["dbcancel.E002"].msg
     assert "'started_at' must be a DateTimeField" in found["dbcancel.E002"].msg
     assert found["dbcancel.E002"].hint

@@ -46,6 +46,10 @@ class Migration(migrations.Migration):
                     "cancel_reason",
                     models.CharField(blank=True, editable=False, max_length=255, null=True),
                 ),
+                (
+                    "cancel_observed_at",
+                    models.DateTimeField(blank=True, editable=False, null=True),
+                ),
                 ("started_at", models.DateTimeField(blank=True, editable=False, null=True)),
                 ("finished_at", models.DateTimeField(blank=True, editable=False, null=True)),
                 ("heartbeat_at", models.DateTimeField(blank=True, editable=False, null=True)),
