@@ -16,9 +16,11 @@ from typing import Any, NamedTuple, Protocol
 from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 
 __all__ = [
+    "WORKER_LOST",
     "Backend",
     "Change",
     "JobRow",
+    "Listener",
     "cancel_change",
     "check_id_type",
     "complete_change",
@@ -27,6 +29,10 @@ __all__ = [
     "start_change",
     "utcnow",
 ]
+
+
+WORKER_LOST = "worker lost"
+"""The error text of a job that ``jobs.reap()`` marked failed: its heartbeat stopped."""
 
 
 def utcnow() -> dt.datetime:
@@ -118,6 +124,23 @@ def cancel_change(reason: str | None) -> Change:
     )
 
 
+class Listener(Protocol):
+    """A dedicated connection that receives the cancel notifications of one table."""
+
+    def connect(self) -> None:
+        """Open the connection and start listening; raises when the database is down."""
+
+    def wait(self, timeout: float) -> list[str] | None:
+        """Wait up to ``timeout`` seconds; the payloads that arrived (``[]`` if none).
+
+        Returns None when not connected. Raises when the connection breaks (the caller
+        closes it and connects again later).
+        """
+
+    def close(self) -> None:
+        """Close the connection; harmless when it is not open."""
+
+
 class Backend(Protocol):
     """What dbcancel needs from an ORM. Every method is one database round trip."""
 
@@ -125,6 +148,8 @@ class Backend(Protocol):
     """Identifies the database and table, so that jobs of one table are found in-process."""
     model_name: str
     """The model's name, for messages."""
+    label: str
+    """The model and its database (``Analysis@postgresql``), for logs and thread names."""
 
     def check_id(self, job_id: Any) -> None:
         """Raise :class:`TypeError` when ``job_id`` cannot be an id of this table."""
@@ -152,5 +177,28 @@ class Backend(Protocol):
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those jobs that still exist, by id."""
 
-    def mark_stopped(self, job_id: Any) -> None:
-        """Set ``finished_at`` to now where it is still null, and commit."""
+    def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
+        """Set ``finished_at`` to now where it is still null, and commit.
+
+        ``observed_at`` (when the worker saw the cancel) goes to ``cancel_observed_at``
+        in the same UPDATE, unless that already holds an earlier value.
+        """
+
+    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """Stamp ``heartbeat_at`` on those rows, whatever their status; return them by id.
+
+        Rows missing from the result were deleted. One ``UPDATE ... RETURNING`` where
+        the database has it, else an UPDATE and a SELECT in one transaction.
+        """
+
+    def reap(self, cutoff: dt.datetime, error: str) -> int:
+        """Stop the jobs whose worker is gone; return how many, in one conditional UPDATE.
+
+        Rows not yet stopped (``finished_at`` null) whose ``heartbeat_at`` (or, when
+        null, ``started_at``) is older than ``cutoff`` get ``finished_at``; those in
+        progress also become failed with ``error``; cancelled ones stay cancelled.
+        """
+
+    def listener(self) -> Listener | None:
+        """A new listener for this table's cancel notifications; None when the database
+        has no push (only PostgreSQL has)."""

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import logging
 import random
 import time
-from collections.abc import Collection, Hashable, Mapping
-from typing import Any
+from collections.abc import Callable, Collection, Hashable, Mapping
+from typing import Any, TypeVar
 
-from sqlalchemy import Column, Connection, Engine, Table, bindparam, case, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    case,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ._backend import Change, JobRow, check_id_type, utcnow
+from ._backend import Change, JobRow, Listener, check_id_type, utcnow
 from .models import REQUIRED_COLUMNS, Status
 
-__all__ = ["SQLAlchemyBackend", "resolve_engine", "resolve_table"]
+_T = TypeVar("_T")
+
+__all__ = ["SQLAlchemyBackend", "channel_name", "resolve_engine", "resolve_table"]
 
 log = logging.getLogger("dbcancel")
 
@@ -44,6 +59,14 @@ def resolve_table(model: Any) -> tuple[Table, str]:
     raise TypeError(f"expected a mapped model class or a Table, got {model!r}")
 
 
+def channel_name(table: str) -> str:
+    """The PostgreSQL notification channel of a table's cancels (at most 63 bytes)."""
+    name = f"dbcancel:{table}"
+    if len(name.encode()) <= 63:
+        return name
+    return "dbcancel:" + hashlib.sha256(table.encode()).hexdigest()[:40]
+
+
 class SQLAlchemyBackend:
     """Jobs in one table, reached through one SQLAlchemy Engine."""
 
@@ -67,7 +90,12 @@ class SQLAlchemyBackend:
             self._id_type: type | None = self.pk.type.python_type
         except NotImplementedError:
             self._id_type = None
-        self._autocommit_reads = self.engine.dialect.name == "postgresql"
+        dialect = self.engine.dialect
+        self._postgresql = dialect.name == "postgresql"
+        self._autocommit_reads = self._postgresql
+        self._update_returning = bool(dialect.update_returning)
+        self.channel = channel_name(self.table.fullname)
+        self.label = f"{self.model_name}@{self.engine.url.get_backend_name()}"
         self.key: Hashable = (
             "sqlalchemy",
             self.engine.url.render_as_string(hide_password=True),
@@ -82,7 +110,35 @@ class SQLAlchemyBackend:
         self._mark_stopped = (
             update(self.table)
             .where(self.pk == bindparam("job_id"), c.finished_at.is_(None))
-            .values(finished_at=bindparam("now"))
+            .values(
+                finished_at=bindparam("now", type_=c.finished_at.type),
+                cancel_observed_at=func.coalesce(
+                    c.cancel_observed_at,
+                    bindparam("observed", type_=c.cancel_observed_at.type),
+                ),
+            )
+        )
+        stamp = self._hinted(
+            update(self.table)
+            .where(self.pk.in_(bindparam("job_ids", expanding=True)))
+            .values(heartbeat_at=bindparam("now", type_=c.heartbeat_at.type))
+        )
+        self._beat = stamp.returning(self.pk, *self._columns) if self._update_returning else stamp
+        in_progress = c.status == Status.IN_PROGRESS
+        # MySQL assigns left to right, each seeing the ones before: error before status.
+        self._reap = (
+            update(self.table)
+            .where(
+                c.finished_at.is_(None),
+                c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]),
+                func.coalesce(c.heartbeat_at, c.started_at)
+                < bindparam("cutoff", type_=c.heartbeat_at.type),
+            )
+            .ordered_values(
+                (c.error, case((in_progress, bindparam("error")), else_=c.error)),
+                (c.status, case((in_progress, literal(Status.FAILED.value)), else_=c.status)),
+                (c.finished_at, bindparam("now", type_=c.finished_at.type)),
+            )
         )
 
     def check_id(self, job_id: Any) -> None:
@@ -133,15 +189,28 @@ class SQLAlchemyBackend:
             .ordered_values(*assignments)
         )
         if job_id is not None:
-            # InnoDB may reach "id = :id AND status IN (:one)" through the status index
-            # (it ends in the primary key), locking that index before the row, while a
-            # concurrent UPDATE of the same row locks the row first: a deadlock. Forcing
-            # the primary key makes every transition lock in the same order.
-            for dialect in ("mysql", "mariadb"):
-                stmt = stmt.with_hint("FORCE INDEX (PRIMARY)", dialect_name=dialect)
+            stmt = self._hinted(stmt)
         if using is not None:
             return int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
-        return self._write(stmt, {})
+        notify = None
+        if self._postgresql and change.to is Status.CANCELLED:
+            # Watchers in other processes LISTEN for this; sent only if the UPDATE
+            # changed a row, and delivered only when the transaction commits.
+            notify = "*" if job_id is None else str(job_id)
+        return self._write(stmt, {}, notify=notify)
+
+    @staticmethod
+    def _hinted(stmt: Any) -> Any:
+        """``stmt`` with InnoDB told to find rows through the primary key.
+
+        InnoDB may reach "id = :id AND status IN (:one)" through the status index (it
+        ends in the primary key), locking that index before the row, while a concurrent
+        UPDATE of the same row locks the row first: a deadlock. Forcing the primary key
+        makes every write by id lock in the same order.
+        """
+        for dialect in ("mysql", "mariadb"):
+            stmt = stmt.with_hint("FORCE INDEX (PRIMARY)", dialect_name=dialect)
+        return stmt
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
         """One job's status, cancel reason and finished_at; None when there is no such row."""
@@ -173,17 +242,67 @@ class SQLAlchemyBackend:
             return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self.engine.connect()
 
-    def mark_stopped(self, job_id: Any) -> None:
-        """Stamp ``finished_at`` where it is still null."""
-        self._write(self._mark_stopped, {"job_id": job_id, "now": utcnow()})
+    def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
+        """Stamp ``finished_at`` where it is still null (and ``cancel_observed_at``)."""
+        self._write(
+            self._mark_stopped, {"job_id": job_id, "now": utcnow(), "observed": observed_at}
+        )
 
-    def _write(self, stmt: Any, params: dict[str, Any]) -> int:
-        """Run one write in its own transaction, retried when the database chose it as
-        the victim of a deadlock (it was rolled back whole, so running it again is safe)."""
+    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """Stamp ``heartbeat_at`` on those rows and return the ones that exist."""
+        if not job_ids:
+            return {}
+        params = {"job_ids": list(job_ids), "now": utcnow()}
+
+        def work(conn: Connection) -> list[Any]:
+            result = conn.execute(self._beat, params)
+            if self._update_returning:
+                return list(result.all())
+            return list(conn.execute(self._read_many, params).all())
+
+        rows = self._transaction(work)
+        return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
+
+    def reap(self, cutoff: dt.datetime, error: str) -> int:
+        """Stop the jobs whose heartbeat is older than ``cutoff``; return how many."""
+        return self._write(self._reap, {"cutoff": cutoff, "error": error, "now": utcnow()})
+
+    def listener(self) -> Listener | None:
+        """A listener for this table's cancel notifications (PostgreSQL), else None."""
+        if not self._postgresql:
+            return None
+        if self.engine.dialect.driver != "psycopg":
+            raise TypeError(
+                f"Jobs(watch=True) on PostgreSQL listens for cancels through psycopg 3, "
+                f"but this engine uses {self.engine.dialect.driver}; use a "
+                "postgresql+psycopg:// URL (pip install 'dbcancel[postgres]')"
+            )
+        from ._pg import PgListener
+
+        return PgListener(self.engine, self.channel)
+
+    def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
+        """Run one write in its own transaction (retried after a deadlock); the row count.
+
+        ``notify``: a payload for ``pg_notify`` on this table's channel, sent in the same
+        transaction when the write changed a row.
+        """
+
+        def work(conn: Connection) -> int:
+            count = int(conn.execute(stmt, params).rowcount)
+            if notify is not None and count:
+                conn.execute(select(func.pg_notify(self.channel, notify)))
+            return count
+
+        return self._transaction(work)
+
+    def _transaction(self, work: Callable[[Connection], _T]) -> _T:
+        """Run ``work`` in its own transaction, retried when the database chose it as the
+        victim of a deadlock (it was rolled back whole, so running it again is safe)."""
         for attempt in range(_RETRIES):
             try:
                 with self.engine.begin() as conn:
-                    return int(conn.execute(stmt, params).rowcount)
+                    return work(conn)
             except DBAPIError as err:
                 if attempt == _RETRIES - 1 or not _is_transient(err):
                     raise

@@ -2,13 +2,15 @@
 
 :class:`DjangoBackend` does for :class:`~dbcancel.contrib.django.DjangoJobs` what
 ``dbcancel._sqla.SQLAlchemyBackend`` does for :class:`dbcancel.Jobs`: read one or many
-jobs and turn one :class:`dbcancel._backend.Change` into ONE conditional
-``filter(...).update(...)``. Checkpoints, the registry and the run/cancel/wait logic are
-the core's, unchanged.
+jobs, turn one :class:`dbcancel._backend.Change` into ONE conditional
+``filter(...).update(...)``, stamp stops and heartbeats, and stop the jobs of dead
+workers. Checkpoints, the registry and the run/cancel/wait logic are the core's,
+unchanged.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import random
 import threading
@@ -16,16 +18,18 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Hashable, Mapping
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, TypeVar
 
 from django.apps import apps
 from django.conf import settings
 from django.db import OperationalError, connections, models, transaction
 from django.db.models import Case, F, Value, When
+from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 
-from dbcancel._backend import Change, JobRow, check_id_type
-from dbcancel.models import Status
+from dbcancel._backend import Change, JobRow, Listener, check_id_type
+from dbcancel.models import ERROR_LENGTH, Status
 
 from .models import _missing_fields, _wrong_fields
 
@@ -38,6 +42,8 @@ _RETRIES = 5
 # 40001 serialization failure. The same list as the SQLAlchemy backend's.
 _MYSQL_TRANSIENT = frozenset({1213, 1205})
 _PG_TRANSIENT = frozenset({"40P01", "40001"})
+
+_T = TypeVar("_T")
 
 
 def resolve_model(model: Any) -> Any:
@@ -113,6 +119,7 @@ class DjangoBackend:
         self.model = model
         self.alias = using
         self.model_name: str = name
+        self.label = f"{name}@{using}"
         self.key: Hashable = ("django", using, meta.db_table)
         self._manager = model._base_manager
         self._id_type = _id_type(meta.pk)
@@ -209,11 +216,78 @@ class DjangoBackend:
             )
         }
 
-    def mark_stopped(self, job_id: Any) -> None:
-        """Stamp ``finished_at`` where it is still null."""
+    def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
+        """Stamp ``finished_at`` where it is still null, in one committed UPDATE.
+
+        With ``observed_at`` (when this worker saw the cancel), the same UPDATE sets
+        ``cancel_observed_at`` unless the row already has one (the first observation
+        counts). A row already stopped is left as it is.
+        """
         qs = self._manager.using(self.alias).filter(pk=job_id, finished_at__isnull=True)
+        updates: dict[str, Any] = {"finished_at": timezone.now()}
+        if observed_at is not None:
+            updates["cancel_observed_at"] = Coalesce(
+                F("cancel_observed_at"), Value(observed_at, output_field=models.DateTimeField())
+            )
+        self._write(lambda: int(qs.update(**updates)))
+
+    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
+        """Stamp ``heartbeat_at`` on those jobs whatever their status; return their rows.
+
+        An UPDATE, then the SELECT of :meth:`read_many`, in one committed transaction
+        (the ORM has no ``UPDATE ... RETURNING``). Rows missing from the result were
+        deleted. No query at all for no ids.
+        """
+        if not job_ids:
+            return {}
+        ids = list(job_ids)
+        # No index hint (see _hinted): with no status in the WHERE, InnoDB has only the
+        # primary key to reach these rows by.
+        qs = self._manager.using(self.alias).filter(pk__in=ids)
         now = timezone.now()
-        self._write(lambda: int(qs.update(finished_at=now)))
+
+        def stamp_and_read() -> dict[Any, JobRow]:
+            qs.update(heartbeat_at=now)
+            return self.read_many(ids)
+
+        return self._write(stamp_and_read)
+
+    def reap(self, cutoff: dt.datetime, error: str) -> int:
+        """Stop the jobs whose worker has not been seen since ``cutoff``; return how many.
+
+        ONE committed UPDATE of the rows not yet stopped, ``in_progress`` or
+        ``cancelled``, whose ``heartbeat_at`` (or, without one, ``started_at``) is older
+        than ``cutoff``: each gets ``finished_at``; those in progress also become
+        ``failed`` with ``error``. Cancelled ones keep their status and error.
+        """
+        meta = self.model._meta
+
+        def if_running(name: str, value: str) -> Any:
+            # A CASE on the old status: ``value`` for a job in progress, else unchanged.
+            return Case(
+                When(status=Status.IN_PROGRESS.value, then=Value(value)),
+                default=F(name),
+                output_field=meta.get_field(name),
+            )
+
+        # MySQL/MariaDB evaluate SET left to right, each seeing the ones before it:
+        # error's CASE must read the old status, so it comes before status (as in
+        # apply()); update() keeps the order of its keyword arguments.
+        updates = {
+            "error": if_running("error", error[:ERROR_LENGTH]),
+            "status": if_running("status", Status.FAILED.value),
+            "finished_at": timezone.now(),
+        }
+        qs = self._manager.using(self.alias).filter(
+            LessThan(Coalesce("heartbeat_at", "started_at"), cutoff),
+            finished_at__isnull=True,
+            status__in=[Status.IN_PROGRESS.value, Status.CANCELLED.value],
+        )
+        return self._write(lambda: int(qs.update(**updates)))
+
+    def listener(self) -> Listener | None:
+        """None: Django job tables get no push notifications; the watcher polls them."""
+        return None
 
     # -- connections ------------------------------------------------------------------
 
@@ -233,7 +307,7 @@ class DjangoBackend:
 
     # -- internals --------------------------------------------------------------------
 
-    def _write(self, update: Callable[[], int]) -> int:
+    def _write(self, update: Callable[[], _T]) -> _T:
         """Run one write in its own committed transaction, retried when the database
         chose it as the victim of a deadlock (it was rolled back whole, so running it
         again is safe)."""
