@@ -19,9 +19,11 @@ most once per interval and is flipped at once by a cancel issued in the same pro
     jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
 """
 
+import logging
+
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound
-from .jobs import JobRun, Jobs
+from .jobs import JobRun, Jobs, JobsStats
 from .models import TERMINAL, TRANSITIONS, CancellableMixin, Status
 from .registry import ActiveJob
 
@@ -38,9 +40,13 @@ __all__ = [
     "JobNotFound",
     "JobRun",
     "Jobs",
+    "JobsStats",
     "Status",
     "checkpoint",
     "current",
 ]
 
 __version__ = "0.1.0"
+
+# A library's loggers stay silent until the application configures logging.
+logging.getLogger("dbcancel").addHandler(logging.NullHandler())

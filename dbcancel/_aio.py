@@ -69,14 +69,16 @@ class _LoopPoller:
                 groups.setdefault(id(cp._source), (cp._source, []))[1].append(cp)
         for source, cps in groups.values():
             ids = {cp.job_id for cp in cps}
+            health = cps[0]._health  # one per table: shared by the checkpoints of a Jobs
             try:
                 rows = await asyncio.to_thread(source._poll_rows, ids)
             except Exception:
+                health.failed()
                 for cp in cps:
                     cp._poll_failed()
                 continue
+            health.succeeded()
             for cp in cps:
-                cp._poll_succeeded()
                 status, reason = rows.get(cp.job_id, (None, None))
                 cp._apply_row(status, reason)
 
@@ -98,7 +100,13 @@ def _poller() -> _LoopPoller:
 
 @asynccontextmanager
 async def watching(cp: Checkpoint) -> AsyncIterator[None]:
-    """Keep ``cp`` polled, off the event loop, for the duration of the block."""
+    """Keep ``cp`` polled, off the event loop, for the duration of the block.
+
+    A watched checkpoint (``Jobs(watch=True)``) needs nothing more: its watcher polls it.
+    """
+    if cp.watched:
+        yield
+        return
     poller = _poller()
     poller.add(cp)
     try:

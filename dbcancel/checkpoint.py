@@ -8,6 +8,7 @@ waiting for a poll. Cancellation is sticky: once observed, every later call rais
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 import math
@@ -17,6 +18,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from ._health import Health
 from .errors import Cancelled
 from .models import Status
 
@@ -40,6 +42,30 @@ def _pop(cp: Checkpoint) -> None:
 
 DELETED = "deleted"
 """The reason a checkpoint reports when its job's row has disappeared."""
+
+# After a failed poll the next one waits interval * 2**(failures - 1), at most this many
+# seconds (or the interval, when that is longer).
+MAX_BACKOFF = 5.0
+
+_RUNNING = "running"
+
+
+class _Flag(dict[str, None]):
+    """A watched checkpoint's flag: holds one key while the job runs.
+
+    A watched checkpoint is ``partial(flag.__getitem__, "running")``: while the key is
+    there the call is a dict lookup done entirely in C; cancelling removes the key, and
+    the lookup falls through to ``__missing__``, which raises the job's ``Cancelled``.
+    """
+
+    __slots__ = ("_checkpoint",)
+    _checkpoint: Checkpoint
+
+    def __init__(self) -> None:
+        super().__init__({_RUNNING: None})
+
+    def __missing__(self, key: str) -> None:
+        raise self._checkpoint._exception()
 
 
 class _Source(Protocol):
@@ -101,10 +127,16 @@ class Checkpoint(functools.partial[None]):
         "_cancelled",
         "_clock",
         "_due",
-        "_failing",
+        "_failures",
+        "_flag",
+        "_health",
         "_interval",
         "_key",
+        "_local",
         "_lock",
+        "_max_staleness",
+        "_observed_at",
+        "_ok_at",
         "_reason",
         "_source",
         "_stopped",
@@ -117,10 +149,16 @@ class Checkpoint(functools.partial[None]):
     _cancelled: bool
     _clock: Callable[[], float]
     _due: float
-    _failing: bool
+    _failures: int
+    _flag: _Flag | None
+    _health: Health
     _interval: float
     _key: Hashable
+    _local: bool
     _lock: threading.Lock
+    _max_staleness: float | None
+    _observed_at: dt.datetime | None
+    _ok_at: float
     _reason: str | None
     _source: _Source
     _stopped: threading.Event
@@ -135,29 +173,51 @@ class Checkpoint(functools.partial[None]):
         key: Hashable = None,
         cancelled: bool = False,
         reason: str | None = None,
+        watched: bool = False,
+        max_staleness: float | None = None,
+        health: Health | None = None,
     ) -> Self:
-        """Create the checkpoint of job ``job_id``; ``jobs.run()`` does this for you."""
+        """Create the checkpoint of job ``job_id``; ``jobs.run()`` does this for you.
 
-        def check() -> None:
-            # The hot path: one clock read and one comparison when nothing is due.
-            if clock() >= self._due:
-                self._slow_check()
+        ``watched``: a background watcher polls the row, and calling the checkpoint only
+        reads a flag. ``max_staleness``: seconds without a successful poll after which
+        the job is cancelled locally (fail closed); None keeps it running (fail open).
+        """
+        flag: _Flag | None = None
+        if watched:
+            flag = _Flag()
+            self = super().__new__(cls, flag.__getitem__, _RUNNING)
+            flag._checkpoint = self
+        else:
 
-        self = super().__new__(cls, check)
+            def check() -> None:
+                # The hot path: one clock read and one comparison when nothing is due.
+                if clock() >= self._due:
+                    self._slow_check()
+
+            self = super().__new__(cls, check)
         self.job_id = job_id
         self._source = source
         self._interval = interval
         self._clock = clock
         self._key = key
+        self._flag = flag
+        self._health = health if health is not None else Health("jobs")
+        self._max_staleness = max_staleness
         self._lock = threading.Lock()
         self._callbacks = []
         self._cancelled = False
+        self._local = False
         self._reason = None
-        self._failing = False
+        self._observed_at = None
+        self._failures = 0
         self._stopped = threading.Event()
+        now = clock()
+        self._ok_at = now
         # The clock reading at which the next poll is due; -inf once cancelled, so that
-        # the hot path needs only one comparison to know it has nothing to do.
-        self._due = clock() + interval
+        # the hot path needs only one comparison to know it has nothing to do. A watched
+        # checkpoint never polls by itself.
+        self._due = math.inf if watched else now + interval
         if cancelled:
             self._observe(reason)
         return self
@@ -170,40 +230,45 @@ class Checkpoint(functools.partial[None]):
             raise self._exception()
 
     def _poll_logged(self) -> None:
-        """Poll, turning a database error into a log line and a retry next interval.
+        """Poll; a database error becomes a retry with backoff, never an exception.
 
-        A failed poll must not kill the job: the database may be back at the next
-        interval. Logged once per outage, not once per call.
+        A failed poll must not kill the job: the database may be back soon. The table's
+        :class:`Health` logs the outage once, not once per call or per job.
         """
         try:
             self.poll()
         except Exception:
             self._poll_failed()
-        else:
-            self._poll_succeeded()
 
     def _poll_failed(self) -> None:
-        if not self._failing:
-            self._failing = True
-            log.warning(
-                "dbcancel: polling job %r failed; retrying every %ss",
-                self.job_id,
-                self._interval,
-                exc_info=True,
+        """Take in a failed poll: cancel locally when stale, else back off."""
+        self._failures += 1
+        now = self._clock()
+        stale_at = math.inf if self._max_staleness is None else self._ok_at + self._max_staleness
+        if now >= stale_at:
+            self._observe(
+                f"no successful poll for {now - self._ok_at:.1f}s "
+                f"(max_staleness={self._max_staleness}s)",
+                local=True,
             )
-        self._schedule_next_poll()
+            return
+        backoff = min(
+            self._interval * 2.0 ** (self._failures - 1), max(self._interval, MAX_BACKOFF)
+        )
+        self._schedule_next_poll(min(now + backoff, stale_at))
 
-    def _poll_succeeded(self) -> None:
-        if self._failing:
-            self._failing = False
-            log.warning("dbcancel: polling job %r works again", self.job_id)
+    def _stale_in(self) -> float:
+        """Seconds of the clock until a failing job is cancelled locally (inf: never)."""
+        if self._max_staleness is None or self._cancelled:
+            return math.inf
+        return self._ok_at + self._max_staleness - self._clock()
 
-    def _schedule_next_poll(self) -> None:
+    def _schedule_next_poll(self, due: float | None = None) -> None:
         with self._lock:
             # Under the lock: a cancel observed by another thread meanwhile keeps _due at
             # -inf, so a stale row read (or a failed read) cannot make the hot path skip it.
-            if not self._cancelled:
-                self._due = self._clock() + self._interval
+            if not self._cancelled and self._flag is None:
+                self._due = self._clock() + self._interval if due is None else due
 
     # -- public API -------------------------------------------------------------------
 
@@ -222,17 +287,39 @@ class Checkpoint(functools.partial[None]):
         """Seconds of the clock between two polls of the row."""
         return self._interval
 
+    @property
+    def watched(self) -> bool:
+        """True when a background watcher polls the row (``Jobs(watch=True)``)."""
+        return self._flag is not None
+
+    @property
+    def observed_at(self) -> dt.datetime | None:
+        """When this process observed the cancellation (aware UTC), or None.
+
+        Written to the row's ``cancel_observed_at`` when the job stops, so that the
+        latency from ``cancel_requested_at`` to here, and on to ``finished_at``, can be
+        measured in production.
+        """
+        return self._observed_at
+
     def poll(self) -> Status:
         """Re-read the row now and return its status (``cancelled`` when it was deleted).
 
         Observes a cancellation (flag, callbacks) but does not raise :class:`Cancelled`;
         database errors propagate.
         """
-        status, reason = self._source._poll_row(self.job_id)
+        try:
+            status, reason = self._source._poll_row(self.job_id)
+        except Exception:
+            self._health.failed(self.job_id)
+            raise
+        self._health.succeeded()
         return self._apply_row(status, reason)
 
     def _apply_row(self, status: Status | None, reason: str | None) -> Status:
         """Take in a freshly read row (None: deleted) and schedule the next poll."""
+        self._failures = 0
+        self._ok_at = self._clock()
         self._schedule_next_poll()
         if status is None:
             self._observe(DELETED)
@@ -289,13 +376,21 @@ class Checkpoint(functools.partial[None]):
         exc._dbcancel_key = self._key  # type: ignore[attr-defined]
         return exc
 
-    def _observe(self, reason: str | None) -> None:
-        """Record the cancellation (first reason wins) and run the callbacks once."""
+    def _observe(self, reason: str | None, *, local: bool = False) -> None:
+        """Record the cancellation (first reason wins) and run the callbacks once.
+
+        ``local``: decided in this process, not read from the database (fail-closed after
+        ``max_staleness``); the row is then told when the job stops.
+        """
         with self._lock:
             if not self._cancelled:
                 self._reason = reason
+                self._local = local
+                self._observed_at = dt.datetime.now(dt.UTC)
                 self._cancelled = True
                 self._due = -math.inf
+                if self._flag is not None:
+                    self._flag.clear()
             callbacks, self._callbacks = self._callbacks, None
         for handle in callbacks or ():
             _run_callback(self.job_id, handle)

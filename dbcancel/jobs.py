@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
 from numbers import Real
 from types import TracebackType
 from typing import Any
 
 from ._backend import (
+    WORKER_LOST,
     Backend,
     JobRow,
     cancel_change,
@@ -22,23 +25,77 @@ from ._backend import (
     start_change,
     utcnow,
 )
+from ._health import health_for
+from ._watcher import Watcher, existing_watcher, watcher_for
 from .checkpoint import DELETED, Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition, JobNotFound
 from .models import Status
 from .registry import ActiveJob, registry
 
-__all__ = ["JobRun", "Jobs"]
+__all__ = ["JobRun", "Jobs", "JobsStats"]
 
 log = logging.getLogger("dbcancel")
 
 
-def _check_interval(interval: Any) -> float:
-    if isinstance(interval, bool) or not isinstance(interval, Real):
-        raise TypeError(f"interval must be a number of seconds, got {interval!r}")
-    value = float(interval)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"interval must be a finite number of seconds > 0, got {interval!r}")
-    return value
+def _check_seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return seconds
+
+
+def check_options(
+    *,
+    interval: Any,
+    clock: Any,
+    watch: Any,
+    max_staleness: Any,
+) -> tuple[float, float | None]:
+    """Validate the options of :class:`Jobs`; return ``interval`` and ``max_staleness``
+    as floats. Shared with the integrations, which build their ``Jobs`` later."""
+    seconds = _check_seconds("interval", interval)
+    if clock is not None and not callable(clock):
+        raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+    if not isinstance(watch, bool):
+        raise TypeError(f"watch must be True or False, got {watch!r}")
+    if watch and clock is not None:
+        raise ValueError(
+            "Jobs(watch=True) polls from a background thread on real time; a custom "
+            "clock applies only to watch=False (use watch=False in tests that drive "
+            "the clock)"
+        )
+    staleness = None if max_staleness is None else _check_seconds("max_staleness", max_staleness)
+    return seconds, staleness
+
+
+@dataclass(frozen=True, slots=True)
+class JobsStats:
+    """What this process has done for one job table, from :meth:`Jobs.stats`.
+
+    Counters cover every ``Jobs`` of the table in this process since it started (or
+    forked), checkpoints and watcher together.
+    """
+
+    active_jobs: int
+    """Jobs of the table running in this process now."""
+    watching: bool
+    """True while a watcher thread serves the table in this process."""
+    listening: bool
+    """True while the watcher's PostgreSQL LISTEN connection is open."""
+    polls: int
+    """Status queries made (by checkpoints and by the watcher; one per batch)."""
+    poll_errors: int
+    """Status queries that failed."""
+    notifications: int
+    """PostgreSQL notifications the watcher received."""
+    listener_errors: int
+    """Times the listener connection failed to connect or broke."""
+    outage: float | None
+    """Seconds since the first failed poll of the current outage; None when polls work."""
+    last_outage: float | None
+    """How long the last outage that ended lasted, in seconds; None if there was none."""
 
 
 class Jobs:
@@ -59,6 +116,13 @@ class Jobs:
     the number of seconds of ``clock`` (default :func:`time.monotonic`) between two polls
     of a running job's row. Every status change is one conditional UPDATE, committed
     before the method returns.
+
+    ``watch=True``: one background watcher per process and table polls every running job
+    of the table in one statement per interval (stamping their ``heartbeat_at``), listens
+    for cancel notifications on PostgreSQL, and ``cp()`` only reads a flag. ``watch``
+    polls on real time, so it takes no custom ``clock``. ``max_staleness``: seconds
+    without a successful poll after which a running job is cancelled locally (fail
+    closed); by default a database outage never stops a job (fail open).
     """
 
     def __init__(
@@ -69,10 +133,17 @@ class Jobs:
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
         watch: bool = False,
+        max_staleness: float | None = None,
     ) -> None:
         from ._sqla import SQLAlchemyBackend
 
-        self._setup(SQLAlchemyBackend(bind, model), interval=interval, clock=clock, watch=watch)
+        self._setup(
+            SQLAlchemyBackend(bind, model),
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+        )
 
     def _setup(
         self,
@@ -81,17 +152,17 @@ class Jobs:
         interval: float,
         clock: Callable[[], float] | None,
         watch: bool,
+        max_staleness: float | None = None,
     ) -> None:
-        self._interval = _check_interval(interval)
-        if clock is not None and not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self._interval, self._max_staleness = check_options(
+            interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
+        )
         if watch:
-            raise NotImplementedError(
-                "Jobs(watch=True), the shared per-process watcher, is not available yet; "
-                "use the default watch=False (each checkpoint polls its own row)"
-            )
+            backend.listener()  # refuses a PostgreSQL engine it could not listen through
+        self._watch = watch
         self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._backend = backend
+        self._health = health_for(backend.key, backend.label)
 
     # -- properties -------------------------------------------------------------------
 
@@ -101,12 +172,24 @@ class Jobs:
         return self._interval
 
     @property
+    def watch(self) -> bool:
+        """True when a shared background watcher polls the running jobs."""
+        return self._watch
+
+    @property
+    def max_staleness(self) -> float | None:
+        """Seconds without a successful poll after which running jobs are cancelled
+        locally; None when they keep running through an outage."""
+        return self._max_staleness
+
+    @property
     def model_name(self) -> str:
         """The name of the job model, as used in error messages."""
         return self._backend.model_name
 
     def __repr__(self) -> str:
-        return f"<Jobs {self.model_name} interval={self._interval}>"
+        watch = " watch=True" if self._watch else ""
+        return f"<Jobs {self.model_name} interval={self._interval}{watch}>"
 
     # -- requesting -------------------------------------------------------------------
 
@@ -219,6 +302,54 @@ class Jobs:
         """The jobs of this table running in this process now."""
         return registry.active(self._backend.key)
 
+    # -- recovery and observability ---------------------------------------------------
+
+    def reap(self, stale_after: float) -> int:
+        """Stop the jobs whose worker is gone; return how many.
+
+        A job is gone when it has not stopped (``finished_at`` null) and its
+        ``heartbeat_at`` (``started_at`` if it has none) is more than ``stale_after``
+        seconds old. Jobs in progress become failed with the error ``"worker lost"``;
+        cancelled jobs whose worker never stopped stay cancelled. Both get
+        ``finished_at``, so :meth:`wait` and cancel-then-delete flows return. One
+        conditional UPDATE.
+
+        Heartbeats come from the watcher, once per interval: only workers running with
+        ``Jobs(watch=True)`` keep them fresh. Choose ``stale_after`` as many intervals
+        plus the clock skew between machines (timestamps come from each machine's clock).
+        """
+        seconds = _check_seconds("stale_after", stale_after)
+        cutoff = utcnow() - dt.timedelta(seconds=seconds)
+        count = self._backend.reap(cutoff, WORKER_LOST)
+        if count:
+            log.warning(
+                "dbcancel: reaped %d %s job(s) without a heartbeat for %ss",
+                count,
+                self.model_name,
+                seconds,
+            )
+        return count
+
+    def stats(self) -> JobsStats:
+        """Counters and state of this process's polling of this table; see JobsStats."""
+        h = self._health
+        watcher = existing_watcher(self._backend.key)
+        with h._lock:
+            polls, errors = h.polls, h.poll_errors
+            notifications, listener_errors = h.notifications, h.listener_errors
+            last_outage = h.last_outage
+        return JobsStats(
+            active_jobs=len(self.active()),
+            watching=watcher is not None and watcher.running,
+            listening=watcher is not None and watcher.listening,
+            polls=polls,
+            poll_errors=errors,
+            notifications=notifications,
+            listener_errors=listener_errors,
+            outage=h.outage(),
+            last_outage=last_outage,
+        )
+
     # -- used by checkpoints and JobRun -----------------------------------------------
 
     def _read(self, job_id: Any, where: Mapping[str, Any] | None = None) -> JobRow:
@@ -263,8 +394,15 @@ class Jobs:
             key=b.key,
             cancelled=not started,
             reason=reason,
+            watched=self._watch,
+            max_staleness=self._max_staleness,
+            health=self._health,
         )
         return cp, started
+
+    def _watcher(self) -> Watcher:
+        b = self._backend
+        return watcher_for(b.key, b, self._health)
 
     def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
         """Record how the job ended; True when ``exc`` is to be swallowed.
@@ -286,21 +424,46 @@ class Jobs:
             status, reason = self._poll_row(job_id)
             if status is None or status is Status.CANCELLED:
                 cp._observe(DELETED if status is None else reason)
-            b.mark_stopped(job_id)
+            b.mark_stopped(job_id, cp.observed_at)
             return False
         if own_cancel:
             assert isinstance(exc, Cancelled)
+            if cp._local:
+                self._finish_local_cancel(cp)
+                return True
             if not cp.cancelled:
                 # Raised by the worker itself: make the row say so.
                 reason = cut_reason(exc.reason)
                 b.apply(cancel_change(reason), job_id=job_id)
                 cp._observe(reason)
-            b.mark_stopped(job_id)
+            b.mark_stopped(job_id, cp.observed_at)
             return True
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not b.apply(fail_change(text), job_id=job_id):
-            b.mark_stopped(job_id)
+            b.mark_stopped(job_id, cp.observed_at)
         return False
+
+    def _finish_local_cancel(self, cp: Checkpoint) -> None:
+        """Record a job cancelled in this process because its polls kept failing.
+
+        The database is probably still down: a write that fails is logged, not raised,
+        so the worker stops as asked; the row then stays in progress until
+        :meth:`reap` finds its heartbeat stale.
+        """
+        b = self._backend
+        try:
+            b.apply(cancel_change(cp.reason), job_id=cp.job_id)
+            b.mark_stopped(cp.job_id, cp.observed_at)
+        except Exception:
+            log.error(
+                "dbcancel: %s %r stopped after %s, but its row could not be updated; "
+                "it stays %r until jobs.reap() finds its heartbeat stale",
+                b.model_name,
+                cp.job_id,
+                cp.reason,
+                Status.IN_PROGRESS.value,
+                exc_info=True,
+            )
 
 
 def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
@@ -315,7 +478,7 @@ class JobRun:
     database round trips of enter and exit then run in a worker thread).
     """
 
-    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_where")
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_watcher", "_where")
 
     def __init__(self, jobs: Jobs, job_id: Any, where: Mapping[str, Any] | None) -> None:
         self._jobs = jobs
@@ -324,19 +487,32 @@ class JobRun:
         self._cp: Checkpoint | None = None
         self._entry: ActiveJob | None = None
         self._started = False
+        self._watcher: Watcher | None = None
 
     def _enter(self, cp: Checkpoint, started: bool) -> Checkpoint:
         self._cp = cp
         self._started = started
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(self._jobs._backend.key, self._entry)
+        if cp.watched and started:
+            self._watcher = self._jobs._watcher()
+            self._watcher.add(cp)
         _push(cp)
         return cp
+
+    def _unwatch(self) -> None:
+        # Before the final write: once the job has stopped, the row may be deleted (the
+        # cancel-then-delete flow), and the watcher must not report that to a finished job.
+        if self._watcher is not None:
+            assert self._cp is not None
+            self._watcher.remove(self._cp)
+            self._watcher = None
 
     def _leave(self) -> None:
         assert self._cp is not None
         assert self._entry is not None
         _pop(self._cp)
+        self._unwatch()
         registry.remove(self._jobs._backend.key, self._entry)
         self._cp._stopped.set()
 
@@ -352,6 +528,7 @@ class JobRun:
         tb: TracebackType | None,
     ) -> bool:
         assert self._cp is not None
+        self._unwatch()
         try:
             return self._jobs._finish(self._cp, exc, self._started)
         finally:
@@ -370,6 +547,7 @@ class JobRun:
         tb: TracebackType | None,
     ) -> bool:
         assert self._cp is not None
+        self._unwatch()
         try:
             return await asyncio.to_thread(self._jobs._finish, self._cp, exc, self._started)
         finally:

@@ -65,7 +65,7 @@ from dbcancel.checkpoint import Checkpoint
 from dbcancel.cli import EXIT_ERROR, EXIT_REFUSED, _reason, _text, _when, parse_job_id
 from dbcancel.demo import format_table
 from dbcancel.errors import InvalidTransition, JobNotFound
-from dbcancel.jobs import Jobs, _check_interval
+from dbcancel.jobs import Jobs, check_options
 from dbcancel.models import REQUIRED_COLUMNS, TERMINAL, Status
 
 if TYPE_CHECKING:
@@ -85,10 +85,10 @@ class DBCancel:
 
     Pass ``db`` (a Flask-SQLAlchemy ``SQLAlchemy`` instance; its engine for the model's
     bind key is used) or ``engine`` (an Engine, or a sessionmaker bound to one), and
-    ``model``, a mapped class with :class:`dbcancel.CancellableMixin`. ``interval`` and
-    ``clock`` go to :class:`dbcancel.Jobs`. With ``app``, ``init_app(app)`` is called at
-    once and that app is used outside any app context; otherwise call ``init_app`` in the
-    app factory, once per app.
+    ``model``, a mapped class with :class:`dbcancel.CancellableMixin`. ``interval``,
+    ``clock``, ``watch`` and ``max_staleness`` go to :class:`dbcancel.Jobs`. With
+    ``app``, ``init_app(app)`` is called at once and that app is used outside any app
+    context; otherwise call ``init_app`` in the app factory, once per app.
     """
 
     def __init__(
@@ -100,6 +100,8 @@ class DBCancel:
         engine: Any = None,
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
+        watch: bool = False,
+        max_staleness: float | None = None,
     ) -> None:
         if (db is None) == (engine is None):
             raise TypeError(
@@ -120,10 +122,15 @@ class DBCancel:
         """The job model."""
         self.table = _job_table(model)
         """The model's table."""
-        self.interval = _check_interval(interval)
+        interval, max_staleness = check_options(
+            interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
+        )
+        self.interval = interval
         """Seconds between two polls of a running job's row."""
-        if clock is not None and not callable(clock):
-            raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
+        self.max_staleness = max_staleness
+        """Seconds without a successful poll before jobs are cancelled locally, or None."""
+        self.watch = watch
+        """True for one shared watcher per process (see :class:`dbcancel.Jobs`)."""
         self.clock = clock
         """The clock given to :class:`dbcancel.Jobs`; None for :func:`time.monotonic`."""
         self._app = app
@@ -308,6 +315,8 @@ class DBCancelState:
                         ext.model,
                         interval=ext.interval,
                         clock=ext.clock,
+                        watch=ext.watch,
+                        max_staleness=ext.max_staleness,
                     )
                 jobs = self._jobs
         return jobs

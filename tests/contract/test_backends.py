@@ -131,6 +131,7 @@ COLUMNS = (
     "status",
     "cancel_requested_at",
     "cancel_reason",
+    "cancel_observed_at",
     "started_at",
     "finished_at",
     "heartbeat_at",
@@ -455,12 +456,18 @@ def check_leave(w: Worker, src: Status, dst: Status, allowed: bool) -> None:
         assert_between(row["finished_at"], t0, t1)
         assert row["error"] == (None if dst is Status.COMPLETED else "RuntimeError: it broke")
         return
-    # Refused: only finished_at may change (this worker has really stopped).
+    # Refused: only finished_at may change (this worker has really stopped), and with it
+    # cancel_observed_at when the worker saw a cancel on its way out.
     assert row["status"] is src
-    assert {k: v for k, v in row.items() if k != "finished_at"} == {
-        k: v for k, v in before.items() if k != "finished_at"
+    stamps = ("finished_at", "cancel_observed_at")
+    assert {k: v for k, v in row.items() if k not in stamps} == {
+        k: v for k, v in before.items() if k not in stamps
     }
     assert row["finished_at"] is not None
+    if before["finished_at"] is None and src is Status.CANCELLED:
+        assert_between(row["cancel_observed_at"], t0, t1)
+    else:
+        assert row["cancel_observed_at"] == before["cancel_observed_at"]
 
 
 # -- run / cancel / wait -------------------------------------------------------------------

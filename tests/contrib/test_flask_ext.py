@@ -169,6 +169,10 @@ def test_bad_arguments_say_what_to_fix() -> None:
         DBCancel(db=fdb, model=Result)
     with pytest.raises(ValueError, match="interval"):
         DBCancel(db=fdb, model=FlaskJob, interval=0)
+    with pytest.raises(ValueError, match="real time"):
+        DBCancel(db=fdb, model=FlaskJob, watch=True, clock=lambda: 0.0)
+    with pytest.raises(ValueError, match="max_staleness"):
+        DBCancel(db=fdb, model=FlaskJob, max_staleness=-1)
 
 
 # -- submit -----------------------------------------------------------------------------
@@ -389,6 +393,21 @@ def test_a_plain_engine_or_sessionmaker(db: Database) -> None:
         factory.jobs  # noqa: B018
     with other.app_context():
         assert factory.jobs.status(job_id) is Status.CANCELLED
+
+
+def test_watch_and_max_staleness_reach_the_jobs(db: Database) -> None:
+    app = Flask(__name__)
+    ext = DBCancel(app, engine=db.engine, model=Analysis, watch=True, max_staleness=30)
+    assert (ext.jobs.watch, ext.jobs.max_staleness) == (True, 30.0)
+    job_id = db.add()
+    started, seen = threading.Event(), {}
+    thread = ext.submit(job_id, loop_until_cancelled, started, seen)
+    assert started.wait(TIMEOUT)
+    assert ext.jobs.stats().watching
+    assert ext.jobs.cancel(job_id) is True
+    assert ext.jobs.wait(job_id, timeout=TIMEOUT) is Status.CANCELLED
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
 
 
 def test_cancelled_is_swallowed_by_the_thread(db: Database) -> None:

@@ -25,6 +25,9 @@ def _waiting_on_lock(db, pid: int) -> bool:
         )
 
 
+@pytest.mark.parametrize(
+    "database", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
+)
 def test_cancel_where_survives_being_a_deadlock_victim(db, caplog):
     """A transaction locks job 2 then job 1; cancel_where locks job 1 then waits for job 2.
 
@@ -32,8 +35,7 @@ def test_cancel_where_survives_being_a_deadlock_victim(db, caplog):
     which is cancel_where's, and aborts it. Without the retry cancel_where raises; with it,
     it runs again once the other transaction has committed, and cancels both jobs.
     """
-    if db.name != "postgresql":
-        pytest.skip("PostgreSQL's deadlock detector makes the victim deterministic")
+    assert db.name == "postgresql"  # its deadlock detector makes the victim deterministic
     jobs = db.jobs()
     first, second = db.add(session_id="s"), db.add(session_id="s")
     table = Analysis.__table__

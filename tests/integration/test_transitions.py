@@ -306,16 +306,24 @@ def check_leave(w: Worker, src: Status, dst: Status, allowed: bool) -> None:
         assert row["cancel_requested_at"] is None
         assert cp.cancelled is False
         return
-    # Refused: the status and every column but finished_at stay as they were; finished_at
-    # is set now if nobody set it before, because this worker has really stopped.
+    # Refused: the status and every column but finished_at (and cancel_observed_at)
+    # stay as they were; finished_at is set now if nobody set it before, because this
+    # worker has really stopped, and with it when the worker saw the cancel.
     assert row["status"] is src
-    assert {k: v for k, v in row.items() if k != "finished_at"} == {
-        k: v for k, v in before.items() if k != "finished_at"
+    stamps = ("finished_at", "cancel_observed_at")
+    assert {k: v for k, v in row.items() if k not in stamps} == {
+        k: v for k, v in before.items() if k not in stamps
     }
     if before["finished_at"] is not None:
         assert row["finished_at"] == before["finished_at"]
+        assert row["cancel_observed_at"] == before["cancel_observed_at"]
     else:
         assert_between(row["finished_at"], t0, t1)
+        if src is Status.CANCELLED:
+            assert_between(row["cancel_observed_at"], t0, t1)
+            assert row["cancel_observed_at"] <= row["finished_at"]
+        else:
+            assert row["cancel_observed_at"] is None
     assert cp.cancelled is (src is Status.CANCELLED)
 
 

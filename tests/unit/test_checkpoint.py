@@ -9,6 +9,7 @@ callbacks, error handling and thread safety without any SQL.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import pickle
 import threading
@@ -355,9 +356,9 @@ def test_failing_poll_is_logged_once_per_outage_and_recovery_is_logged(caplog):
             clock.advance(1.0)
             for _ in range(100):
                 cp()  # never raises into the worker's loop
-        # Still throttled during the outage: one attempt per interval, not per call.
-        assert source.polls == 10
-        failed = [r for r in dbcancel_records(caplog) if "failed" in r.getMessage()]
+        # Throttled during the outage, and backing off: attempts at 1, 2, 4 and 8 s.
+        assert source.polls == 4
+        failed = [r for r in dbcancel_records(caplog) if "retrying" in r.getMessage()]
         assert len(failed) == 1
         assert failed[0].levelno >= logging.WARNING
         assert failed[0].exc_info is not None
@@ -365,21 +366,105 @@ def test_failing_poll_is_logged_once_per_outage_and_recovery_is_logged(caplog):
         assert not any("works again" in r.getMessage() for r in dbcancel_records(caplog))
 
         source.error = None
-        clock.advance(1.0)
+        clock.advance(3.0)  # t=13: the backoff is capped at MAX_BACKOFF (5 s) after t=8
         cp()
+        assert source.polls == 5
         clock.advance(1.0)
         cp()
         again = [r for r in dbcancel_records(caplog) if "works again" in r.getMessage()]
         assert len(again) == 1
+        assert "4 failed polls" in again[0].getMessage()
 
         # A second outage is a new outage: logged once more.
         source.error = ConnectionError("down again")
         for _ in range(5):
             clock.advance(1.0)
             cp()
-        failed = [r for r in dbcancel_records(caplog) if "failed" in r.getMessage()]
+        failed = [r for r in dbcancel_records(caplog) if "retrying" in r.getMessage()]
         assert len(failed) == 2
     assert not cp.cancelled
+
+
+def test_backoff_is_capped_and_resets_after_a_successful_poll():
+    cp, source, clock = make(interval=0.5)
+    source.error = ConnectionError("down")
+    attempts: list[float] = []
+    for _ in range(200):
+        clock.advance(0.25)  # exact in binary: due times are hit exactly
+        before = source.polls
+        cp()
+        if source.polls > before:
+            attempts.append(round(clock(), 2))
+    gaps = [round(b - a, 2) for a, b in itertools.pairwise(attempts)]
+    assert gaps[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert set(gaps[4:]) == {5.0}  # MAX_BACKOFF
+    source.error = None
+    clock.advance(5.0)
+    cp()
+    polls = source.polls
+    clock.advance(0.5)
+    cp()
+    assert source.polls == polls + 1  # back to one poll per interval
+
+
+def test_max_staleness_cancels_locally_after_that_long_without_a_good_poll():
+    cp, source, clock = make(interval=1.0, max_staleness=10.0)
+    calls: list[str] = []
+    cp.on_cancel(lambda: calls.append("ran"))
+    clock.advance(1.0)
+    cp()  # a good poll at t=1
+    source.error = ConnectionError("down")
+    for _ in range(9):
+        clock.advance(1.0)
+        cp()
+    assert not cp.cancelled  # t=10: 9 s since the last good poll
+    clock.advance(1.0)
+    with pytest.raises(Cancelled) as info:
+        cp()  # t=11: due exactly then, whatever the backoff says
+    assert cp.cancelled
+    assert cp._local
+    assert "max_staleness=10.0s" in (cp.reason or "")
+    assert info.value.reason == cp.reason
+    assert calls == ["ran"]
+
+
+def test_without_max_staleness_an_outage_never_cancels():
+    cp, source, clock = make(interval=1.0)
+    source.error = ConnectionError("down")
+    for _ in range(1000):
+        clock.advance(1.0)
+        cp()
+    assert not cp.cancelled
+
+
+def test_observed_at_is_set_once_when_the_cancel_is_seen():
+    cp, _, _ = make()
+    assert cp.observed_at is None
+    cp._observe("first")
+    first = cp.observed_at
+    assert first is not None
+    assert first.tzinfo is not None
+    cp._observe("second")
+    assert cp.observed_at == first
+
+
+def test_a_watched_checkpoint_only_reads_its_flag():
+    cp, source, clock = make(watched=True)
+    assert cp.watched
+    for _ in range(100):
+        clock.advance(10.0)
+        cp()
+    assert source.polls == 0
+    calls: list[str] = []
+    cp.on_cancel(lambda: calls.append("ran"))
+    cp._apply_row(Status.CANCELLED, "from the watcher")
+    with pytest.raises(Cancelled) as info:
+        cp()
+    assert info.value.reason == "from the watcher"
+    assert info.value.job_id == JOB
+    assert calls == ["ran"]
+    with pytest.raises(Cancelled):
+        cp()  # sticky
 
 
 def test_cancellation_is_seen_after_an_outage():

@@ -36,7 +36,10 @@ class DjangoJobs(Jobs):
 
     ``model`` is a concrete subclass of
     :class:`~dbcancel.contrib.django.models.CancellableModel` (or any model with its
-    fields), or its ``"app_label.ModelName"``; ``using`` the database alias. Every status
+    fields), or its ``"app_label.ModelName"``; ``using`` the database alias;
+    ``max_staleness`` as for :class:`Jobs`. There is no ``watch``: each checkpoint polls
+    its own row (a watcher thread would hold Django connections outside any request);
+    ``reap()`` and ``stats()`` work as for :class:`Jobs`. Every status
     change is one conditional ``filter(...).update(...)`` committed in its own
     transaction before the method returns, so it refuses to run inside the caller's
     ``transaction.atomic()`` (``ATOMIC_REQUESTS`` included). ``where`` filters name
@@ -58,9 +61,16 @@ class DjangoJobs(Jobs):
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
         using: str = DEFAULT_DB_ALIAS,
+        max_staleness: float | None = None,
     ) -> None:
         self._django = DjangoBackend(model, using)
-        self._setup(self._django, interval=interval, clock=clock, watch=False)
+        self._setup(
+            self._django,
+            interval=interval,
+            clock=clock,
+            watch=False,
+            max_staleness=max_staleness,
+        )
 
     @property
     def model(self) -> Any:

@@ -1,0 +1,259 @@
+"""One background watcher per process and job table (``Jobs(watch=True)``).
+
+The watcher polls every job of its table running in this process with ONE statement per
+interval, which also stamps their heartbeats, and feeds the rows to their checkpoints:
+flags flip and ``on_cancel`` callbacks run in the watcher's thread, even while the
+workers are blocked in I/O. On PostgreSQL it waits between polls on a LISTEN connection
+and polls at once when a cancel of one of its jobs is announced.
+
+The thread starts with the first watched job, idles (no queries, and after a grace
+period no listener connection) while none run, is a daemon (it never keeps the
+interpreter alive), and does not exist in a forked child: the child's first watched job
+starts the child's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Hashable
+
+from ._backend import Backend, Listener
+from ._health import Health
+from .checkpoint import MAX_BACKOFF, Checkpoint
+
+__all__ = ["Watcher", "watcher_for"]
+
+log = logging.getLogger("dbcancel")
+
+JITTER = 0.1
+"""Each wait between polls is the interval times a random factor in [1 - J, 1 + J], so
+that processes started together do not poll in lockstep."""
+
+IDLE_GRACE = 5.0
+"""Seconds without watched jobs after which the listener connection is closed."""
+
+
+class Watcher:
+    """Polls (and heartbeats) the watched checkpoints of one table in this process."""
+
+    def __init__(self, backend: Backend, health: Health) -> None:
+        self._backend = backend
+        self._health = health
+        self._cond = threading.Condition()
+        self._watched: set[Checkpoint] = set()
+        self._thread: threading.Thread | None = None
+        self._listener: Listener | None = backend.listener()
+        self._listener_failing = False
+        self._listened = False
+        self._reconnect_at = 0.0
+        self._listen_failures = 0
+        self._failures = 0
+        self._kick = False
+
+    # -- used by JobRun ---------------------------------------------------------------
+
+    def add(self, cp: Checkpoint) -> None:
+        """Watch ``cp`` from the next poll on; starts the thread if it is not running."""
+        with self._cond:
+            self._watched.add(cp)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run,
+                    name=f"dbcancel-watcher[{self._health.label}]",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def remove(self, cp: Checkpoint) -> None:
+        """Stop watching ``cp``; harmless when it is not watched."""
+        with self._cond:
+            self._watched.discard(cp)
+
+    def poll_soon(self) -> None:
+        """Make the thread poll now instead of at the end of its current wait."""
+        with self._cond:
+            self._kick = True
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> bool:
+        """True while the thread is alive."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def listening(self) -> bool:
+        """True while the PostgreSQL listener connection is open."""
+        listener = self._listener
+        return listener is not None and bool(getattr(listener, "connected", False))
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                interval = self._wait_for_jobs()
+                self._wait(self._next_delay(interval))
+                self._poll()
+            except Exception:  # a bug must not end the watcher silently, nor spin
+                log.exception("dbcancel: the watcher of %s failed; going on", self._health.label)
+                time.sleep(1.0)
+
+    def _wait_for_jobs(self) -> float:
+        """Block while nothing is watched; return the smallest interval of those that are."""
+        with self._cond:
+            if not self._watched:
+                self._cond.wait_for(lambda: bool(self._watched), timeout=IDLE_GRACE)
+                if not self._watched and self._listener is not None:
+                    self._listener.close()
+                    self._listened = False
+                self._cond.wait_for(lambda: bool(self._watched))
+            return min(cp._interval for cp in self._watched)
+
+    def _next_delay(self, interval: float) -> float:
+        if not self._failures:
+            return interval * random.uniform(1 - JITTER, 1 + JITTER)
+        backoff = min(interval * 2.0 ** (self._failures - 1), max(interval, MAX_BACKOFF))
+        with self._cond:
+            stale_in = min((cp._stale_in() for cp in self._watched), default=math.inf)
+        return max(0.0, min(backoff, stale_in))
+
+    def _wait(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when a cancel of a watched job is announced.
+
+        With a listener, the wait is on its connection; while that is down, on the
+        condition, waking to reconnect when the next attempt is due.
+        """
+        deadline = time.monotonic() + delay
+        listener = self._listener
+        while (remaining := deadline - time.monotonic()) > 0:
+            if listener is not None and self._listen(listener):
+                if self._take_kick():
+                    return
+                try:
+                    payloads = listener.wait(remaining)
+                except Exception:
+                    self._listen_failed(listener)
+                    continue
+                if payloads:
+                    self._health.count(notifications=len(payloads))
+                    if self._concerns_us(payloads):
+                        return
+                continue
+            until = deadline if listener is None else min(deadline, self._reconnect_at)
+            with self._cond:
+                self._cond.wait_for(lambda: self._kick, timeout=max(0.0, until - time.monotonic()))
+            if self._take_kick():
+                return
+
+    def _take_kick(self) -> bool:
+        with self._cond:
+            kicked, self._kick = self._kick, False
+        return kicked
+
+    def _listen(self, listener: Listener) -> bool:
+        """Connect the listener if it is down and a retry is due; True when it is up."""
+        if self.listening:
+            return True
+        if time.monotonic() < self._reconnect_at:
+            return False
+        try:
+            listener.connect()
+        except Exception:
+            self._listen_failed(listener)
+            return False
+        if self._listener_failing:
+            self._listener_failing = False
+            log.warning("dbcancel: listening for cancels of %s again", self._health.label)
+        if self._listened:
+            # Reconnected: notifications sent while it was down are lost; poll now.
+            self.poll_soon()
+        self._listened = True
+        self._listen_failures = 0
+        return True
+
+    def _listen_failed(self, listener: Listener) -> None:
+        listener.close()
+        self._health.count(listener_errors=1)
+        self._listen_failures += 1
+        self._reconnect_at = time.monotonic() + min(
+            0.1 * 2.0 ** (self._listen_failures - 1), MAX_BACKOFF
+        )
+        if not self._listener_failing:
+            self._listener_failing = True
+            log.warning(
+                "dbcancel: listening for cancels of %s failed; polling alone until it reconnects",
+                self._health.label,
+                exc_info=True,
+            )
+
+    def _concerns_us(self, payloads: list[str]) -> bool:
+        with self._cond:
+            ids = {str(cp.job_id) for cp in self._watched}
+        return any(p == "*" or p in ids for p in payloads)
+
+    def _poll(self) -> None:
+        with self._cond:
+            cps = list(self._watched)
+        if not cps:
+            return
+        try:
+            rows = self._backend.beat({cp.job_id for cp in cps})
+        except Exception:
+            self._failures += 1
+            self._health.failed()
+            for cp in cps:
+                if not cp.cancelled:
+                    cp._poll_failed()
+            return
+        self._failures = 0
+        self._health.succeeded()
+        for cp in cps:
+            with self._cond:
+                # A job that left meanwhile may have had its row deleted since.
+                current = cp in self._watched
+            if current and not cp.cancelled:
+                row = rows.get(cp.job_id)
+                if row is None:
+                    cp._apply_row(None, None)
+                else:
+                    cp._apply_row(row.status, row.cancel_reason)
+
+
+_lock = threading.Lock()
+_watchers: dict[Hashable, Watcher] = {}
+# Watchers inherited from the parent by a forked child: their threads do not exist in
+# the child, and their listener connection is the parent's. Kept referenced so that it is
+# never finalized (closed) from the child.
+_orphans: list[Watcher] = []
+
+
+def watcher_for(key: Hashable, backend: Backend, health: Health) -> Watcher:
+    """The watcher of the table ``key`` in this process, created on first use."""
+    with _lock:
+        watcher = _watchers.get(key)
+        if watcher is None:
+            watcher = _watchers[key] = Watcher(backend, health)
+        return watcher
+
+
+def existing_watcher(key: Hashable) -> Watcher | None:
+    """The watcher of the table ``key`` if this process has one."""
+    with _lock:
+        return _watchers.get(key)
+
+
+def _reset_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _orphans.extend(_watchers.values())
+    _watchers.clear()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

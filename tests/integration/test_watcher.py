@@ -1,0 +1,729 @@
+"""``Jobs(watch=True)``: one watcher per process and table, heartbeats, reap, NOTIFY.
+
+Cancels "from another process" are written here either by a real subprocess or by a
+plain SQL UPDATE on another connection: neither reaches this process's registry, so only
+the watcher (its poll, or on PostgreSQL its LISTEN connection) can deliver them.
+
+Some tests wait for a state that nothing signals (a heartbeat written, a listener
+reconnected) with :func:`wait_until`, which re-checks every 20 ms up to a generous bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, select, text, update
+from sqlalchemy.engine import make_url
+
+from dbcancel import Cancelled, Jobs, Status
+from dbcancel._watcher import existing_watcher
+from tests.models import Analysis
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = Analysis.__table__
+INTERVAL = 0.2
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def cancel_behind_our_back(db: Any, *ids: int, reason: str = "elsewhere") -> None:
+    """What a cancel in another process does to the row, without telling this process."""
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(TABLE)
+            .where(TABLE.c.id.in_(ids), TABLE.c.status.in_(["pending", "in_progress"]))
+            .values(status="cancelled", cancel_reason=reason)
+        )
+
+
+BACKEND_NAMES = {"sqlite": "sqlite", "postgresql": "postgresql", "mariadb": "mysql"}
+
+
+def watcher_threads(db: Any) -> list[threading.Thread]:
+    """The watcher threads of the test table in this database (one per table)."""
+    name = f"dbcancel-watcher[Analysis@{BACKEND_NAMES[db.name]}]"
+    return [t for t in threading.enumerate() if t.name == name]
+
+
+class StatusQueries:
+    """Counts the statements the watcher thread sends that read the job table's status."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.count = 0
+        self.heartbeats = 0
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not threading.current_thread().name.startswith("dbcancel-watcher"):
+            return
+        sql = " ".join(statement.split()).upper()
+        if "ANALYSIS" not in sql:
+            return
+        if sql.startswith("SELECT") or "RETURNING" in sql:
+            self.count += 1
+        elif sql.startswith("UPDATE"):
+            self.heartbeats += 1  # MariaDB: the heartbeat half of UPDATE + SELECT
+
+    def reset(self) -> None:
+        self.count = self.heartbeats = 0
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
+@pytest.fixture
+def queries(db: Any) -> Iterator[StatusQueries]:
+    counter = StatusQueries(db.engine)
+    yield counter
+    counter.close()
+
+
+# -- the watcher -------------------------------------------------------------------------
+
+
+def test_a_watched_checkpoint_never_queries_and_sees_a_cancel_from_elsewhere(db, queries):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    calls: list[str] = []
+    with jobs.run(job) as cp:
+        assert cp.watched
+        seen = threading.Event()
+        cp.on_cancel(seen.set)
+        cp.on_cancel(lambda: calls.append(threading.current_thread().name))
+        cancel_behind_our_back(db, job, reason="from another process")
+        assert seen.wait(INTERVAL * 1.1 + 5), "the watcher never delivered the cancel"
+        with pytest.raises(Cancelled) as info:
+            cp()
+        assert info.value.reason == "from another process"
+    # The callbacks ran in the watcher's thread, not in a worker's.
+    assert calls
+    assert calls[0].startswith("dbcancel-watcher")
+    assert jobs.status(job) is Status.CANCELLED
+    assert jobs.wait(job, timeout=5) is Status.CANCELLED
+
+
+def test_callbacks_run_while_the_worker_is_blocked(db):
+    """The worker thread is stuck (in I/O, say); only the watcher can unblock it."""
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    blocked = threading.Event()
+    entered = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def worker() -> None:
+        with jobs.run(job) as cp:
+            cp.on_cancel(blocked.set)  # e.g. closing the socket the worker waits on
+            entered.set()
+            blocked.wait()
+            outcome["cancelled"] = cp.cancelled
+            cp()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert entered.wait(10)
+    cancel_behind_our_back(db, job)
+    thread.join(INTERVAL * 1.1 + 10)
+    assert not thread.is_alive(), "the blocked worker was never released"
+    assert outcome == {"cancelled": True}
+    assert jobs.status(job) is Status.CANCELLED
+
+
+def test_one_batched_query_per_interval_for_1000_jobs(db, queries):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    ids = [db.add() for _ in range(1000)]
+    seen = {job: threading.Event() for job in ids}
+    with contextlib.ExitStack() as stack:
+        cps = {}
+        for job in ids:
+            cps[job] = stack.enter_context(jobs.run(job))
+            cps[job].on_cancel(seen[job].set)
+        assert len(watcher_threads(db)) == 1
+
+        queries.reset()
+        window = 10 * INTERVAL
+        time.sleep(window)  # the measurement window, not a synchronisation
+        # One statement per poll (jitter +-10 %), whatever the number of jobs.
+        assert 1 <= queries.count <= 2 * window / INTERVAL, queries.count
+        if db.name == "mariadb":
+            assert queries.heartbeats <= 2 * window / INTERVAL
+
+        # Half the jobs cancelled elsewhere: every one observed within interval + margin.
+        cancelled = ids[::2]
+        cancel_behind_our_back(db, *cancelled)
+        written = time.monotonic()
+        for job in cancelled:
+            assert seen[job].wait(max(0.0, written + INTERVAL * 1.1 + 3 - time.monotonic())), job
+        late = time.monotonic() - written
+        assert late < INTERVAL * 1.1 + 3
+        assert not any(cps[job].cancelled for job in ids[1::2])
+    assert len(watcher_threads(db)) == 1
+
+
+def test_the_watcher_idles_when_no_job_runs(db, queries):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    with jobs.run(job):
+        wait_until(lambda: queries.count >= 1, 10, "a first poll")
+    queries.reset()
+    time.sleep(5 * INTERVAL)  # the measurement window
+    assert queries.count == 0
+    assert queries.heartbeats == 0
+    assert jobs.stats().active_jobs == 0
+
+
+def test_one_watcher_thread_per_table_however_many_jobs_objects_and_threads(db):
+    many = [db.jobs(interval=INTERVAL * (1 + i % 3), watch=True) for i in range(5)]
+    ids = [db.add() for _ in range(20)]
+    go = threading.Event()
+    entered = threading.Barrier(len(ids) + 1)
+    errors: list[BaseException] = []
+
+    def worker(jobs: Jobs, job: int) -> None:
+        try:
+            with jobs.run(job):
+                entered.wait(20)
+                go.wait(20)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [
+        threading.Thread(target=worker, args=(many[i % len(many)], job))
+        for i, job in enumerate(ids)
+    ]
+    for t in threads:
+        t.start()
+    entered.wait(20)
+    try:
+        assert len(watcher_threads(db)) == 1
+    finally:
+        go.set()
+        for t in threads:
+            t.join(20)
+    assert not errors
+
+
+def test_jobs_that_found_their_job_cancelled_are_not_watched(db, queries):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    jobs.cancel(job)
+    queries.reset()
+    with jobs.run(job) as cp:
+        assert cp.cancelled
+        watcher = existing_watcher(jobs._backend.key)
+        assert watcher is None or cp not in watcher._watched
+
+
+def test_stats_count_polls_and_show_the_watcher(db):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    before = jobs.stats()
+    with jobs.run(job):
+        wait_until(lambda: jobs.stats().polls >= before.polls + 2, 10, "two polls")
+        stats = jobs.stats()
+        assert stats.active_jobs == 1
+        assert stats.watching is True
+        assert stats.listening is (db.name == "postgresql")
+        assert stats.outage is None
+
+
+def test_watch_refuses_a_custom_clock(db):
+    with pytest.raises(ValueError, match="real time"):
+        db.jobs(watch=True, clock=time.monotonic)
+    with pytest.raises(TypeError, match="watch must be True or False"):
+        db.jobs(watch="yes")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan")])
+def test_max_staleness_must_be_positive_seconds(db, bad):
+    with pytest.raises(ValueError, match="max_staleness"):
+        db.jobs(max_staleness=bad)
+    with pytest.raises(TypeError, match="max_staleness"):
+        db.jobs(max_staleness="10")
+
+
+# -- heartbeats and reap -----------------------------------------------------------------
+
+
+def read(db: Any, job: int) -> Any:
+    with db.engine.connect() as conn:
+        return conn.execute(select(TABLE).where(TABLE.c.id == job)).one()._mapping
+
+
+def test_the_watcher_stamps_heartbeats(db):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    with jobs.run(job):
+        first = read(db, job)["heartbeat_at"]
+        assert first is not None  # stamped by the start
+        wait_until(lambda: read(db, job)["heartbeat_at"] > first, 10, "a heartbeat")
+
+
+def test_reap_leaves_live_and_finished_jobs_alone(db):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    live, done, pending = db.add(), db.add(), db.add()
+    with jobs.run(done):
+        pass
+    with jobs.run(live):
+        first = read(db, live)["heartbeat_at"]
+        wait_until(lambda: read(db, live)["heartbeat_at"] > first, 10, "a heartbeat")
+        assert jobs.reap(stale_after=INTERVAL * 10) == 0
+        assert jobs.status(live) is Status.IN_PROGRESS
+    assert jobs.status(done) is Status.COMPLETED
+    assert jobs.status(pending) is Status.PENDING
+
+
+def backdate(db: Any, job: int, seconds: float, **values: Any) -> None:
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(TABLE)
+            .where(TABLE.c.id == job)
+            .values(heartbeat_at=old, started_at=old, **values)
+        )
+
+
+def test_reap_fails_stale_running_jobs_and_stops_stale_cancelled_ones(db):
+    jobs = db.jobs()
+    running, cancelled, fresh, no_heartbeat = db.add(), db.add(), db.add(), db.add()
+    backdate(db, running, 60, status="in_progress")
+    backdate(db, cancelled, 60, status="cancelled", cancel_reason="user")
+    backdate(db, fresh, 1, status="in_progress")
+    backdate(db, no_heartbeat, 60, status="in_progress")
+    with db.engine.begin() as conn:
+        conn.execute(update(TABLE).where(TABLE.c.id == no_heartbeat).values(heartbeat_at=None))
+    with pytest.raises(TimeoutError):
+        jobs.wait(cancelled, timeout=0.1)
+
+    assert jobs.reap(stale_after=30) == 3
+    r = read(db, running)
+    assert (r["status"], r["error"]) == (Status.FAILED, "worker lost")
+    assert r["finished_at"] is not None
+    c = read(db, cancelled)
+    assert (c["status"], c["error"], c["cancel_reason"]) == (Status.CANCELLED, None, "user")
+    assert c["finished_at"] is not None
+    assert read(db, no_heartbeat)["status"] is Status.FAILED  # judged by started_at
+    assert read(db, fresh)["status"] is Status.IN_PROGRESS
+    assert jobs.wait(running, timeout=1) is Status.FAILED
+    assert jobs.wait(cancelled, timeout=1) is Status.CANCELLED
+    assert jobs.reap(stale_after=30) == 0  # nothing twice
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf")])
+def test_reap_refuses_bad_stale_after_and_changes_nothing(db, bad):
+    jobs = db.jobs()
+    job = db.add()
+    backdate(db, job, 60, status="in_progress")
+    with pytest.raises(ValueError, match="stale_after"):
+        jobs.reap(stale_after=bad)
+    with pytest.raises(TypeError, match="stale_after"):
+        jobs.reap(stale_after="30")  # type: ignore[arg-type]
+    assert read(db, job)["status"] is Status.IN_PROGRESS
+
+
+# -- other processes ---------------------------------------------------------------------
+
+
+CHILD = """
+import sys, time
+from sqlalchemy import create_engine
+from dbcancel import Jobs
+from tests.models import Analysis
+
+url, interval = sys.argv[1], float(sys.argv[2])
+engine = create_engine(url)
+jobs = Jobs(engine, Analysis, interval=interval, watch=True)
+print("ready", flush=True)
+for line in sys.stdin:
+    job = int(line)
+    with jobs.run(job) as cp:
+        print("started", job, flush=True)
+        while True:
+            cp()
+            sum(i * i for i in range(300))  # about 20-50 us of work holding the GIL
+    print("stopped", job, repr(time.time()), flush=True)
+engine.dispose()
+"""
+
+
+class Child:
+    """A worker process running CHILD: it runs the jobs whose ids it reads on stdin."""
+
+    def __init__(self, errors: Path, url: str, interval: float) -> None:
+        self._errors_path = errors
+        self._errors = errors.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, url, str(interval)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._errors,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.expect("ready", 60)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def run(self, job: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{job}\n")
+        self.proc.stdin.flush()
+        self.expect("started", 30)
+
+    def expect(self, word: str, timeout: float) -> list[str]:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            pytest.fail(f"the child printed nothing in {timeout}s:\n{self.stderr()}")
+        if line is None or line.split()[:1] != [word]:
+            pytest.fail(f"expected {word!r} from the child, got {line!r}:\n{self.stderr()}")
+        return line.split()
+
+    def stderr(self) -> str:
+        self._errors.flush()
+        return self._errors_path.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        self._errors.close()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[[str, float], Child]]:
+    children: list[Child] = []
+
+    def start(url: str, interval: float) -> Child:
+        child = Child(tmp_path / f"child-{len(children)}.err", url, interval)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
+
+
+def test_a_killed_worker_is_reaped_and_wait_returns(db, spawn):
+    jobs = db.jobs(interval=INTERVAL)
+    child = spawn(db.url, INTERVAL)
+    job = db.add()
+    child.run(job)
+    first = read(db, job)["heartbeat_at"]
+    wait_until(lambda: read(db, job)["heartbeat_at"] > first, 10, "the child's heartbeat")
+    os.kill(child.proc.pid, signal.SIGKILL)
+    child.proc.wait(10)
+
+    waited: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: waited.update(status=jobs.wait(job, timeout=60)))
+    waiter.start()
+    # Its heartbeat goes stale: reap as an operator's cron job would, every interval.
+    reaped = 0
+    deadline = time.monotonic() + 30
+    while not reaped and time.monotonic() < deadline:
+        reaped = jobs.reap(stale_after=1.0)
+        time.sleep(INTERVAL)
+    assert reaped == 1
+    waiter.join(30)
+    assert waited == {"status": Status.FAILED}
+    assert read(db, job)["error"] == "worker lost"
+
+
+def test_a_worker_killed_after_a_cancel_is_reaped_as_stopped(db, spawn):
+    """Cancel, the worker dies before it stops: without reap, wait() would never return."""
+    jobs = db.jobs(interval=INTERVAL)
+    child = spawn(db.url, INTERVAL)
+    job = db.add()
+    child.run(job)
+    child.proc.send_signal(signal.SIGSTOP)  # frozen: it cannot see the cancel
+    try:
+        assert jobs.cancel(job, reason="user deleted it")
+        with pytest.raises(TimeoutError):
+            jobs.wait(job, timeout=0.5)
+    finally:
+        os.kill(child.proc.pid, signal.SIGKILL)
+        child.proc.wait(10)
+    backdate(db, job, 60)
+    assert jobs.reap(stale_after=30) == 1
+    assert jobs.wait(job, timeout=5) is Status.CANCELLED
+    row = read(db, job)
+    assert (row["cancel_reason"], row["error"]) == ("user deleted it", None)
+
+
+def test_cancel_in_another_process_is_observed_within_an_interval(db, spawn):
+    jobs = db.jobs(interval=INTERVAL)
+    child = spawn(db.url, INTERVAL)
+    job = db.add()
+    child.run(job)
+    assert jobs.cancel(job, reason="stop")
+    cancelled = time.time()
+    _, stopped_job, at = child.expect("stopped", 30)
+    assert int(stopped_job) == job
+    assert float(at) - cancelled < INTERVAL * 1.1 + 2
+    assert jobs.wait(job, timeout=10) is Status.CANCELLED
+    row = read(db, job)
+    assert row["cancel_requested_at"] <= row["cancel_observed_at"] <= row["finished_at"]
+
+
+def test_fork_child_watches_its_own_jobs(db):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    parent_job, child_job = db.add(), db.add()
+    with jobs.run(parent_job):
+        assert len(watcher_threads(db)) == 1
+        parent_thread = watcher_threads(db)[0]
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit code only
+            code = 1
+            try:
+                db.engine.dispose(close=False)  # the parent's pooled connections are its own
+                with jobs.run(child_job) as cp:
+                    threads = watcher_threads(db)
+                    ok = len(threads) == 1 and threads[0] is not parent_thread
+                    seen = threading.Event()
+                    cp.on_cancel(seen.set)
+                    cancel_behind_our_back(db, child_job)
+                    ok = ok and seen.wait(INTERVAL * 1.1 + 10)
+                code = 0 if ok and len(watcher_threads(db)) == 1 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert watcher_threads(db) == [parent_thread]  # the parent's is untouched
+    assert jobs.status(child_job) is Status.CANCELLED
+    assert jobs.wait(child_job, timeout=5) is Status.CANCELLED
+
+
+def test_the_watcher_does_not_keep_the_interpreter_alive(db, tmp_path):
+    script = f"""
+import threading
+from sqlalchemy import create_engine
+from dbcancel import Jobs
+from tests.models import Analysis
+engine = create_engine({db.url!r})
+jobs = Jobs(engine, Analysis, interval=0.1, watch=True)
+with jobs.run({db.add()}) as cp:
+    cp()
+assert any(t.name.startswith("dbcancel-watcher") for t in threading.enumerate())
+print("done", flush=True)
+"""
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done"
+    assert time.monotonic() - started < 60
+
+
+# -- outages -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def table_gone(db: Any) -> Iterator[None]:
+    """A real database error for every poll: the table is renamed away for a while."""
+    other = f"analysis_gone_{uuid.uuid4().hex[:6]}"
+    rename = "RENAME TABLE {} TO {}" if db.name == "mariadb" else "ALTER TABLE {} RENAME TO {}"
+    with db.engine.begin() as conn:
+        conn.execute(text(rename.format("analysis", other)))
+    try:
+        yield
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text(rename.format(other, "analysis")))
+
+
+def test_an_outage_does_not_stop_a_watched_job_by_default(db, caplog):
+    jobs = db.jobs(interval=INTERVAL, watch=True)
+    job = db.add()
+    caplog.set_level(logging.WARNING, logger="dbcancel")
+    with jobs.run(job) as cp:
+        errors = jobs.stats().poll_errors
+        with table_gone(db):
+            wait_until(lambda: jobs.stats().poll_errors >= errors + 3, 30, "failing polls")
+            assert jobs.stats().outage is not None
+            assert not cp.cancelled
+        cancel_behind_our_back(db, job)
+        wait_until(lambda: cp.cancelled, 30, "the cancel after the outage")
+    stats = jobs.stats()
+    assert stats.outage is None
+    assert stats.last_outage is not None
+    assert stats.last_outage > 0
+    failed = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(failed) == 1  # once per outage, not once per poll
+
+
+@pytest.mark.parametrize("leave", ["during the outage", "after it"])
+def test_max_staleness_cancels_a_watched_job_locally(db, caplog, leave):
+    jobs = db.jobs(interval=INTERVAL, watch=True, max_staleness=1.0)
+    job = db.add()
+    caplog.set_level(logging.WARNING, logger="dbcancel")
+    run = jobs.run(job)
+    cp = run.__enter__()
+    seen = threading.Event()
+    cp.on_cancel(seen.set)
+    with table_gone(db):
+        broken = time.monotonic()
+        assert seen.wait(30), "the job was not cancelled locally"
+        assert time.monotonic() - broken >= 1.0 - 2 * INTERVAL
+        assert "max_staleness=1.0s" in (cp.reason or "")
+        with pytest.raises(Cancelled) as info:
+            cp()
+        if leave == "during the outage":
+            # The row cannot be told: logged, and the worker still stops cleanly.
+            assert run.__exit__(Cancelled, info.value, None) is True
+            assert any("could not be updated" in r.getMessage() for r in caplog.records)
+    if leave == "during the outage":
+        row = read(db, job)
+        assert (row["status"], row["finished_at"]) == (Status.IN_PROGRESS, None)  # for reap
+        return
+    assert run.__exit__(Cancelled, info.value, None) is True
+    row = read(db, job)
+    assert row["status"] is Status.CANCELLED
+    assert row["cancel_reason"] == cp.reason
+    assert row["finished_at"] is not None
+    assert row["cancel_observed_at"] is not None
+
+
+# -- PostgreSQL: NOTIFY ------------------------------------------------------------------
+
+
+# LISTEN/NOTIFY is PostgreSQL's: these tests run there only (not skipped elsewhere).
+postgresql_only = pytest.mark.parametrize(
+    "database", [pytest.param("postgresql", marks=pytest.mark.postgresql)], indirect=True
+)
+
+
+@pytest.fixture
+def pg(db: Any) -> Any:
+    assert db.name == "postgresql"
+    return db
+
+
+@contextlib.contextmanager
+def listening(db: Any, channel: str) -> Iterator[Any]:
+    import psycopg
+    from psycopg import sql
+
+    url = make_url(db.url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        yield conn
+
+
+def payloads(conn: Any, timeout: float) -> list[str]:
+    return [n.payload for n in conn.notifies(timeout=timeout)]
+
+
+@postgresql_only
+def test_cancel_notifies_in_its_transaction_and_only_when_it_changed_a_row(pg):
+    jobs = pg.jobs()
+    first, second, third = pg.add(session_id="x"), pg.add(session_id="x"), pg.add()
+    with listening(pg, jobs._backend.channel) as conn:
+        assert jobs.cancel(first) is True
+        assert payloads(conn, 1.0) == [str(first)]
+        assert jobs.cancel(first) is True  # already cancelled: nothing changed, no notify
+        assert jobs.cancel_where(session_id="x") == 1
+        assert payloads(conn, 1.0) == ["*"]  # cancel_where: "poll now", whoever you are
+        with jobs.run(third):
+            pass
+        assert jobs.cancel(third) is False
+        assert payloads(conn, 0.5) == []
+    assert jobs.status(second) is Status.CANCELLED
+
+
+@postgresql_only
+def test_notify_delivers_a_cancel_long_before_the_interval(pg, spawn):
+    """Interval 10 s: only the notification can stop the worker within a second."""
+    jobs = pg.jobs(interval=10.0)
+    child = spawn(pg.url, 10.0)
+    latencies = []
+    for _ in range(10):
+        job = pg.add()
+        child.run(job)
+        assert jobs.cancel(job)
+        cancelled = time.time()
+        _, stopped_job, at = child.expect("stopped", 30)
+        assert int(stopped_job) == job
+        latencies.append(float(at) - cancelled)
+    latencies.sort()
+    p95 = latencies[int(0.95 * len(latencies)) - 1]
+    assert p95 < 1.0, latencies
+
+
+def terminate(pg: Any, application_name: str) -> list[int]:
+    with pg.engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name LIKE :name"
+            ),
+            {"name": application_name + "%"},
+        ).all()
+    return [pid for pid, _ in rows]
+
+
+@postgresql_only
+def test_watcher_and_listener_recover_from_terminated_connections(pg, caplog):
+    name = f"dbcancel-test-{uuid.uuid4().hex[:8]}"
+    url = make_url(pg.url).update_query_dict({"application_name": name})
+    engine = create_engine(url)  # no pre-ping: a dead pooled connection fails a poll
+    try:
+        # Interval 30 s: after the kill, only a working listener can deliver a cancel.
+        jobs = Jobs(engine, Analysis, interval=30.0, watch=True)
+        job = pg.add()
+        with jobs.run(job) as cp:
+            wait_until(lambda: jobs.stats().listening, 10, "the listener")
+            assert jobs.status(job) is Status.IN_PROGRESS  # a pooled connection, now idle
+            killed = terminate(pg, name)
+            assert len(killed) >= 2, killed  # the listener and the pooled poll connection
+            wait_until(lambda: jobs.stats().listener_errors >= 1, 10, "the listener to break")
+            wait_until(lambda: jobs.stats().listening, 10, "the listener to reconnect")
+
+            cli = [sys.executable, "-m", "dbcancel", "cancel", "--url", pg.url]
+            proc = subprocess.run(
+                [*cli, "--table", "analysis", str(job)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert proc.returncode == 0, proc.stderr
+            wait_until(lambda: cp.cancelled, 10, "the cancel through the new listener")
+
+            # The watcher applies only what its poll reads: that poll, made after the
+            # pooled connections were killed, worked.
+            assert jobs.stats().outage is None
+        assert jobs.stats().outage is None
+    finally:
+        engine.dispose()

@@ -1,0 +1,128 @@
+"""The watcher's timing decisions and the per-table Health, without a database."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import pytest
+
+from dbcancel._backend import JobRow
+from dbcancel._health import Health
+from dbcancel._watcher import JITTER, Watcher
+from dbcancel.checkpoint import MAX_BACKOFF, Checkpoint
+from dbcancel.models import Status
+
+
+class FakeBackend:
+    """Answers the watcher's batched poll from a dict; ``error`` makes it fail."""
+
+    label = "Fake@memory"
+
+    def __init__(self) -> None:
+        self.rows: dict[Any, JobRow] = {}
+        self.error: Exception | None = None
+        self.batches: list[set[Any]] = []
+
+    def listener(self) -> None:
+        return None
+
+    def beat(self, job_ids: Any) -> dict[Any, JobRow]:
+        self.batches.append(set(job_ids))
+        if self.error is not None:
+            raise self.error
+        return {i: self.rows[i] for i in job_ids if i in self.rows}
+
+
+def watched(job_id: int, **kwargs: Any) -> Checkpoint:
+    return Checkpoint(None, job_id, interval=1.0, clock=time.monotonic, watched=True, **kwargs)  # type: ignore[arg-type]
+
+
+def test_waits_carry_jitter_around_the_interval():
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    delays = [watcher._next_delay(2.0) for _ in range(2000)]
+    assert min(delays) >= 2.0 * (1 - JITTER)
+    assert max(delays) <= 2.0 * (1 + JITTER)
+    assert statistics.pstdev(delays) > 0.05  # not lockstep
+    assert abs(statistics.fmean(delays) - 2.0) < 0.02  # one poll per interval on average
+
+
+def test_failing_polls_back_off_up_to_the_cap():
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    delays = []
+    for failures in range(1, 8):
+        watcher._failures = failures
+        delays.append(watcher._next_delay(0.5))
+    assert delays == [0.5, 1.0, 2.0, 4.0, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF]
+
+
+def test_backoff_never_oversleeps_a_max_staleness_deadline():
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    cp = watched(1, max_staleness=2.0)
+    watcher._watched.add(cp)
+    watcher._failures = 10
+    assert watcher._next_delay(1.0) <= 2.0
+
+
+def test_one_batch_for_all_jobs_and_rows_reach_their_checkpoints():
+    backend = FakeBackend()
+    watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
+    cps = [watched(i) for i in range(100)]
+    watcher._watched.update(cps)
+    backend.rows = {i: JobRow(Status.IN_PROGRESS, None, None) for i in range(100)}
+    backend.rows[7] = JobRow(Status.CANCELLED, "stop", None)
+    del backend.rows[9]  # deleted
+    watcher._poll()
+    assert backend.batches == [set(range(100))]
+    assert [cp.job_id for cp in cps if cp.cancelled] == [7, 9]
+    assert (cps[7].reason, cps[9].reason) == ("stop", "deleted")
+
+
+def test_a_job_that_left_during_the_poll_gets_nothing():
+    backend = FakeBackend()
+    watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
+    cp = watched(1)
+    watcher._watched.add(cp)
+
+    def beat(job_ids: Any) -> dict[Any, JobRow]:
+        watcher.remove(cp)  # the job ends, and its row is deleted, while the poll runs
+        return {}
+
+    backend.beat = beat  # type: ignore[method-assign]
+    watcher._poll()
+    assert not cp.cancelled
+
+
+def test_a_failed_batch_counts_once_and_cancels_stale_jobs(caplog):
+    backend = FakeBackend()
+    health = Health("t")
+    watcher = Watcher(backend, health)  # type: ignore[arg-type]
+    fresh, stale = watched(1), watched(2, max_staleness=1e-9)
+    watcher._watched.update([fresh, stale])
+    backend.error = ConnectionError("down")
+    caplog.set_level(logging.WARNING, logger="dbcancel")
+    watcher._poll()
+    watcher._poll()
+    assert (health.polls, health.poll_errors) == (2, 2)
+    assert health.outage() is not None
+    assert stale.cancelled
+    assert stale._local
+    assert not fresh.cancelled
+    assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == 1
+
+    backend.error = None
+    backend.rows = {1: JobRow(Status.IN_PROGRESS, None, None)}
+    watcher._poll()
+    assert health.outage() is None
+    assert health.last_outage is not None
+    assert watcher._failures == 0
+
+
+@pytest.mark.parametrize("payloads", [["*"], ["5"], ["1", "*"]])
+def test_notifications_that_concern_us(payloads):
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    watcher._watched.update([watched(5), watched(6)])
+    assert watcher._concerns_us(payloads)
+    assert not watcher._concerns_us(["7", "8"])
