@@ -1,8 +1,9 @@
-"""The command line: ``python -m dbcancel demo|cancel|status|list`` (or ``dbcancel ...``).
+"""The command line: ``python -m dbcancel demo|cancel|status|list|reap`` (or ``dbcancel ...``).
 
-``demo`` runs :func:`dbcancel.demo.run_demo`. ``cancel``, ``status`` and ``list`` work on
-an existing job table of any app: the table is reflected from the database, so they need
-nothing but its URL and name (``--url``/``$DBCANCEL_URL``, ``--table``/``$DBCANCEL_TABLE``).
+``demo`` runs :func:`dbcancel.demo.run_demo`. ``cancel``, ``status``, ``list`` and ``reap``
+work on an existing job table of any app: the table is reflected from the database, so
+they need nothing but its URL and name (``--url``/``$DBCANCEL_URL``,
+``--table``/``$DBCANCEL_TABLE``).
 Only the standard library and SQLAlchemy are used. Passwords in URLs are never printed.
 """
 
@@ -72,6 +73,7 @@ examples:
   %(prog)s list
   %(prog)s cancel 42 --reason "session deleted"
   %(prog)s status 42
+  %(prog)s reap --stale-after 60
 
 The table commands work on any table with dbcancel's columns (those of
 CancellableMixin) and a one-column primary key. Times are UTC.
@@ -126,7 +128,8 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
     """The argument parser of :func:`main`; environment defaults are read now."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Cancel, inspect and list the jobs of a dbcancel job table, or run the demo.",
+        description="Cancel, inspect, list and reap the jobs of a dbcancel job table, or run "
+        "the demo.",
         epilog=_EPILOG,
         formatter_class=_HelpFormatter,
     )
@@ -203,6 +206,28 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
         help="list jobs in status S (pending, in_progress, completed, failed, cancelled)",
     )
     listing.set_defaults(handler=_list)
+
+    reap = command(
+        "reap",
+        "stop jobs whose worker died (no heartbeat for --stale-after seconds)",
+        "For jobs whose worker died (a killed process, a lost machine): in-progress jobs "
+        "whose last heartbeat is older than --stale-after seconds become failed, with the "
+        "error 'worker lost', and cancelled jobs whose worker never stopped are marked "
+        "stopped (finished_at), so that wait() and delete flows stop waiting for them. "
+        "Heartbeats come from workers running with Jobs(watch=True), once per poll "
+        "interval; a job whose worker does not beat looks dead once it has run for "
+        "--stale-after seconds. Run it from cron or a scheduler.",
+    )
+    _table_arguments(reap, with_id=False)
+    reap.add_argument(
+        "--stale-after",
+        type=_positive_float,
+        required=True,
+        metavar="SECONDS",
+        help="reap jobs with no heartbeat for this many seconds; make it several poll "
+        "intervals, so that a slow poll does not look like a dead worker",
+    )
+    reap.set_defaults(handler=_reap)
     return parser
 
 
@@ -329,6 +354,17 @@ def _list(args: argparse.Namespace) -> int:
             right="0",
         )
     )
+    return EXIT_OK
+
+
+def _reap(args: argparse.Namespace) -> int:
+    with _open(args) as (_, table, jobs):
+        try:
+            count = jobs.reap(stale_after=args.stale_after)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    noun = "job" if count == 1 else "jobs"
+    print(f"reaped {count} {noun} of {table.name} (no heartbeat for {args.stale_after:g}s)")
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import re
@@ -11,7 +12,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, update
 
 from dbcancel import Status
 from dbcancel.cli import EXIT_ERROR, EXIT_OK, EXIT_REFUSED, main
@@ -230,6 +231,89 @@ def test_url_and_table_default_to_the_environment(db, capsys, monkeypatch):
     assert capsys.readouterr().out == "pending\n"
 
 
+# -- reap -------------------------------------------------------------------------------
+
+
+def stale(db, job, *, seconds, **values):
+    """Give ``job`` a heartbeat ``seconds`` old (and ``values``), as a dead worker leaves it."""
+    beat = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(Analysis.__table__)
+            .where(Analysis.id == job)
+            .values(started_at=beat, heartbeat_at=beat, **values)
+        )
+
+
+def test_reap_stops_the_jobs_of_dead_workers(db, capsys):
+    lost = db.add()
+    stale(db, lost, seconds=3600, status=Status.IN_PROGRESS)
+    unstopped = db.add()
+    stale(db, unstopped, seconds=3600, status=Status.CANCELLED, cancel_reason="user left")
+    alive = db.add()
+    stale(db, alive, seconds=5, status=Status.IN_PROGRESS)
+    pending = db.add()
+    done = db.add()
+    stale(db, done, seconds=3600, status=Status.COMPLETED, finished_at=dt.datetime.now(dt.UTC))
+    untouched = {job: db.row(job) for job in (alive, pending, done)}
+
+    code, out, err = run(db, capsys, "reap", "--stale-after", "30")
+
+    assert (code, err) == (EXIT_OK, "")
+    assert one_line(out) == "reaped 2 jobs of analysis (no heartbeat for 30s)"
+    failed = db.row(lost)
+    assert (failed.status, failed.error) == (Status.FAILED, "worker lost")
+    assert failed.finished_at is not None
+    cancelled = db.row(unstopped)
+    assert (cancelled.status, cancelled.error) == (Status.CANCELLED, None)
+    assert cancelled.cancel_reason == "user left"
+    assert cancelled.finished_at is not None
+    for job, before in untouched.items():
+        after = db.row(job)
+        assert (after.status, after.error, after.finished_at) == (
+            before.status,
+            before.error,
+            before.finished_at,
+        )
+    # wait() no longer waits for the dead workers.
+    jobs = db.jobs()
+    assert jobs.wait(lost, timeout=1) is Status.FAILED
+    assert jobs.wait(unstopped, timeout=1) is Status.CANCELLED
+
+    code, out, _ = run(db, capsys, "reap", "--stale-after", "30")
+    assert (code, one_line(out)) == (EXIT_OK, "reaped 0 jobs of analysis (no heartbeat for 30s)")
+
+
+def test_reap_one_job_with_a_fractional_threshold(db, capsys):
+    job = db.add()
+    stale(db, job, seconds=60, status=Status.IN_PROGRESS)
+
+    code, out, _ = run(db, capsys, "reap", "--stale-after", "2.5")
+
+    assert (code, one_line(out)) == (EXIT_OK, "reaped 1 job of analysis (no heartbeat for 2.5s)")
+    assert db.row(job).status is Status.FAILED
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: --stale-after"),
+        (["--stale-after", "0"], "expected a number of seconds > 0, got 0"),
+        (["--stale-after", "soon"], "expected a number of seconds, got 'soon'"),
+    ],
+)
+def test_reap_needs_a_positive_stale_after(db, capsys, args, message):
+    job = db.add()
+    stale(db, job, seconds=3600, status=Status.IN_PROGRESS)
+    before = snapshot(db)
+
+    code, out, err = run(db, capsys, "reap", *args)
+
+    assert (code, out) == (EXIT_ERROR, "")
+    assert message in err
+    assert snapshot(db) == before
+
+
 # -- errors -----------------------------------------------------------------------------
 
 
@@ -317,9 +401,9 @@ def test_usage_errors(capsys, monkeypatch):
 def test_help(capsys):
     assert main(["--help"]) == EXIT_OK
     out = capsys.readouterr().out
-    for word in ("demo", "cancel", "status", "list", "exit status", "DBCANCEL_URL"):
+    for word in ("demo", "cancel", "status", "list", "reap", "exit status", "DBCANCEL_URL"):
         assert word in out
-    for command in ("demo", "cancel", "status", "list"):
+    for command in ("demo", "cancel", "status", "list", "reap"):
         assert main([command, "--help"]) == EXIT_OK
         assert "exit status" in capsys.readouterr().out
 
