@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Hashable
 from typing import Any
 
@@ -23,6 +24,10 @@ class Health:
     """Poll counters and the current outage of one table in this process."""
 
     def __init__(self, label: str) -> None:
+        self._reset(label)
+        _every.add(self)
+
+    def _reset(self, label: str) -> None:
         self.label = label
         self._lock = threading.Lock()
         self.polls = 0
@@ -85,6 +90,7 @@ class Health:
 
 _lock = threading.Lock()
 _by_key: dict[Hashable, Health] = {}
+_every: weakref.WeakSet[Health] = weakref.WeakSet()
 
 
 def health_for(key: Hashable, label: str) -> Health:
@@ -97,9 +103,13 @@ def health_for(key: Hashable, label: str) -> Health:
 
 
 def _reset_after_fork() -> None:
+    # A lock held by a parent's thread at the fork would stay held in the child forever;
+    # the parent's counters are not the child's either.
     global _lock
     _lock = threading.Lock()
     _by_key.clear()
+    for health in list(_every):
+        health._reset(health.label)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

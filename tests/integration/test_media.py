@@ -507,9 +507,10 @@ def test_cancel_from_a_synchronous_thread_closes_the_connection_on_another_loop(
     assert_cancelled(db, job_id, "from flask")
 
 
-def test_cancel_from_another_process_closes_within_the_interval(db):
+@pytest.mark.parametrize("watch", [False, True], ids=["inline", "watched"])
+def test_cancel_from_another_process_closes_within_the_interval(db, watch):
     interval = 0.05
-    jobs = db.jobs(interval=interval)
+    jobs = db.jobs(interval=interval, watch=watch)
     job_id = db.add()
 
     async def test(remote: RemoteCanceller) -> float:

@@ -727,3 +727,16 @@ def test_watcher_and_listener_recover_from_terminated_connections(pg, caplog):
         assert jobs.stats().outage is None
     finally:
         engine.dispose()
+
+
+@postgresql_only
+def test_an_idle_watcher_closes_its_listener(pg, monkeypatch):
+    monkeypatch.setattr("dbcancel._watcher.IDLE_GRACE", 0.2)
+    jobs = pg.jobs(interval=INTERVAL, watch=True)
+    job = pg.add()
+    with jobs.run(job):
+        wait_until(lambda: jobs.stats().listening, 10, "the listener")
+    wait_until(lambda: not jobs.stats().listening, 10, "the idle listener to close")
+    assert jobs.stats().watching  # the thread stays, blocked until the next job
+    with jobs.run(pg.add()):
+        wait_until(lambda: jobs.stats().listening, 10, "the listener again")
