@@ -127,6 +127,10 @@ def cancel_change(reason: str | None) -> Change:
 class Listener(Protocol):
     """A dedicated connection that receives the cancel notifications of one table."""
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open."""
+
     def connect(self) -> None:
         """Open the connection and start listening; raises when the database is down."""
 

@@ -58,7 +58,12 @@ class Watcher:
     # -- used by JobRun ---------------------------------------------------------------
 
     def add(self, cp: Checkpoint) -> None:
-        """Watch ``cp`` from the next poll on; starts the thread if it is not running."""
+        """Watch ``cp`` from the next poll on; starts the thread if it is not running.
+
+        The next poll comes at the end of the current wait, which was chosen for the jobs
+        watched before: a job with a shorter interval than theirs may get its first poll
+        up to one of their intervals late. A cancel issued in this process needs no poll.
+        """
         with self._cond:
             self._watched.add(cp)
             if self._thread is None:
@@ -91,7 +96,7 @@ class Watcher:
     def listening(self) -> bool:
         """True while the PostgreSQL listener connection is open."""
         listener = self._listener
-        return listener is not None and bool(getattr(listener, "connected", False))
+        return listener is not None and listener.connected
 
     # -- the thread -------------------------------------------------------------------
 
