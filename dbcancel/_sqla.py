@@ -260,7 +260,9 @@ class SQLAlchemyBackend:
                 return list(result.all())
             return list(conn.execute(self._read_many, params).all())
 
-        rows = self._transaction(work)
+        # One statement on PostgreSQL, atomic by itself: autocommit saves the BEGIN and
+        # COMMIT round trips, each of which waits for the GIL behind busy workers.
+        rows = self._transaction(work, autocommit=self._postgresql)
         return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
 
     def reap(self, cutoff: dt.datetime, error: str) -> int:
@@ -296,11 +298,19 @@ class SQLAlchemyBackend:
 
         return self._transaction(work)
 
-    def _transaction(self, work: Callable[[Connection], _T]) -> _T:
+    def _transaction(self, work: Callable[[Connection], _T], *, autocommit: bool = False) -> _T:
         """Run ``work`` in its own transaction, retried when the database chose it as the
-        victim of a deadlock (it was rolled back whole, so running it again is safe)."""
+        victim of a deadlock (it was rolled back whole, so running it again is safe).
+
+        ``autocommit``: ``work`` is one statement, run in autocommit mode.
+        """
         for attempt in range(_RETRIES):
             try:
+                if autocommit:
+                    with self.engine.connect().execution_options(
+                        isolation_level="AUTOCOMMIT"
+                    ) as conn:
+                        return work(conn)
                 with self.engine.begin() as conn:
                     return work(conn)
             except DBAPIError as err:

@@ -49,7 +49,6 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._listener: Listener | None = backend.listener()
         self._listener_failing = False
-        self._listened = False
         self._reconnect_at = 0.0
         self._listen_failures = 0
         self._failures = 0
@@ -117,7 +116,6 @@ class Watcher:
                 self._cond.wait_for(lambda: bool(self._watched), timeout=IDLE_GRACE)
                 if not self._watched and self._listener is not None:
                     self._listener.close()
-                    self._listened = False
                 self._cond.wait_for(lambda: bool(self._watched))
             return min(cp._interval for cp in self._watched)
 
@@ -176,10 +174,10 @@ class Watcher:
         if self._listener_failing:
             self._listener_failing = False
             log.warning("dbcancel: listening for cancels of %s again", self._health.label)
-        if self._listened:
-            # Reconnected: notifications sent while it was down are lost; poll now.
-            self.poll_soon()
-        self._listened = True
+        # A cancel committed before LISTEN took effect was announced to nobody: poll now,
+        # after every connect (the first one too, or a cancel right after the first job
+        # started would wait a whole interval).
+        self.poll_soon()
         self._listen_failures = 0
         return True
 

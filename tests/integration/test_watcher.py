@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, select, text, update
+from sqlalchemy import create_engine, event, func, select, text, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
 from dbcancel import Cancelled, Jobs, Status
 from dbcancel._watcher import existing_watcher
@@ -740,3 +741,24 @@ def test_an_idle_watcher_closes_its_listener(pg, monkeypatch):
     assert jobs.stats().watching  # the thread stays, blocked until the next job
     with jobs.run(pg.add()):
         wait_until(lambda: jobs.stats().listening, 10, "the listener again")
+
+
+@postgresql_only
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_cancel_right_after_the_first_job_started_is_not_lost(pg, attempt):
+    """The cancel may commit before the new watcher's LISTEN takes effect: its NOTIFY then
+    reaches nobody, and only a poll right after connecting sees it before the interval."""
+    url = make_url(pg.url).update_query_dict({"application_name": f"t-{uuid.uuid4().hex[:8]}"})
+    # Its own key: a watcher that has not listened yet. No pool: the listener opens a
+    # new connection, which takes longer than the cancel below takes to commit.
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        jobs = Jobs(engine, Analysis, interval=30.0, watch=True)
+        job = pg.add()
+        with jobs.run(job) as cp:
+            with pg.engine.begin() as conn:  # what cancel() in another process commits
+                conn.execute(update(TABLE).where(TABLE.c.id == job).values(status="cancelled"))
+                conn.execute(select(func.pg_notify(jobs._backend.channel, str(job))))
+            wait_until(lambda: cp.cancelled, 10, "the cancel (the interval is 30 s)")
+    finally:
+        engine.dispose()
