@@ -75,6 +75,18 @@ class Health:
                 exc_info=True,
             )
 
+    def snapshot(self) -> tuple[int, int, int, int, float | None]:
+        """Polls, poll errors, notifications, listener errors and the last outage's
+        length, read together."""
+        with self._lock:
+            return (
+                self.polls,
+                self.poll_errors,
+                self.notifications,
+                self.listener_errors,
+                self.last_outage,
+            )
+
     def outage(self) -> float | None:
         """Seconds since the first failed poll of the current outage; None when polls work."""
         with self._lock:
@@ -105,9 +117,10 @@ def health_for(key: Hashable, label: str) -> Health:
 def _reset_after_fork() -> None:
     # A lock held by a parent's thread at the fork would stay held in the child forever;
     # the parent's counters are not the child's either.
+    # The same objects stay registered, so that Jobs made before and after the fork
+    # share one per table.
     global _lock
     _lock = threading.Lock()
-    _by_key.clear()
     for health in list(_every):
         health._reset(health.label)
 

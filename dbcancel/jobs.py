@@ -334,10 +334,7 @@ class Jobs:
         """Counters and state of this process's polling of this table; see JobsStats."""
         h = self._health
         watcher = existing_watcher(self._backend.key)
-        with h._lock:
-            polls, errors = h.polls, h.poll_errors
-            notifications, listener_errors = h.notifications, h.listener_errors
-            last_outage = h.last_outage
+        polls, errors, notifications, listener_errors, last_outage = h.snapshot()
         return JobsStats(
             active_jobs=len(self.active()),
             watching=watcher is not None and watcher.running,
