@@ -62,10 +62,15 @@ def check(args: list[str]) -> int:
     )
 
 
+BENCHMARKS = ("core", "media", "watch")
+
+
 def bench(args: list[str]) -> int:
-    """Install .[dev] and print the benchmark table (extra args go to the script)."""
+    """Install .[dev] and print a benchmark table: core (default), media or watch."""
+    name = args[0] if args and args[0] in BENCHMARKS else "core"
+    rest = args[1:] if args and args[0] in BENCHMARKS else args
     _install("dev")
-    return _run(PY, "benchmarks/bench_core.py", *args)
+    return _run(PY, f"benchmarks/bench_{name}.py", *rest)
 
 
 TASKS = {"demo": demo, "test": test, "check": check, "bench": bench}
