@@ -34,8 +34,9 @@
 Flask-SQLAlchemy's ``db.engine`` exists only once the app is set up, so each app's
 :class:`dbcancel.Jobs` is built on first use and kept in ``app.extensions["dbcancel"]``
 (a :class:`DBCancelState`). ``init_app`` also adds the ``flask dbcancel`` commands
-(``list [--all|--status S]``, ``status ID``, ``cancel ID [--reason TEXT]``), which word
-their output and choose their exit statuses as ``python -m dbcancel`` does.
+(``list [--all|--status S]``, ``status ID``, ``cancel ID [--reason TEXT]``,
+``reap --stale-after SECONDS``), which word their output and choose their exit statuses as
+``python -m dbcancel`` does.
 
 Importing this module needs Flask (``pip install 'dbcancel[flask]'``); Flask-SQLAlchemy
 only when ``db=`` is used.
@@ -43,6 +44,7 @@ only when ``db=`` is used.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 from collections.abc import Callable
@@ -62,7 +64,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
-from dbcancel.cli import EXIT_ERROR, EXIT_REFUSED, _reason, _text, _when, parse_job_id
+from dbcancel.cli import (
+    EXIT_ERROR,
+    EXIT_REFUSED,
+    _positive_float,
+    _reason,
+    _text,
+    _when,
+    parse_job_id,
+)
 from dbcancel.demo import format_table
 from dbcancel.errors import InvalidTransition, JobNotFound
 from dbcancel.jobs import Jobs, check_options
@@ -349,7 +359,7 @@ class _Failure(click.ClickException):
 
 cli = AppGroup(
     "dbcancel",
-    help="Cancel, inspect and list the jobs of this app's dbcancel table. Times are UTC.",
+    help="Cancel, inspect, list and reap the jobs of this app's dbcancel table. Times are UTC.",
 )
 """The ``flask dbcancel`` command group that ``DBCancel.init_app`` adds to ``app.cli``."""
 
@@ -369,6 +379,14 @@ def _job_id(table: Table, text: str) -> Any:
         return parse_job_id(table, text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="ID") from None
+
+
+def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    """``--stale-after`` as ``python -m dbcancel`` reads it: seconds, finite and > 0."""
+    try:
+        return _positive_float(value)
+    except argparse.ArgumentTypeError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _database_error(state: DBCancelState, exc: SQLAlchemyError) -> _Failure:
@@ -466,3 +484,31 @@ def cancel_command(job_id: str, reason: str | None) -> None:
         )
     else:
         click.echo(f"{label}: cancelled")
+
+
+@cli.command("reap")
+@click.option(
+    "--stale-after",
+    required=True,
+    callback=_seconds,
+    metavar="SECONDS",
+    help="Reap jobs with no heartbeat for this many seconds; make it several poll "
+    "intervals, so that a slow poll does not look like a dead worker.",
+)
+def reap_command(stale_after: float) -> None:
+    """Stop jobs whose worker died (no heartbeat for --stale-after seconds).
+
+    In-progress jobs become failed, with the error 'worker lost'; cancelled jobs whose
+    worker never stopped are marked stopped (finished_at), so that wait() and delete
+    flows stop waiting for them. Heartbeats come from workers running with watch=True.
+    """
+    state = _state()
+    try:
+        count = state.jobs.reap(stale_after=stale_after)
+    except ValueError as exc:
+        raise _Failure(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise _database_error(state, exc) from None
+    noun = "job" if count == 1 else "jobs"
+    name = state.extension.table.name
+    click.echo(f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)")

@@ -5,6 +5,7 @@ runner."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import subprocess
 import sys
@@ -363,6 +364,77 @@ def test_cli_commands(app: Flask, ext: DBCancel, db: Database, capsys: Any) -> N
 
     result = runner.invoke(args=["dbcancel", "list", "--all", "--status", "pending"])
     assert result.exit_code == 2
+
+
+def stale(app: Flask, job_id: int, *, seconds: float, **values: Any) -> None:
+    """Give the job a heartbeat ``seconds`` old (and ``values``), as a dead worker leaves it."""
+    beat = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    with app.app_context():
+        fdb.session.execute(
+            update(FlaskJob)
+            .where(FlaskJob.id == job_id)
+            .values(started_at=beat, heartbeat_at=beat, **values)
+        )
+        fdb.session.commit()
+
+
+def snapshot(app: Flask) -> list[Any]:
+    """Every job row, to show that a refused command changed nothing."""
+    with app.app_context():
+        return list(fdb.session.execute(select(FlaskJob.__table__).order_by(FlaskJob.id)).all())
+
+
+def test_cli_reap(app: Flask, db: Database, capsys: Any) -> None:
+    runner = app.test_cli_runner()
+    table = FlaskJob.__tablename__
+    lost = add_job(app)
+    stale(app, lost, seconds=3600, status=Status.IN_PROGRESS)
+    unstopped = add_job(app)
+    stale(app, unstopped, seconds=3600, status=Status.CANCELLED, cancel_reason="user left")
+    alive = add_job(app)
+    stale(app, alive, seconds=5, status=Status.IN_PROGRESS)
+
+    before = snapshot(app)
+    for args, message in (
+        ([], "Missing option '--stale-after'"),
+        (["--stale-after", "0"], "expected a number of seconds > 0, got 0"),
+        (["--stale-after", "-1"], "expected a number of seconds > 0, got -1"),
+        (["--stale-after", "inf"], "expected a number of seconds > 0, got inf"),
+        (["--stale-after", "soon"], "expected a number of seconds, got 'soon'"),
+    ):
+        result = runner.invoke(args=["dbcancel", "reap", *args])
+        assert result.exit_code == 2, args
+        assert message in result.output
+        assert snapshot(app) == before
+
+    result = runner.invoke(args=["dbcancel", "reap", "--stale-after", "30"])
+    assert (result.exit_code, result.output) == (
+        0,
+        f"reaped 2 jobs of {table} (no heartbeat for 30s)\n",
+    )
+    with app.app_context():
+        failed = fdb.session.get(FlaskJob, lost)
+        assert failed is not None
+        assert (failed.status, failed.error) == (Status.FAILED, "worker lost")
+        assert failed.finished_at is not None
+        cancelled = fdb.session.get(FlaskJob, unstopped)
+        assert cancelled is not None
+        assert (cancelled.status, cancelled.error) == (Status.CANCELLED, None)
+        assert cancelled.cancel_reason == "user left"
+        assert cancelled.finished_at is not None
+    assert [r for r in snapshot(app) if r.id == alive] == [r for r in before if r.id == alive]
+
+    result = runner.invoke(args=["dbcancel", "reap", "--stale-after", "2.5"])
+    assert (result.exit_code, result.output) == (
+        0,
+        f"reaped 1 job of {table} (no heartbeat for 2.5s)\n",
+    )
+    # The same output as python -m dbcancel.
+    result = runner.invoke(args=["dbcancel", "reap", "--stale-after", "2.5"])
+    assert result.exit_code == 0
+    assert result.output == f"reaped 0 jobs of {table} (no heartbeat for 2.5s)\n"
+    assert dbcancel_main(["reap", "--stale-after", "2.5", "--url", db.url, "--table", table]) == 0
+    assert result.output == capsys.readouterr().out
 
 
 # -- a plain engine ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""``manage.py dbcancel list|status|cancel``."""
+"""``manage.py dbcancel list|status|cancel|reap``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 
 import pytest
@@ -10,6 +11,9 @@ from django.core.management.base import CommandError
 from django.test import override_settings
 
 from dbcancel import Status
+from dbcancel.contrib.django.management.commands.dbcancel import Command
+
+from .testapp.models import Analysis
 
 MODEL = ("--model", "testapp.Analysis")
 
@@ -86,6 +90,76 @@ def test_unknown_job_and_bad_id(alias, add):
     with pytest.raises(CommandError, match="'seven' is not one") as e:
         run(alias, "status", "seven")
     assert e.value.returncode == 2
+
+
+def stale(alias, job, *, seconds, **values):
+    """Give ``job`` a heartbeat ``seconds`` old (and ``values``), as a dead worker leaves it."""
+    beat = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    Analysis.objects.using(alias).filter(pk=job).update(
+        started_at=beat, heartbeat_at=beat, **values
+    )
+
+
+def snapshot(alias):
+    """Every job row, to show that a refused command changed nothing."""
+    return list(Analysis.objects.using(alias).order_by("pk").values_list())
+
+
+def test_reap(alias, add, jobs, row):
+    lost = add()
+    stale(alias, lost, seconds=3600, status=Status.IN_PROGRESS)
+    unstopped = add()
+    stale(alias, unstopped, seconds=3600, status=Status.CANCELLED, cancel_reason="user left")
+    alive = add()
+    stale(alias, alive, seconds=5, status=Status.IN_PROGRESS)
+    before = snapshot(alias)
+
+    assert run(alias, "reap", "--stale-after", "30") == (
+        "reaped 2 jobs of testapp.Analysis (no heartbeat for 30s)\n"
+    )
+    failed = row(lost)
+    assert (failed.status, failed.error) == (Status.FAILED, "worker lost")
+    assert failed.finished_at is not None
+    cancelled = row(unstopped)
+    assert (cancelled.status, cancelled.error) == (Status.CANCELLED, None)
+    assert cancelled.cancel_reason == "user left"
+    assert cancelled.finished_at is not None
+    assert [r for r in snapshot(alias) if r[0] == alive] == [r for r in before if r[0] == alive]
+    # wait() no longer waits for the dead workers.
+    assert jobs.wait(lost, timeout=1) is Status.FAILED
+    assert jobs.wait(unstopped, timeout=1) is Status.CANCELLED
+
+    assert run(alias, "reap", "--stale-after", "2.5") == (
+        "reaped 1 job of testapp.Analysis (no heartbeat for 2.5s)\n"
+    )
+    assert row(alive).status == Status.FAILED
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "the following arguments are required: --stale-after"),
+        (["--stale-after", "0"], "expected a number of seconds > 0, got 0"),
+        (["--stale-after", "-1"], "expected a number of seconds > 0, got -1"),
+        (["--stale-after", "nan"], "expected a number of seconds > 0, got nan"),
+        (["--stale-after", "soon"], "expected a number of seconds, got 'soon'"),
+    ],
+)
+def test_reap_needs_a_positive_stale_after(alias, add, capsys, args, message):
+    job = add()
+    stale(alias, job, seconds=3600, status=Status.IN_PROGRESS)
+    before = snapshot(alias)
+
+    with pytest.raises(CommandError, match=message):
+        run(alias, "reap", *args)
+    # From the shell: a usage error, exit status 2.
+    with pytest.raises(SystemExit) as e:
+        Command().run_from_argv(
+            ["manage.py", "dbcancel", "reap", *args, *MODEL, "--database", alias]
+        )
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(alias) == before
 
 
 def test_model_and_database_options():

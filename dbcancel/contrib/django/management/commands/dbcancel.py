@@ -1,15 +1,17 @@
-"""``manage.py dbcancel list|status|cancel``: look at and cancel jobs from a shell.
+"""``manage.py dbcancel list|status|cancel|reap``: look at, cancel and reap jobs from a shell.
 
 ::
 
     manage.py dbcancel list [--all]
     manage.py dbcancel status 42
     manage.py dbcancel cancel 42 --reason "session deleted"
+    manage.py dbcancel reap --stale-after 60
 
 ``--model app_label.ModelName`` names the job model (default: the setting
 ``DBCANCEL_DEFAULT_MODEL``, else the only job model installed); ``--database`` the
 alias (default ``default``). Exit status 1 when a cancel is refused because the job had
-already completed or failed, 2 for an unknown job or model.
+already completed or failed, 2 for an unknown job or model or a usage error (such as a
+bad ``--stale-after``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
 
+from dbcancel.cli import _positive_float
 from dbcancel.contrib.django.backend import resolve_model
 from dbcancel.contrib.django.checks import job_models
 from dbcancel.contrib.django.jobs import DjangoJobs
@@ -37,14 +40,17 @@ _REFUSED = 1
 
 
 class Command(BaseCommand):  # type: ignore[misc]
-    """``dbcancel list [--all]``, ``dbcancel status ID``, ``dbcancel cancel ID --reason TEXT``."""
+    """``dbcancel list [--all]``, ``dbcancel status ID``, ``dbcancel cancel ID --reason TEXT``,
+    ``dbcancel reap --stale-after SECONDS``."""
 
-    help = "List, inspect and cancel dbcancel jobs."
+    help = "List, inspect, cancel and reap dbcancel jobs."
 
     def add_arguments(self, parser: Any) -> None:
-        """The three subcommands; ``--model`` and ``--database`` go before or after them."""
+        """The four subcommands; ``--model`` and ``--database`` go before or after them."""
         self._common(parser, argparse_default=True)
-        sub = parser.add_subparsers(dest="action", metavar="{list,status,cancel}", required=True)
+        sub = parser.add_subparsers(
+            dest="action", metavar="{list,status,cancel,reap}", required=True
+        )
         listing = sub.add_parser("list", help="list pending and running jobs (--all: every job)")
         listing.add_argument("--all", action="store_true", help="list finished jobs too")
         status = sub.add_parser("status", help="print a job's status")
@@ -54,7 +60,23 @@ class Command(BaseCommand):  # type: ignore[misc]
         )
         cancel.add_argument("job_id", metavar="ID")
         cancel.add_argument("--reason", default=None, help="recorded in cancel_reason")
-        for subparser in (listing, status, cancel):
+        reap = sub.add_parser(
+            "reap",
+            help="stop jobs whose worker died (no heartbeat for --stale-after seconds)",
+            description="In-progress jobs with no heartbeat for --stale-after seconds become "
+            "failed, with the error 'worker lost'; cancelled jobs whose worker never stopped "
+            "get finished_at, so that wait() and delete flows stop waiting for them. "
+            "Heartbeats come from workers running with watch=True.",
+        )
+        reap.add_argument(
+            "--stale-after",
+            type=_positive_float,
+            required=True,
+            metavar="SECONDS",
+            help="reap jobs with no heartbeat for this many seconds; make it several poll "
+            "intervals, so that a slow poll does not look like a dead worker",
+        )
+        for subparser in (listing, status, cancel, reap):
             self._common(subparser, argparse_default=False)
 
     @staticmethod
@@ -82,6 +104,8 @@ class Command(BaseCommand):  # type: ignore[misc]
         elif action == "status":
             job_id = self._job_id(jobs, options["job_id"])
             self.stdout.write(self._status(jobs, job_id).value)
+        elif action == "reap":
+            self._reap(jobs, options["stale_after"])
         else:
             self._cancel(jobs, self._job_id(jobs, options["job_id"]), options.get("reason"))
 
@@ -134,6 +158,15 @@ class Command(BaseCommand):  # type: ignore[misc]
             )
         else:
             self.stdout.write(f"{label}: cancelled")
+
+    def _reap(self, jobs: DjangoJobs, stale_after: float) -> None:
+        try:
+            count = jobs.reap(stale_after=stale_after)
+        except ValueError as exc:
+            raise CommandError(str(exc), returncode=_NOT_FOUND) from None
+        noun = "job" if count == 1 else "jobs"
+        name = jobs.model._meta.label
+        self.stdout.write(f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)")
 
     # -- arguments --------------------------------------------------------------------
 
