@@ -146,7 +146,8 @@ class Listener(Protocol):
 
 
 class Backend(Protocol):
-    """What dbcancel needs from an ORM. Every method is one database round trip."""
+    """What dbcancel needs from an ORM. Every method that touches the database runs at
+    most one transaction of its own (or joins the caller's, for ``using``)."""
 
     key: Hashable
     """Identifies the database and table, so that jobs of one table are found in-process."""
@@ -202,6 +203,11 @@ class Backend(Protocol):
         null, ``started_at``) is older than ``cutoff`` get ``finished_at``; those in
         progress also become failed with ``error``; cancelled ones stay cancelled.
         """
+
+    def release(self) -> None:
+        """The calling thread is done with the database for now (a worker's run ended, an
+        executor thread did one round trip): give back what the ORM keeps per thread.
+        SQLAlchemy pools connections per engine and keeps nothing: a no-op there."""
 
     def listener(self) -> Listener | None:
         """A new listener for this table's cancel notifications; None when the database

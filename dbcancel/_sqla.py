@@ -269,6 +269,9 @@ class SQLAlchemyBackend:
         """Stop the jobs whose heartbeat is older than ``cutoff``; return how many."""
         return self._write(self._reap, {"cutoff": cutoff, "error": error, "now": utcnow()})
 
+    def release(self) -> None:
+        """Nothing to give back: connections return to the engine's pool after each use."""
+
     def listener(self) -> Listener | None:
         """A listener for this table's cancel notifications (PostgreSQL), else None."""
         if not self._postgresql:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 import math
 import threading
@@ -360,8 +361,14 @@ class Jobs:
         return (None, None) if row is None else (row.status, row.cancel_reason)
 
     def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]:
-        """The status and cancel reason of those jobs that still exist, in one query."""
-        rows = self._backend.read_many(job_ids)
+        """The status and cancel reason of those jobs that still exist, in one query.
+
+        Called by the asyncio poller from an executor thread, which then releases.
+        """
+        try:
+            rows = self._backend.read_many(job_ids)
+        finally:
+            self._backend.release()
         return {job_id: (row.status, row.cancel_reason) for job_id, row in rows.items()}
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
@@ -372,8 +379,25 @@ class Jobs:
             return status, reason
         raise InvalidTransition(self.model_name, job_id, status.value, Status.COMPLETED.value)
 
-    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
-        """Move the job to in_progress; return its checkpoint and whether this call did it."""
+    def _start(
+        self, job_id: Any, where: Mapping[str, Any] | None, *, in_executor: bool = False
+    ) -> tuple[Checkpoint, bool]:
+        """Move the job to in_progress; return its checkpoint and whether this call did it.
+
+        The thread releases its hold on the database when the start fails (no exit will
+        follow) or runs in an executor (``async with``: the worker is elsewhere); a
+        synchronous worker keeps its connection for its polls.
+        """
+        entered = False
+        try:
+            result = self._start_job(job_id, where)
+            entered = True
+            return result
+        finally:
+            if in_executor or not entered:
+                self._backend.release()
+
+    def _start_job(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
         b = self._backend
         started, reason = True, None
         if not b.apply(start_change(), job_id=job_id, filters=where):
@@ -406,8 +430,15 @@ class Jobs:
 
         A run that found its job already cancelled (``started`` False) writes nothing: the
         job may still have a worker elsewhere (a cancelled duplicate delivery), and only
-        that worker may say it has stopped.
+        that worker may say it has stopped. The thread then releases its hold on the
+        database: the run is over.
         """
+        try:
+            return self._finish_job(cp, exc, started)
+        finally:
+            self._backend.release()
+
+    def _finish_job(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
         b = self._backend
         job_id = cp.job_id
         own_cancel = isinstance(exc, Cancelled) and _is_own(exc, cp, b.key)
@@ -534,7 +565,9 @@ class JobRun:
     async def __aenter__(self) -> Checkpoint:
         if self._cp is not None:
             raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
-        cp, started = await asyncio.to_thread(self._jobs._start, self._job_id, self._where)
+        cp, started = await asyncio.to_thread(
+            functools.partial(self._jobs._start, self._job_id, self._where, in_executor=True)
+        )
         return self._enter(cp, started)
 
     async def __aexit__(

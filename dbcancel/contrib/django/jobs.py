@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable
 from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel.checkpoint import Checkpoint
-from dbcancel.jobs import JobRun, Jobs
+from dbcancel.jobs import Jobs
 
 from .backend import DjangoBackend
 
 __all__ = ["DjangoJobs"]
-
-# Set while an ``async with jobs.run()`` enters: asyncio.to_thread copies the context, so
-# _start, running in an executor thread, knows that its connection is not the worker's.
-_entering_async: ContextVar[bool] = ContextVar("dbcancel_django_async_enter", default=False)
 
 
 class DjangoJobs(Jobs):
@@ -84,49 +78,3 @@ class DjangoJobs(Jobs):
 
     def __repr__(self) -> str:
         return f"<DjangoJobs {self.model_name} using={self.using!r} interval={self.interval}>"
-
-    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
-        """Run a job, exactly as :meth:`dbcancel.Jobs.run`; see there."""
-        self._backend.check_id(job_id)
-        self._backend.check_filters(where)
-        return _DjangoJobRun(self, job_id, where)
-
-    # -- where a worker's connection is released ----------------------------------------
-
-    def _start(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
-        entered = False
-        try:
-            result = super()._start(job_id, where)
-            entered = True
-            return result
-        finally:
-            # A sync worker keeps its connection for its polls; an async one entered in
-            # an executor thread, and a run that failed to enter has no later exit.
-            if not entered or _entering_async.get():
-                self._django.release()
-
-    def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
-        try:
-            return super()._finish(cp, exc, started)
-        finally:
-            self._django.release()
-
-    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Any, str | None]]:
-        # Called only by the asyncio poller, from an executor thread.
-        try:
-            return super()._poll_rows(job_ids)
-        finally:
-            self._django.release()
-
-
-class _DjangoJobRun(JobRun):
-    """A :class:`JobRun` that tells ``_start`` when it runs on behalf of ``async with``."""
-
-    __slots__ = ()
-
-    async def __aenter__(self) -> Checkpoint:
-        token = _entering_async.set(True)
-        try:
-            return await super().__aenter__()
-        finally:
-            _entering_async.reset(token)
