@@ -14,7 +14,9 @@ Terminal 3, while it streams::
 
 The worker notices the cancel within its poll interval (it polls the row off the event
 loop), closes its connection with code 1001 "cancelled" and exits with status 3. A
-server fault makes it exit with status 1 and the job ``failed``.
+server fault makes it exit with status 1 and the job ``failed``. With ``--watch``, the
+process's shared watcher polls instead (one statement per interval for all its jobs, and
+on PostgreSQL a cancel arrives by NOTIFY within milliseconds whatever the interval).
 """
 
 from __future__ import annotations
@@ -90,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", type=int, default=16_384, help="bytes per frame")
     parser.add_argument("--fps", type=float, default=25.0, help="0 streams as fast as it can")
     parser.add_argument("--interval", type=float, default=0.2, help="poll interval, seconds")
+    parser.add_argument(
+        "--watch", action="store_true", help="use the shared per-process watcher (watch=True)"
+    )
     args = parser.parse_args(argv)
 
     engine = create_engine(args.url)
     Base.metadata.create_all(engine)
-    jobs = Jobs(engine, MediaAnalysis, interval=args.interval)
+    jobs = Jobs(engine, MediaAnalysis, interval=args.interval, watch=args.watch)
     job_id = args.job
     if job_id is None:
         with Session(engine) as session, session.begin():

@@ -1043,11 +1043,12 @@ def media_row(url: str, job_id: int) -> tuple[str, Any]:
     return status, finished_at
 
 
-def test_media_worker_is_cancelled_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--watch"]], ids=["inline", "watched"])
+def test_media_worker_is_cancelled_from_the_command_line(tmp_path, mode):
     url = f"sqlite:///{tmp_path / 'media.db'}"
     server, uri = server_process("--delay", "0.02", "-v")
     with server:
-        worker_args = [EXAMPLES / "media_worker.py", "--url", url, "--server", uri]
+        worker_args = [EXAMPLES / "media_worker.py", "--url", url, "--server", uri, *mode]
         worker_args += ["--fps", "0", "--frames", "1000", "--frame-size", "1024"]
         with Child(*worker_args, "--interval", "0.1", cwd=tmp_path) as worker:
             job_id = int(worker.expect(r"^job (\d+): cancel it from another terminal with$")[1])
