@@ -1,32 +1,76 @@
-"""The benchmark still runs: ``bench_core.py --quick --sqlite-only`` exits 0 with its table.
+"""The benchmarks still run: each ``bench_*.py --quick --sqlite-only`` exits 0 with its table.
 
-No timing is asserted here: speed claims live in the benchmark's own report, not in tests.
+No timing is asserted here: speed claims live in the benchmarks' own reports, not in tests.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_core.py"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+CASES = [
+    pytest.param(
+        "bench_core.py",
+        "core",
+        ("(a) `cp()` per call", "(b) naive re-read", "(c) cancel latency p95"),
+        150,
+        id="core",
+    ),
+    pytest.param(
+        "bench_media.py",
+        "media",
+        (
+            "(d) messages/s through `receive()`",
+            "(e) close latency, same process, SQLite",
+            "(e) close latency, another process, SQLite",
+            "(f) frames/s, `analyze()`",
+        ),
+        170,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("websockets") is None, reason="needs dbcancel[media]"
+        ),
+        id="media",
+    ),
+    pytest.param(
+        "bench_watch.py",
+        "watcher",
+        (
+            "(g) status queries/s, 1 running job, SQLite",
+            "(g) status queries/s, 100 running jobs, SQLite",
+            "(g) status queries/s, 1,000 running jobs, SQLite",
+            "(h) cancel latency with PostgreSQL NOTIFY | not measured",
+            "(i) `cp()` per call, watcher mode (SQLite)",
+        ),
+        150,
+        id="watch",
+    ),
+]
 
 
 @pytest.mark.sqlite
 @pytest.mark.slow
-def test_quick_benchmark_prints_its_table() -> None:
+@pytest.mark.parametrize(("script", "title", "rows", "timeout"), CASES)
+def test_quick_benchmark_prints_its_table(
+    script: str, title: str, rows: tuple[str, ...], timeout: float
+) -> None:
     result = subprocess.run(
-        [sys.executable, "-W", "error", str(BENCH), "--quick", "--sqlite-only"],
+        [sys.executable, "-W", "error", str(BENCHMARKS / script), "--quick", "--sqlite-only"],
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
-    assert out.startswith("# dbcancel core benchmark"), out[:2000]
+    assert out.startswith(f"# dbcancel {title} benchmark"), out[:2000]
     assert "| row | measured | target | verdict |" in out
-    for row in ("(a) `cp()` per call", "(b) naive re-read", "(c) cancel latency p95"):
+    for row in rows:
         assert row in out, row
+    # Every close frame the media server saw after a cancel was 1001 "cancelled".
+    assert "bad closes" not in out, out
