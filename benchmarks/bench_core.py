@@ -29,6 +29,7 @@ import os
 import platform
 import queue
 import random
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -464,19 +465,25 @@ def same_process_trial(
     return exited[0] - cancelled_at, cancelled_at - called_at
 
 
-class ChildWorker:
-    """A worker subprocess with its own engine, driven line by line over its pipes."""
+def python_command(*args: str) -> list[str]:
+    """``python [-W ...] args``: a child inherits this interpreter's warning filters."""
+    return [sys.executable, *(f"-W{opt}" for opt in sys.warnoptions), *args]
 
-    def __init__(self, url: str, table: str, interval: float, work_n: int) -> None:
-        args = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG]
-        args += [url, table, repr(interval), str(work_n)]
+
+class Child:
+    """A subprocess driven line by line over its pipes (stderr is inherited).
+
+    Shared by the three benchmark scripts: their workers, servers and listeners.
+    """
+
+    def __init__(self, args: list[str], name: str) -> None:
+        self.name = name
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="bench-child-reader", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
         self._reader.start()
-        self.expect("ready")
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -484,24 +491,27 @@ class ChildWorker:
             self._lines.put(line.strip())
         self._lines.put(None)
 
-    def expect(self, word: str) -> str:
+    def expect(self, word: str, timeout: float = TIMEOUT) -> str:
         """The next line from the child, which must start with ``word``."""
         try:
-            line = self._lines.get(timeout=TIMEOUT)
+            line = self._lines.get(timeout=timeout)
         except queue.Empty:
-            raise RuntimeError(f"the worker subprocess sent no {word!r} in {TIMEOUT}s") from None
+            raise RuntimeError(f"the {self.name} sent no {word!r} in {timeout}s") from None
         if line is None or not line.startswith(word):
-            raise RuntimeError(f"the worker subprocess sent {line!r}, expected {word!r}")
+            raise RuntimeError(f"the {self.name} sent {line!r}, expected {word!r}")
         return line
 
-    def start(self, job_id: int) -> None:
-        """Ask the child to run ``job_id``."""
+    def send(self, line: str) -> None:
+        """Write one line to the child's stdin."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{job_id}\n")
+        self.proc.stdin.write(f"{line}\n")
         self.proc.stdin.flush()
 
-    def close(self) -> None:
-        """Let the child finish (stdin closed), or kill it if it does not."""
+    def close(self, terminate: bool = False) -> None:
+        """Close stdin (or send SIGTERM first) and wait for the child; kill it if it hangs."""
+        if terminate:
+            with contextlib.suppress(OSError):
+                self.proc.send_signal(signal.SIGTERM)
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -513,6 +523,20 @@ class ChildWorker:
         self._reader.join(TIMEOUT)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+class ChildWorker(Child):
+    """A worker subprocess with its own engine, running the jobs it is sent."""
+
+    def __init__(self, url: str, table: str, interval: float, work_n: int) -> None:
+        args = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG]
+        args += [url, table, repr(interval), str(work_n)]
+        super().__init__(args, "worker subprocess")
+        self.expect("ready")
+
+    def start(self, job_id: int) -> None:
+        """Ask the child to run ``job_id``."""
+        self.send(str(job_id))
 
 
 def cross_process_trial(

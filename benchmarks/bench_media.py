@@ -40,12 +40,10 @@ import json
 import math
 import os
 import platform
-import queue
 import random
 import signal
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import bench_core
 import sqlalchemy
 from bench_core import (
     Database,
@@ -69,6 +68,7 @@ from bench_core import (
     open_databases,
     parse_args,
     progress,
+    python_command,
     source_fingerprint,
     table,
     verdict,
@@ -268,61 +268,12 @@ class Report:
 # -- helpers: subprocesses and event-loop threads ----------------------------------------
 
 
-def python_command(*args: str) -> list[str]:
-    """``python [-W ...] args``: a child inherits this interpreter's warning filters."""
-    return [sys.executable, *(f"-W{opt}" for opt in sys.warnoptions), *args]
-
-
-class Child:
-    """A subprocess driven line by line over its pipes (stderr is inherited)."""
-
-    def __init__(self, args: list[str], name: str) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-        self._lines.put(None)
-
-    def expect(self, word: str) -> str:
-        """The next line from the child, which must start with ``word``."""
-        try:
-            line = self._lines.get(timeout=TIMEOUT)
-        except queue.Empty:
-            raise RuntimeError(f"the {self.name} sent no {word!r} in {TIMEOUT}s") from None
-        if line is None or not line.startswith(word):
-            raise RuntimeError(f"the {self.name} sent {line!r}, expected {word!r}")
-        return line
-
-    def send(self, line: str) -> None:
-        """Write one line to the child's stdin."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{line}\n")
-        self.proc.stdin.flush()
+class Child(bench_core.Child):
+    """A :class:`bench_core.Child` whose exit status must be 0 (or SIGTERM when asked)."""
 
     def close(self, terminate: bool = False) -> None:
-        """Close stdin (or send SIGTERM) and wait for the child; kill it if it hangs."""
-        if terminate:
-            with contextlib.suppress(OSError):
-                self.proc.send_signal(signal.SIGTERM)
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(TIMEOUT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        """Close (or terminate) the child; raise when it exited with another status."""
+        super().close(terminate)
         if self.proc.returncode not in (0, -signal.SIGTERM):
             raise RuntimeError(f"the {self.name} exited with status {self.proc.returncode}")
 

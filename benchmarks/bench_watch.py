@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -46,6 +44,7 @@ from typing import Any
 from bench_core import (
     MONO,
     NO_POLL_INTERVAL,
+    Child,
     Database,
     Timing,
     add_job,
@@ -62,6 +61,7 @@ from bench_core import (
     open_databases,
     parse_args,
     progress,
+    python_command,
     source_fingerprint,
     table,
     time_round_robin,
@@ -370,60 +370,11 @@ def measure_rates(report: Report, dbs: list[Database], rng: random.Random) -> No
 # -- (h) cancel latency with NOTIFY -----------------------------------------------------------
 
 
-def python_command(*args: str) -> list[str]:
-    """``python [-W ...] this-script args``: a child inherits the warning filters."""
-    warnings = (f"-W{opt}" for opt in sys.warnoptions)
-    return [sys.executable, *warnings, str(Path(__file__).resolve()), *args]
-
-
-class Child:
-    """A subprocess of this script driven line by line over its pipes (stderr inherited)."""
-
-    def __init__(self, args: list[str], name: str) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            python_command(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name=f"{name}-reader", daemon=True)
-        self._reader.start()
-        self.expect("ready")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-        self._lines.put(None)
-
-    def expect(self, word: str, timeout: float = TIMEOUT) -> str:
-        """The next line from the child, which must start with ``word``."""
-        try:
-            line = self._lines.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"the {self.name} sent no {word!r} in {timeout}s") from None
-        if line is None or not line.startswith(word):
-            raise RuntimeError(f"the {self.name} sent {line!r}, expected {word!r}")
-        return line
-
-    def send(self, line: str) -> None:
-        """Write one line to the child's stdin."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(f"{line}\n")
-        self.proc.stdin.flush()
-
-    def close(self) -> None:
-        """Close stdin and wait for the child; kill it if it hangs."""
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(TIMEOUT)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+def this_script(name: str, *args: str) -> Child:
+    """A child running this script with ``args``, once it has said ``ready``."""
+    child = Child(python_command(str(Path(__file__).resolve()), *args), name)
+    child.expect("ready")
+    return child
 
 
 def child_watch_main(argv: list[str]) -> int:
@@ -529,9 +480,10 @@ def measure_notify(report: Report, db: Database, rng: random.Random) -> None:
     trials = report.settings.trials
     progress(f"(h) PostgreSQL NOTIFY: {trials} cancels per variant, interleaved")
     work = str(report.work_n)
-    watch_child = Child([WATCH_FLAG, db.url, table_name, repr(NOTIFY_INTERVAL), work], "watcher")
+    interval = repr(NOTIFY_INTERVAL)
+    watch_child = this_script("watcher", WATCH_FLAG, db.url, table_name, interval, work)
     try:
-        raw_child = Child([RAW_FLAG, conninfo, raw_channel, work], "raw listener")
+        raw_child = this_script("raw listener", RAW_FLAG, conninfo, raw_channel, work)
         try:
             results: dict[str, list[Trial]] = {WATCHED: [], RAW: []}
             for n in range(trials + 1):  # the first round is a warm-up, not recorded
