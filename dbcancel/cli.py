@@ -219,14 +219,7 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
         "--stale-after seconds. Run it from cron or a scheduler.",
     )
     _table_arguments(reap, with_id=False)
-    reap.add_argument(
-        "--stale-after",
-        type=_positive_float,
-        required=True,
-        metavar="SECONDS",
-        help="reap jobs with no heartbeat for this many seconds; make it several poll "
-        "intervals, so that a slow poll does not look like a dead worker",
-    )
+    add_stale_after(reap)
     reap.set_defaults(handler=_reap)
     return parser
 
@@ -358,14 +351,29 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _reap(args: argparse.Namespace) -> int:
+    # --stale-after was checked by argparse, so reap() has nothing left to refuse.
     with _open(args) as (_, table, jobs):
-        try:
-            count = jobs.reap(stale_after=args.stale_after)
-        except ValueError as exc:
-            raise CommandError(str(exc)) from None
-    noun = "job" if count == 1 else "jobs"
-    print(f"reaped {count} {noun} of {table.name} (no heartbeat for {args.stale_after:g}s)")
+        count = jobs.reap(stale_after=args.stale_after)
+    print(reap_summary(count, table.name, args.stale_after))
     return EXIT_OK
+
+
+def reap_summary(count: int, name: str, stale_after: float) -> str:
+    """The line every ``reap`` command prints: ``reaped 2 jobs of analysis (...)``."""
+    noun = "job" if count == 1 else "jobs"
+    return f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)"
+
+
+def add_stale_after(parser: argparse.ArgumentParser) -> None:
+    """The required ``--stale-after SECONDS`` of every argparse ``reap`` command."""
+    parser.add_argument(
+        "--stale-after",
+        type=_positive_float,
+        required=True,
+        metavar="SECONDS",
+        help="reap jobs with no heartbeat for this many seconds; make it several poll "
+        "intervals, so that a slow poll does not look like a dead worker",
+    )
 
 
 # -- database access --------------------------------------------------------------------

@@ -72,6 +72,7 @@ from dbcancel.cli import (
     _text,
     _when,
     parse_job_id,
+    reap_summary,
 )
 from dbcancel.demo import format_table
 from dbcancel.errors import InvalidTransition, JobNotFound
@@ -503,12 +504,8 @@ def reap_command(stale_after: float) -> None:
     flows stop waiting for them. Heartbeats come from workers running with watch=True.
     """
     state = _state()
-    try:
+    try:  # --stale-after was checked by its callback: reap() has nothing left to refuse
         count = state.jobs.reap(stale_after=stale_after)
-    except ValueError as exc:
-        raise _Failure(str(exc)) from None
     except SQLAlchemyError as exc:
         raise _database_error(state, exc) from None
-    noun = "job" if count == 1 else "jobs"
-    name = state.extension.table.name
-    click.echo(f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)")
+    click.echo(reap_summary(count, state.extension.table.name, stale_after))

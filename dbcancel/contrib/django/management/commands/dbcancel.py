@@ -25,7 +25,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel.cli import _positive_float
+from dbcancel.cli import add_stale_after, reap_summary
 from dbcancel.contrib.django.backend import resolve_model
 from dbcancel.contrib.django.checks import job_models
 from dbcancel.contrib.django.jobs import DjangoJobs
@@ -68,14 +68,7 @@ class Command(BaseCommand):  # type: ignore[misc]
             "get finished_at, so that wait() and delete flows stop waiting for them. "
             "Heartbeats come from workers running with watch=True.",
         )
-        reap.add_argument(
-            "--stale-after",
-            type=_positive_float,
-            required=True,
-            metavar="SECONDS",
-            help="reap jobs with no heartbeat for this many seconds; make it several poll "
-            "intervals, so that a slow poll does not look like a dead worker",
-        )
+        add_stale_after(reap)
         for subparser in (listing, status, cancel, reap):
             self._common(subparser, argparse_default=False)
 
@@ -160,13 +153,9 @@ class Command(BaseCommand):  # type: ignore[misc]
             self.stdout.write(f"{label}: cancelled")
 
     def _reap(self, jobs: DjangoJobs, stale_after: float) -> None:
-        try:
-            count = jobs.reap(stale_after=stale_after)
-        except ValueError as exc:
-            raise CommandError(str(exc), returncode=_NOT_FOUND) from None
-        noun = "job" if count == 1 else "jobs"
-        name = jobs.model._meta.label
-        self.stdout.write(f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)")
+        # --stale-after was checked by argparse, so reap() has nothing left to refuse.
+        count = jobs.reap(stale_after=stale_after)
+        self.stdout.write(reap_summary(count, jobs.model._meta.label, stale_after))
 
     # -- arguments --------------------------------------------------------------------
 
