@@ -229,7 +229,7 @@ class SQLAlchemyBackend:
             return {}
         with self._reader() as conn:
             rows = conn.execute(self._read_many, {"job_ids": list(job_ids)}).all()
-        return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
+        return _by_id(rows)
 
     def _reader(self) -> Connection:
         """A connection for one read.
@@ -262,8 +262,7 @@ class SQLAlchemyBackend:
 
         # One statement on PostgreSQL, atomic by itself: autocommit saves the BEGIN and
         # COMMIT round trips, each of which waits for the GIL behind busy workers.
-        rows = self._transaction(work, autocommit=self._postgresql)
-        return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
+        return _by_id(self._transaction(work, autocommit=self._postgresql))
 
     def reap(self, cutoff: dt.datetime, error: str) -> int:
         """Stop the jobs whose heartbeat is older than ``cutoff``; return how many."""
@@ -322,6 +321,11 @@ class SQLAlchemyBackend:
                 log.info("dbcancel: %s on %s, retrying", err.orig, self.model_name)
                 time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")
+
+
+def _by_id(rows: Any) -> dict[Any, JobRow]:
+    """Rows of (id, status, cancel_reason, finished_at) as JobRows by id."""
+    return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
 
 
 _RETRIES = 5
