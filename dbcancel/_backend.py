@@ -9,6 +9,7 @@ implements the same few methods.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -19,13 +20,16 @@ __all__ = [
     "WORKER_LOST",
     "Backend",
     "Change",
+    "FilterRule",
     "JobRow",
     "Listener",
     "cancel_change",
+    "check_filter_keys",
     "check_id_type",
     "complete_change",
     "cut_reason",
     "fail_change",
+    "integer_bounds",
     "start_change",
     "utcnow",
 ]
@@ -95,6 +99,90 @@ def check_id_type(model_name: str, id_type: type | None, job_id: Any) -> None:
         )
 
 
+def check_filter_keys(
+    model_name: str, filters: Any, known: Collection[str], names: str, *, noun: str = "column"
+) -> None:
+    """Refuse ``filters`` that are not a mapping of column names, before anything is sent.
+
+    Keys must be strings: a column collection also answers to positions (``{0: ...}``
+    would select the first column), and a bool or a float key would do the same.
+    ``known`` are the names a filter may use; ``names`` lists them for the message,
+    which calls them ``noun`` (Django says "field").
+    """
+    if not isinstance(filters, Mapping):
+        raise TypeError(
+            f"where= and cancel_where() filters of {model_name} are a mapping of {noun} "
+            f"names to values, got {type(filters).__name__}; nothing was changed"
+        )
+    for key in filters:
+        if not isinstance(key, str):
+            raise TypeError(
+                f"{model_name} filters name {noun}s by string, got the key {key!r} "
+                f"({type(key).__name__}); nothing was changed"
+            )
+    unknown = sorted(k for k in filters if k not in known)
+    if unknown:
+        raise ValueError(
+            f"{model_name} has no {noun}(s) {', '.join(map(repr, unknown))} to filter "
+            f"on; its {noun}s are {names}. Nothing was changed"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRule:
+    """What values a filter on one column accepts, and which of them can match a row.
+
+    ``python_type`` is the type the column's values have in Python (None when the ORM
+    does not say: then any value but None and bools is sent as given). ``bounds`` is
+    the ``(lowest, highest)`` integer the column can hold, for integer columns. A value
+    of the right type outside the bounds can match no row, so callers answer "no such
+    row" without sending it: drivers raise on such values (``DataError`` on
+    PostgreSQL, ``OverflowError`` from sqlite3), which a web view would turn into a 500.
+    """
+
+    python_type: type | None
+    bounds: tuple[int, int] | None = None
+
+    def check(self, model_name: str, name: str, value: Any) -> None:
+        """Raise :class:`TypeError` when ``value`` cannot be a value of this column.
+
+        Exact types, because databases convert silently: MySQL compares a string column
+        with the number 0 by converting every non-numeric string to 0, so an unchecked
+        ``{"user_id": 0}`` would match everyone's jobs. ``None`` is refused everywhere:
+        an ownership filter built from a missing request value must not match the rows
+        that have no owner. Ints are accepted for float and decimal columns.
+        """
+        wanted = self.python_type
+        if value is None or (isinstance(value, bool) and wanted is not bool):
+            ok = False
+        elif wanted is None:
+            ok = True
+        elif wanted is float or wanted is decimal.Decimal:
+            ok = isinstance(value, wanted | int)
+        else:
+            ok = isinstance(value, wanted)
+        if not ok:
+            kind = wanted.__name__ if wanted is not None else "non-None values"
+            raise TypeError(
+                f"{model_name}.{name} holds {kind}, got {value!r} ({type(value).__name__}) "
+                f"in the filter on {name!r}; convert the value first. Nothing was changed"
+            )
+
+    def can_match(self, value: Any) -> bool:
+        """False for an integer outside the column's range: no row can have it."""
+        if self.bounds is None or not isinstance(value, int):
+            return True
+        low, high = self.bounds
+        return low <= value <= high
+
+
+def integer_bounds(bits: int, *, unsigned: bool = False) -> tuple[int, int]:
+    """The range of a ``bits``-wide integer column."""
+    if unsigned:
+        return 0, 2**bits - 1
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
 def start_change() -> Change:
     """pending → in_progress, stamping ``started_at`` and ``heartbeat_at``."""
     return Change(Status.IN_PROGRESS, stamp=("started_at", "heartbeat_at"))
@@ -160,7 +248,14 @@ class Backend(Protocol):
         """Raise :class:`TypeError` when ``job_id`` cannot be an id of this table."""
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
-        """Raise :class:`ValueError` when a filter names a column the table lacks."""
+        """Raise before anything is sent when ``filters`` could match rows the caller
+        did not mean: :class:`TypeError` for a key that is not a string or a value of
+        the wrong type for its column (see :class:`FilterRule`), :class:`ValueError`
+        for a key that names no column.
+
+        Filters that pass are compared exactly by ``apply`` and ``read``: a string
+        matches only the same characters, whatever the column's collation.
+        """
 
     def apply(
         self,
@@ -173,11 +268,15 @@ class Backend(Protocol):
         """Apply ``change`` as one conditional UPDATE and commit; return the row count.
 
         ``job_id=None`` applies it to every row matching ``filters``. ``using`` is a
-        caller's open transaction (session or connection) to run in, uncommitted.
+        caller's open transaction (session or connection) to run in, uncommitted. An id
+        or filter value outside its column's range matches nothing: 0, with no query.
+        A write whose connection turns out dead is run once more on a fresh one (it is
+        a conditional UPDATE: running it again cannot apply it twice).
         """
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
-        """One job's row, or None when no row has this id (and matches ``filters``)."""
+        """One job's row, or None when no row has this id (and matches ``filters``);
+        None without a query for an id or value outside its column's range."""
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those jobs that still exist, by id."""

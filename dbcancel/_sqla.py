@@ -11,10 +11,18 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     Connection,
+    Dialect,
     Engine,
+    Enum,
+    Integer,
+    SmallInteger,
+    String,
     Table,
+    TypeDecorator,
+    and_,
     bindparam,
     case,
     func,
@@ -23,14 +31,33 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
-from ._backend import Change, JobRow, Listener, check_id_type, utcnow
+from ._backend import (
+    Change,
+    FilterRule,
+    JobRow,
+    Listener,
+    check_filter_keys,
+    check_id_type,
+    integer_bounds,
+    utcnow,
+)
 from .models import REQUIRED_COLUMNS, Status
 
 _T = TypeVar("_T")
 
-__all__ = ["SQLAlchemyBackend", "channel_name", "resolve_engine", "resolve_table"]
+__all__ = [
+    "SQLAlchemyBackend",
+    "channel_name",
+    "exact_text",
+    "filter_rule",
+    "resolve_engine",
+    "resolve_table",
+]
 
 log = logging.getLogger("dbcancel")
 
@@ -67,6 +94,78 @@ def channel_name(table: str) -> str:
     return "dbcancel:" + hashlib.sha256(table.encode()).hexdigest()[:40]
 
 
+class exact_text(FunctionElement[str]):
+    """A string operand in a form that compares exactly: same characters, same case,
+    trailing spaces counted, whatever the column's collation.
+
+    MySQL/MariaDB compare the utf8mb4 bytes (their ``_ci`` collations ignore case and
+    accents, and PAD SPACE ignores trailing spaces even in ``_bin``); PostgreSQL
+    compares as text in the "C" collation (a nondeterministic or ``citext`` column
+    would not be exact); SQLite uses its BINARY collation (a ``NOCASE`` column would
+    not be exact).
+    """
+
+    type = String()
+    name = "exact_text"
+    inherit_cache = True
+
+
+@compiles(exact_text)
+def _exact_default(element: exact_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(exact_text, "sqlite")
+def _exact_sqlite(element: exact_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"{compiler.process(element.clauses, **kw)} COLLATE BINARY"
+
+
+@compiles(exact_text, "postgresql")
+def _exact_postgresql(element: exact_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return f'CAST({compiler.process(element.clauses, **kw)} AS TEXT) COLLATE "C"'
+
+
+@compiles(exact_text, "mysql")
+@compiles(exact_text, "mariadb")
+def _exact_mysql(element: exact_text, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"CAST(CONVERT({compiler.process(element.clauses, **kw)} USING utf8mb4) AS BINARY)"
+
+
+def _integer_bits(type_: Any) -> int:
+    name = type(type_).__name__.upper()
+    if name == "TINYINT":
+        return 8
+    if name == "MEDIUMINT":
+        return 24
+    if isinstance(type_, SmallInteger):
+        return 16
+    if isinstance(type_, BigInteger):
+        return 64
+    return 32
+
+
+def filter_rule(column: Column[Any], dialect: Dialect) -> FilterRule:
+    """The values a filter on ``column`` accepts, and the integers it can hold."""
+    type_ = column.type
+    while isinstance(type_, TypeDecorator):
+        type_ = type_.impl_instance
+    try:
+        python_type: type | None = column.type.python_type
+    except NotImplementedError:
+        python_type = None
+    if isinstance(type_, Enum) and python_type is not str:
+        python_type = None  # members or their names: the Enum type converts either
+    bounds = None
+    if isinstance(type_, Integer):
+        if dialect.name == "sqlite":
+            bounds = integer_bounds(64)  # every INTEGER holds 64 bits there
+        else:
+            bounds = integer_bounds(
+                _integer_bits(type_), unsigned=bool(getattr(type_, "unsigned", False))
+            )
+    return FilterRule(python_type, bounds)
+
+
 class SQLAlchemyBackend:
     """Jobs in one table, reached through one SQLAlchemy Engine."""
 
@@ -86,11 +185,17 @@ class SQLAlchemyBackend:
                 f"it has {len(pk)}"
             )
         self.pk: Column[Any] = pk[0]
-        try:
-            self._id_type: type | None = self.pk.type.python_type
-        except NotImplementedError:
-            self._id_type = None
         dialect = self.engine.dialect
+        self._rules = {col.key: filter_rule(col, dialect) for col in self.table.c}
+        self._id_rule = filter_rule(self.pk, dialect)
+        self._id_type = self._id_rule.python_type
+        # Strings compared exactly (see exact_text), except for Enum columns, whose
+        # values are a fixed set of names.
+        self._exact = frozenset(
+            col.key
+            for col in self.table.c
+            if self._rules[col.key].python_type is str and not isinstance(col.type, Enum)
+        )
         self._postgresql = dialect.name == "postgresql"
         self._autocommit_reads = self._postgresql
         self._update_returning = bool(dialect.update_returning)
@@ -146,20 +251,31 @@ class SQLAlchemyBackend:
         check_id_type(self.model_name, self._id_type, job_id)
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
-        """Refuse filters that name columns the table does not have."""
-        if not filters:
+        """Refuse filters with keys that are not column names, or values of the wrong
+        type for their column (see :class:`dbcancel._backend.FilterRule`)."""
+        if filters is None:
             return
-        unknown = sorted(str(k) for k in filters if k not in self.table.c)
-        if unknown:
-            raise ValueError(
-                f"{self.model_name} has no column(s) {', '.join(map(repr, unknown))} to filter "
-                f"on; its columns are {', '.join(self.table.c.keys())}. Nothing was changed"
-            )
+        check_filter_keys(self.model_name, filters, self._rules, ", ".join(self.table.c.keys()))
+        for name, value in filters.items():
+            self._rules[name].check(self.model_name, name, value)
+
+    def _can_match(self, job_id: Any, filters: Mapping[str, Any] | None) -> bool:
+        """False when the id or a filter value lies outside its column's range."""
+        if job_id is not None and not self._id_rule.can_match(job_id):
+            return False
+        return all(self._rules[k].can_match(v) for k, v in (filters or {}).items())
 
     def _where(self, job_id: Any, filters: Mapping[str, Any] | None) -> list[Any]:
         clauses: list[Any] = [] if job_id is None else [self.pk == job_id]
         for name, value in (filters or {}).items():
-            clauses.append(self.table.c[name] == value)
+            column = self.table.c[name]
+            if name in self._exact:
+                # The plain comparison lets the database use the column's index; the
+                # exact one drops what the collation alone would let through.
+                value = literal(value, type_=String())
+                clauses.append(and_(column == value, exact_text(column) == exact_text(value)))
+            else:
+                clauses.append(column == value)
         return clauses
 
     def apply(
@@ -171,6 +287,8 @@ class SQLAlchemyBackend:
         using: Session | Connection | None = None,
     ) -> int:
         """Run ``change`` as one ``UPDATE ... WHERE status IN (...)``; return the row count."""
+        if not self._can_match(job_id, filters):
+            return 0
         c = self.table.c
         now = utcnow()
         # MySQL evaluates SET assignments left to right, each seeing the ones before it:
@@ -214,33 +332,43 @@ class SQLAlchemyBackend:
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
         """One job's status, cancel reason and finished_at; None when there is no such row."""
+        if not self._can_match(job_id, filters):
+            return None
         stmt = self._read_one
         params: dict[str, Any] = {"job_id": job_id}
         if filters:
             stmt = select(*self._columns).where(*self._where(job_id, filters))
             params = {}
-        with self._reader() as conn:
-            row = conn.execute(stmt, params).first()
+        row = self._read(lambda conn: conn.execute(stmt, params).first())
         return None if row is None else JobRow(Status(row[0]), row[1], row[2])
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those ``job_ids`` that exist, in one query."""
-        if not job_ids:
+        ids = [i for i in job_ids if self._id_rule.can_match(i)]
+        if not ids:
             return {}
-        with self._reader() as conn:
-            rows = conn.execute(self._read_many, {"job_ids": list(job_ids)}).all()
-        return _by_id(rows)
+        return _by_id(
+            self._read(lambda conn: conn.execute(self._read_many, {"job_ids": ids}).all())
+        )
 
-    def _reader(self) -> Connection:
-        """A connection for one read.
+    def _read(self, work: Callable[[Connection], _T]) -> _T:
+        """Run one read, once more on a fresh connection if the pooled one was dead.
 
         On PostgreSQL in autocommit, so a poll is one round trip instead of three (BEGIN,
         SELECT, ROLLBACK); psycopg switches autocommit without a round trip. Elsewhere a
         plain connection: MySQL drivers switch isolation with an extra statement.
         """
-        if self._autocommit_reads:
-            return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        return self.engine.connect()
+        for attempt in range(2):
+            try:
+                with self.engine.connect() as conn:
+                    if self._autocommit_reads:
+                        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return work(conn)
+            except DBAPIError as err:
+                if attempt or not err.connection_invalidated:
+                    raise
+                log.info("dbcancel: %s on %s, reading again", err.orig, self.model_name)
+        raise AssertionError("unreachable")
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp ``finished_at`` where it is still null (and ``cancel_observed_at``)."""
@@ -301,12 +429,19 @@ class SQLAlchemyBackend:
         return self._transaction(work)
 
     def _transaction(self, work: Callable[[Connection], _T], *, autocommit: bool = False) -> _T:
-        """Run ``work`` in its own transaction, retried when the database chose it as the
-        victim of a deadlock (it was rolled back whole, so running it again is safe).
+        """Run ``work`` in its own transaction, and again when running it again is safe.
 
-        ``autocommit``: ``work`` is one statement, run in autocommit mode.
+        Every write dbcancel makes is conditional (``WHERE status IN ...``, ``WHERE
+        finished_at IS NULL``), so a second run cannot apply a change twice: it finds
+        the row already changed and counts 0. Retried: a deadlock or lock timeout (the
+        database rolled the transaction back), up to five times with a short random
+        pause; and a connection found dead (the server restarted, or killed it, while it
+        sat in the pool), once: SQLAlchemy has then emptied the pool, so the second try
+        opens a fresh connection. ``autocommit``: ``work`` is one statement, run in
+        autocommit mode.
         """
-        for attempt in range(_RETRIES):
+        reconnected = False
+        for attempt in range(_RETRIES + 1):
             try:
                 if autocommit:
                     with self.engine.connect().execution_options(
@@ -316,7 +451,11 @@ class SQLAlchemyBackend:
                 with self.engine.begin() as conn:
                     return work(conn)
             except DBAPIError as err:
-                if attempt == _RETRIES - 1 or not _is_transient(err):
+                if err.connection_invalidated and not reconnected:
+                    reconnected = True
+                    log.info("dbcancel: %s on %s, reconnecting", err.orig, self.model_name)
+                    continue
+                if attempt >= _RETRIES - 1 or not _is_transient(err):
                     raise
                 log.info("dbcancel: %s on %s, retrying", err.orig, self.model_name)
                 time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))

@@ -11,6 +11,7 @@ unchanged.
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import logging
 import random
 import threading
@@ -22,13 +23,20 @@ from typing import Any, TypeVar
 
 from django.apps import apps
 from django.conf import settings
-from django.db import OperationalError, connections, models, transaction
-from django.db.models import Case, F, Value, When
+from django.db import InterfaceError, OperationalError, connections, models, transaction
+from django.db.models import Case, F, Func, Value, When
 from django.db.models.functions import Coalesce
-from django.db.models.lookups import LessThan
+from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
-from dbcancel._backend import Change, JobRow, Listener, check_id_type
+from dbcancel._backend import (
+    Change,
+    FilterRule,
+    JobRow,
+    Listener,
+    check_filter_keys,
+    check_id_type,
+)
 from dbcancel.models import ERROR_LENGTH, Status
 
 from .models import _missing_fields, _wrong_fields
@@ -63,16 +71,59 @@ def resolve_model(model: Any) -> Any:
     )
 
 
-def _id_type(pk: Any) -> type | None:
-    """The Python type of the primary key's values, when it has one clear type."""
-    target = pk.target_field if pk.is_relation else pk
-    if isinstance(target, models.IntegerField | models.AutoField):
-        return int
-    if isinstance(target, models.UUIDField):
-        return uuid.UUID
-    if isinstance(target, models.CharField | models.TextField):
-        return str
-    return None
+_PYTHON_TYPES: tuple[tuple[type, type], ...] = (
+    (models.BooleanField, bool),
+    (models.IntegerField, int),  # AutoFields and the positive ones included
+    (models.AutoField, int),
+    (models.UUIDField, uuid.UUID),
+    (models.CharField, str),
+    (models.TextField, str),
+    (models.FloatField, float),
+    (models.DecimalField, decimal.Decimal),
+    (models.DateTimeField, dt.datetime),
+    (models.DateField, dt.date),
+)
+
+
+def _filter_rule(field: Any, connection: Any) -> FilterRule:
+    """The values a filter on ``field`` accepts (a relation: those of its target)."""
+    target = field.target_field if field.is_relation else field
+    python_type = next((t for cls, t in _PYTHON_TYPES if isinstance(target, cls)), None)
+    bounds = None
+    if python_type is int:
+        try:
+            bounds = connection.ops.integer_field_range(target.get_internal_type())
+        except KeyError:
+            bounds = None
+        if bounds is not None and None in bounds:
+            bounds = None
+    return FilterRule(python_type, bounds)
+
+
+class _ExactText(Func):  # type: ignore[misc]
+    """A string operand in a form that compares exactly, whatever the collation.
+
+    The same SQL as the SQLAlchemy side's ``exact_text``: utf8mb4 bytes on
+    MySQL/MariaDB, text in the "C" collation on PostgreSQL, the BINARY collation on
+    SQLite.
+    """
+
+    template = "%(expressions)s"
+
+    def __init__(self, expression: Any) -> None:
+        super().__init__(expression, output_field=models.TextField())
+
+    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "CAST(CONVERT(%(expressions)s USING utf8mb4) AS BINARY)"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = 'CAST(%(expressions)s AS TEXT) COLLATE "C"'
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "%(expressions)s COLLATE BINARY"
+        return self.as_sql(compiler, connection, template=template, **extra)
 
 
 def _is_transient(err: OperationalError) -> bool:
@@ -122,10 +173,19 @@ class DjangoBackend:
         self.label = f"{name}@{using}"
         self.key: Hashable = ("django", using, meta.db_table)
         self._manager = model._base_manager
-        self._id_type = _id_type(meta.pk)
-        self._names = frozenset(
-            ["pk", *(n for f in meta.concrete_fields for n in (f.name, f.attname))]
-        )
+        connection = connections[using]
+        self._id_rule = _filter_rule(meta.pk, connection)
+        self._id_type = self._id_rule.python_type
+        # Filter names: "pk", each field's name and, for relations, its attname
+        # (user_id); a relation's name also takes an instance of the related model.
+        self._fields_by_name: dict[str, Any] = {"pk": meta.pk}
+        for f in meta.concrete_fields:
+            self._fields_by_name[f.name] = f
+            self._fields_by_name[f.attname] = f
+        self._rules = {
+            name: _filter_rule(f, connection) for name, f in self._fields_by_name.items()
+        }
+        self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
         self._hint: Callable[..., Any] | None = None
         if connections[using].vendor == "mysql":
@@ -138,15 +198,38 @@ class DjangoBackend:
         check_id_type(self.model_name, self._id_type, job_id)
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
-        """Refuse filters that name fields the model does not have (lookups included)."""
-        if not filters:
+        """Refuse filters that name no field of the model (lookups such as
+        ``user__name`` included), or whose values have the wrong type for their field
+        (see :class:`dbcancel._backend.FilterRule`). A relation's name (``user``) also
+        takes a saved instance of the related model."""
+        if filters is None:
             return
-        unknown = sorted(str(k) for k in filters if k not in self._names)
-        if unknown:
-            raise ValueError(
-                f"{self.model_name} has no field(s) {', '.join(map(repr, unknown))} to filter "
-                f"on; its fields are {self._fields}. Nothing was changed"
-            )
+        check_filter_keys(self.model_name, filters, self._rules, self._fields, noun="field")
+        for name, value in filters.items():
+            self._rules[name].check(self.model_name, name, self._plain(name, value))
+
+    def _plain(self, name: str, value: Any) -> Any:
+        """A related model instance given for a relation's name, as its key."""
+        related = self._related.get(name)
+        if related is not None and isinstance(value, related):
+            return value.pk
+        return value
+
+    def _can_match(self, job_id: Any, filters: Mapping[str, Any] | None) -> bool:
+        """False when the id or a filter value lies outside its column's range."""
+        if job_id is not None and not self._id_rule.can_match(job_id):
+            return False
+        return all(self._rules[k].can_match(self._plain(k, v)) for k, v in (filters or {}).items())
+
+    def _filtered(self, qs: Any, filters: Mapping[str, Any] | None) -> Any:
+        """``qs`` narrowed to ``filters``, strings compared exactly (see _ExactText)."""
+        if not filters:
+            return qs
+        qs = qs.filter(**filters)
+        for name, value in filters.items():
+            if isinstance(value, str) and self._rules[name].python_type is str:
+                qs = qs.filter(Exact(_ExactText(F(name)), _ExactText(Value(value))))
+        return qs
 
     def apply(
         self,
@@ -161,6 +244,8 @@ class DjangoBackend:
         ``using`` is the alias of the caller's open ``transaction.atomic()`` block
         (from ``cp.complete(alias)``): the update then joins it, uncommitted.
         """
+        if not self._can_match(job_id, filters):
+            return 0
         now = timezone.now()
         updates: dict[str, Any] = {}
         # MySQL/MariaDB evaluate SET assignments left to right, each seeing the ones
@@ -181,8 +266,7 @@ class DjangoBackend:
         qs = self._manager.using(self.alias).filter(status__in=[s.value for s in change.sources])
         if job_id is not None:
             qs = qs.filter(pk=job_id)
-        if filters:
-            qs = qs.filter(**filters)
+        qs = self._filtered(qs, filters)
 
         def update() -> int:
             with self._hinted(job_id is not None):
@@ -195,10 +279,12 @@ class DjangoBackend:
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
         """One job's status, cancel reason and finished_at; None when there is no such row."""
-        qs = self._manager.using(self.alias).filter(pk=job_id)
-        if filters:
-            qs = qs.filter(**filters)
-        rows = list(qs.values_list("status", "cancel_reason", "finished_at")[:1])
+        if not self._can_match(job_id, filters):
+            return None
+        qs = self._filtered(self._manager.using(self.alias).filter(pk=job_id), filters)
+        rows = self._read(
+            lambda: list(qs.values_list("status", "cancel_reason", "finished_at")[:1])
+        )
         if not rows:
             return None
         status, reason, finished_at = rows[0]
@@ -206,13 +292,14 @@ class DjangoBackend:
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those ``job_ids`` that exist, in one query."""
-        if not job_ids:
+        ids = [i for i in job_ids if self._id_rule.can_match(i)]
+        if not ids:
             return {}
-        rows = self._manager.using(self.alias).filter(pk__in=list(job_ids))
+        rows = self._manager.using(self.alias).filter(pk__in=ids)
         return {
             pk: JobRow(Status(status), reason, finished_at)
-            for pk, status, reason, finished_at in rows.values_list(
-                "pk", "status", "cancel_reason", "finished_at"
+            for pk, status, reason, finished_at in self._read(
+                lambda: list(rows.values_list("pk", "status", "cancel_reason", "finished_at"))
             )
         }
 
@@ -308,19 +395,55 @@ class DjangoBackend:
     # -- internals --------------------------------------------------------------------
 
     def _write(self, update: Callable[[], _T]) -> _T:
-        """Run one write in its own committed transaction, retried when the database
-        chose it as the victim of a deadlock (it was rolled back whole, so running it
-        again is safe)."""
-        for attempt in range(_RETRIES):
+        """Run one write in its own committed transaction, and again when that is safe.
+
+        Every write is conditional, so a second run cannot apply a change twice.
+        Retried: a deadlock or lock timeout (rolled back whole by the database), up to
+        five times; and a dead connection (the server restarted, or killed it, since
+        this thread last used it), once, on a fresh connection.
+        """
+        reconnected = False
+        for attempt in range(_RETRIES + 1):
             try:
                 with self._own_transaction():
                     return update()
-            except OperationalError as err:
-                if attempt == _RETRIES - 1 or not _is_transient(err):
+            except (OperationalError, InterfaceError) as err:
+                if not reconnected and self._drop_if_dead():
+                    reconnected = True
+                    log.info("dbcancel: %s on %s, reconnecting", err, self.model_name)
+                    continue
+                if attempt >= _RETRIES - 1 or not isinstance(err, OperationalError):
+                    raise
+                if not _is_transient(err):
                     raise
                 log.info("dbcancel: %s on %s, retrying", err, self.model_name)
                 time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")
+
+    def _read(self, query: Callable[[], _T]) -> _T:
+        """Run one read, once more on a fresh connection if this thread's was dead."""
+        try:
+            return query()
+        except (OperationalError, InterfaceError) as err:
+            if not self._drop_if_dead():
+                raise
+            log.info("dbcancel: %s on %s, reading again", err, self.model_name)
+            return query()
+
+    def _drop_if_dead(self) -> bool:
+        """Close this thread's connection when it no longer works; True if it did.
+
+        Django reconnects only between requests; a worker thread would keep failing on
+        a connection the server closed. One inside the caller's atomic block is the
+        caller's to handle.
+        """
+        conn = connections[self.alias]
+        if conn.in_atomic_block:
+            return False
+        if conn.connection is not None and conn.is_usable():
+            return False
+        conn.close()
+        return True
 
     def _own_transaction(self) -> Any:
         """A transaction that commits when the write is done (``durable=True``).
