@@ -435,6 +435,17 @@ class Jobs:
         """
         try:
             return self._finish_job(cp, exc, started)
+        except Exception as err:
+            if started:
+                # The database refused twice (the write was retried on a fresh
+                # connection): say what the row now wrongly shows, and what settles it.
+                ended = "completed" if exc is None else type(exc).__name__
+                err.add_note(
+                    f"dbcancel: {self.model_name} {cp.job_id!r} ended ({ended}) but its "
+                    "row could not be updated; it shows the status it had before until "
+                    "jobs.reap() finds its heartbeat stale"
+                )
+            raise
         finally:
             self._backend.release()
 
