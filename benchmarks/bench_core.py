@@ -53,6 +53,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dbcancel
 from dbcancel import CancellableMixin, Jobs, Status
+from dbcancel.models import WORKER_TABLE
 
 DEFAULT_PG_URL = os.environ.get(
     "DBCANCEL_BENCH_PG_URL",
@@ -235,7 +236,9 @@ def open_database(name: str, url: str, table: str) -> Iterator[Database]:
             if engine.dialect.name == "postgresql":
                 # Fail rather than hang if a forgotten session still holds the table.
                 conn.execute(text("SET LOCAL lock_timeout = '10s'"))
-            base.metadata.drop_all(conn)
+            # The benchmark's own tables: the worker table may serve other job tables.
+            own = [t for t in base.metadata.sorted_tables if t.name != WORKER_TABLE]
+            base.metadata.drop_all(conn, tables=own)
         engine.dispose()
 
 

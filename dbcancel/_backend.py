@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -24,12 +25,15 @@ __all__ = [
     "JobRow",
     "Listener",
     "cancel_change",
+    "cancel_payload",
     "check_filter_keys",
     "check_id_type",
     "complete_change",
     "cut_reason",
     "fail_change",
     "integer_bounds",
+    "read_cancel_payload",
+    "row_text",
     "start_change",
     "utcnow",
 ]
@@ -50,6 +54,12 @@ class JobRow(NamedTuple):
     status: Status
     cancel_reason: str | None
     finished_at: dt.datetime | None
+    error: str | None = None
+
+
+def row_text(row: JobRow) -> str | None:
+    """What a row says of its status: the cancel reason, or a failed job's error."""
+    return row.cancel_reason if row.status is Status.CANCELLED else row.error
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +193,9 @@ def integer_bounds(bits: int, *, unsigned: bool = False) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
-def start_change() -> Change:
-    """pending → in_progress, stamping ``started_at`` and ``heartbeat_at``."""
-    return Change(Status.IN_PROGRESS, stamp=("started_at", "heartbeat_at"))
+def start_change(worker_id: str) -> Change:
+    """pending → in_progress, stamping ``started_at`` and naming the worker process."""
+    return Change(Status.IN_PROGRESS, stamp=("started_at",), values={"worker_id": worker_id})
 
 
 def complete_change() -> Change:
@@ -210,6 +220,31 @@ def cancel_change(reason: str | None) -> Change:
         stamp_if_from={"finished_at": frozenset({Status.PENDING})},
         values={"cancel_reason": cut_reason(reason)},
     )
+
+
+def cancel_payload(job_id: Any, reason: str | None) -> str:
+    """The notification a committed cancel of one job sends: its id and reason, as JSON.
+
+    A cancel that changed several rows (``cancel_where``) sends ``"*"`` instead.
+    """
+    return json.dumps([str(job_id), reason])
+
+
+def read_cancel_payload(payload: str) -> tuple[str, str | None, bool] | None:
+    """``(job id, reason, exact)`` from a notification; None for ``"*"`` (poll them all).
+
+    ``exact`` is False for a bare id, as dbcancel 0.1 sent: it names the job but not the
+    reason, so the listener confirms with a poll.
+    """
+    if payload == "*":
+        return None
+    try:
+        job_id, reason = json.loads(payload)
+    except (ValueError, TypeError):
+        return payload, None, False
+    if not isinstance(job_id, str) or not (reason is None or isinstance(reason, str)):
+        return payload, None, False
+    return job_id, reason, True
 
 
 class Listener(Protocol):
@@ -288,19 +323,27 @@ class Backend(Protocol):
         in the same UPDATE, unless that already holds an earlier value.
         """
 
-    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
-        """Stamp ``heartbeat_at`` on those rows, whatever their status; return them by id.
+    worker_key: Hashable
+    """Identifies the worker table: the database (and schema) the job table lives in.
+    One process beats one row there, whatever the number of its jobs and tables."""
 
-        Rows missing from the result were deleted. One ``UPDATE ... RETURNING`` where
-        the database has it, else an UPDATE and a SELECT in one transaction.
+    def beat_worker(self, worker_id: str) -> None:
+        """Stamp the worker row ``worker_id`` with the database's clock, and commit.
+
+        Inserts the row when it is missing (the first job of the process, or a reap
+        removed it while the process was stalled). One UPDATE while the row exists.
         """
 
-    def reap(self, cutoff: dt.datetime, error: str) -> int:
+    def reap(self, stale_after: float, error: str) -> int:
         """Stop the jobs whose worker is gone; return how many, in one conditional UPDATE.
 
-        Rows not yet stopped (``finished_at`` null) whose ``heartbeat_at`` (or, when
-        null, ``started_at``) is older than ``cutoff`` get ``finished_at``; those in
-        progress also become failed with ``error``; cancelled ones stay cancelled.
+        On the database's clock: rows not yet stopped (``finished_at`` null), in
+        progress or cancelled, whose worker row is missing or has not beaten for
+        ``stale_after`` seconds (rows without a worker: whose ``heartbeat_at``, or
+        ``started_at``, is that old) get ``finished_at``; those in progress also become
+        failed with ``error``; cancelled ones stay cancelled. Worker rows that are that
+        stale and no longer named by an unfinished job of this table are deleted in the
+        same transaction.
         """
 
     def release(self) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Engine,
     Enum,
     Integer,
+    MetaData,
     SmallInteger,
     String,
     Table,
@@ -26,7 +27,9 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
+    inspect,
     literal,
+    or_,
     select,
     update,
 )
@@ -41,12 +44,14 @@ from ._backend import (
     FilterRule,
     JobRow,
     Listener,
+    cancel_payload,
     check_filter_keys,
     check_id_type,
     integer_bounds,
     utcnow,
 )
-from .models import REQUIRED_COLUMNS, Status
+from .errors import DbcancelError
+from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status, UTCDateTime, worker_table
 
 _T = TypeVar("_T")
 
@@ -57,6 +62,7 @@ __all__ = [
     "filter_rule",
     "resolve_engine",
     "resolve_table",
+    "server_now",
 ]
 
 log = logging.getLogger("dbcancel")
@@ -131,6 +137,41 @@ def _exact_mysql(element: exact_text, compiler: SQLCompiler, **kw: Any) -> str:
     return f"CAST(CONVERT({compiler.process(element.clauses, **kw)} USING utf8mb4) AS BINARY)"
 
 
+class server_now(FunctionElement[dt.datetime]):
+    """The database's clock, as an aware UTC timestamp with microseconds.
+
+    Heartbeats and staleness are judged on it, so that a host whose clock is off
+    neither looks dead while alive nor alive when dead. SQLite is embedded: its clock
+    is the machine's, read by the SQLite library itself.
+    """
+
+    type = UTCDateTime()
+    name = "server_now"
+    inherit_cache = True
+
+
+@compiles(server_now)
+def _now_default(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "CURRENT_TIMESTAMP"
+
+
+@compiles(server_now, "postgresql")
+def _now_postgresql(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "statement_timestamp()"
+
+
+@compiles(server_now, "mysql")
+@compiles(server_now, "mariadb")
+def _now_mysql(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    return "UTC_TIMESTAMP(6)"
+
+
+@compiles(server_now, "sqlite")
+def _now_sqlite(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # The format SQLAlchemy stores datetimes in, so that text comparisons order them.
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+
+
 def _integer_bits(type_: Any) -> int:
     name = type(type_).__name__.upper()
     if name == "TINYINT":
@@ -176,7 +217,9 @@ class SQLAlchemyBackend:
         if missing:
             raise TypeError(
                 f"{self.model_name} lacks the column(s) {', '.join(missing)} that dbcancel "
-                "needs; add CancellableMixin to the model (and its columns to the table)"
+                "needs; add CancellableMixin to the model (and its columns to the table: "
+                "op.add_cancellation() in an Alembic migration, or op.upgrade_cancellation() "
+                "for a table made cancellable by an earlier dbcancel)"
             )
         pk = list(self.table.primary_key.columns)
         if len(pk) != 1:
@@ -207,7 +250,7 @@ class SQLAlchemyBackend:
             self.table.fullname,
         )
         c = self.table.c
-        self._columns = (c.status, c.cancel_reason, c.finished_at)
+        self._columns = (c.status, c.cancel_reason, c.finished_at, c.error)
         self._read_one = select(*self._columns).where(self.pk == bindparam("job_id"))
         self._read_many = select(self.pk, *self._columns).where(
             self.pk.in_(bindparam("job_ids", expanding=True))
@@ -223,12 +266,21 @@ class SQLAlchemyBackend:
                 ),
             )
         )
-        stamp = self._hinted(
-            update(self.table)
-            .where(self.pk.in_(bindparam("job_ids", expanding=True)))
-            .values(heartbeat_at=bindparam("now", type_=c.heartbeat_at.type))
+        w = self.workers = worker_table(MetaData(), self.table.schema).c
+        self.worker_key: Hashable = (
+            "sqlalchemy",
+            self.engine.url.render_as_string(hide_password=True),
+            self.table.schema,
         )
-        self._beat = stamp.returning(self.pk, *self._columns) if self._update_returning else stamp
+        self._worker_beat = (
+            update(w.id.table).where(w.id == bindparam("worker")).values(heartbeat_at=server_now())
+        )
+        self._worker_add = w.id.table.insert().values(
+            id=bindparam("worker"), started_at=server_now(), heartbeat_at=server_now()
+        )
+        self._server_now = select(server_now())
+        cutoff = bindparam("cutoff", type_=w.heartbeat_at.type)
+        alive = select(w.id).where(w.id == c.worker_id, w.heartbeat_at >= cutoff).exists()
         in_progress = c.status == Status.IN_PROGRESS
         # MySQL assigns left to right, each seeing the ones before: error before status.
         self._reap = (
@@ -236,8 +288,13 @@ class SQLAlchemyBackend:
             .where(
                 c.finished_at.is_(None),
                 c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]),
-                func.coalesce(c.heartbeat_at, c.started_at)
-                < bindparam("cutoff", type_=c.heartbeat_at.type),
+                or_(
+                    and_(c.worker_id.is_not(None), ~alive),
+                    and_(
+                        c.worker_id.is_(None),
+                        func.coalesce(c.heartbeat_at, c.started_at) < cutoff,
+                    ),
+                ),
             )
             .ordered_values(
                 (c.error, case((in_progress, bindparam("error")), else_=c.error)),
@@ -245,6 +302,8 @@ class SQLAlchemyBackend:
                 (c.finished_at, bindparam("now", type_=c.finished_at.type)),
             )
         )
+        busy = select(c.worker_id).where(c.worker_id == w.id, c.finished_at.is_(None)).exists()
+        self._forget_workers = w.id.table.delete().where(w.heartbeat_at < cutoff, ~busy)
 
     def check_id(self, job_id: Any) -> None:
         """Refuse an id whose Python type cannot match the primary key column."""
@@ -313,8 +372,10 @@ class SQLAlchemyBackend:
         notify = None
         if self._postgresql and change.to is Status.CANCELLED:
             # Watchers in other processes LISTEN for this; sent only if the UPDATE
-            # changed a row, and delivered only when the transaction commits.
-            notify = "*" if job_id is None else str(job_id)
+            # changed a row, and delivered only when the transaction commits: a
+            # payload that names the job is as good as the row, and spares them a poll.
+            reason = change.values.get("cancel_reason")
+            notify = "*" if job_id is None else cancel_payload(job_id, reason)
         return self._write(stmt, {}, notify=notify)
 
     @staticmethod
@@ -340,7 +401,7 @@ class SQLAlchemyBackend:
             stmt = select(*self._columns).where(*self._where(job_id, filters))
             params = {}
         row = self._read(lambda conn: conn.execute(stmt, params).first())
-        return None if row is None else JobRow(Status(row[0]), row[1], row[2])
+        return None if row is None else JobRow(Status(row[0]), row[1], row[2], row[3])
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those ``job_ids`` that exist, in one query."""
@@ -376,25 +437,38 @@ class SQLAlchemyBackend:
             self._mark_stopped, {"job_id": job_id, "now": utcnow(), "observed": observed_at}
         )
 
-    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
-        """Stamp ``heartbeat_at`` on those rows and return the ones that exist."""
-        if not job_ids:
-            return {}
-        params = {"job_ids": list(job_ids), "now": utcnow()}
+    def beat_worker(self, worker_id: str) -> None:
+        """Stamp this process's worker row with the database's clock; insert it if missing."""
+        params = {"worker": worker_id}
 
-        def work(conn: Connection) -> list[Any]:
-            result = conn.execute(self._beat, params)
-            if self._update_returning:
-                return list(result.all())
-            return list(conn.execute(self._read_many, params).all())
+        def work(conn: Connection) -> None:
+            if not conn.execute(self._worker_beat, params).rowcount:
+                conn.execute(self._worker_add, params)
 
-        # One statement on PostgreSQL, atomic by itself: autocommit saves the BEGIN and
-        # COMMIT round trips, each of which waits for the GIL behind busy workers.
-        return _by_id(self._transaction(work, autocommit=self._postgresql))
+        try:
+            self._transaction(work)
+        except DBAPIError as err:
+            schema = self.table.schema
+            if inspect(self.engine).has_table(WORKER_TABLE, schema=schema):
+                raise
+            raise DbcancelError(
+                f"the worker table {WORKER_TABLE!r} is missing beside {self.model_name}'s "
+                "table, so no job can run: create it with metadata.create_all() (the "
+                "mixin adds it to your metadata), or in a migration with "
+                "op.add_cancellation() or op.upgrade_cancellation()"
+            ) from err
 
-    def reap(self, cutoff: dt.datetime, error: str) -> int:
-        """Stop the jobs whose heartbeat is older than ``cutoff``; return how many."""
-        return self._write(self._reap, {"cutoff": cutoff, "error": error, "now": utcnow()})
+    def reap(self, stale_after: float, error: str) -> int:
+        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds."""
+
+        def work(conn: Connection) -> int:
+            now = conn.execute(self._server_now).scalar_one()
+            params = {"cutoff": now - dt.timedelta(seconds=stale_after), "error": error}
+            count = int(conn.execute(self._reap, {**params, "now": now}).rowcount)
+            conn.execute(self._forget_workers, params)
+            return count
+
+        return self._transaction(work)
 
     def release(self) -> None:
         """Nothing to give back: connections return to the engine's pool after each use."""
@@ -463,8 +537,8 @@ class SQLAlchemyBackend:
 
 
 def _by_id(rows: Any) -> dict[Any, JobRow]:
-    """Rows of (id, status, cancel_reason, finished_at) as JobRows by id."""
-    return {r[0]: JobRow(Status(r[1]), r[2], r[3]) for r in rows}
+    """Rows of (id, status, cancel_reason, finished_at, error) as JobRows by id."""
+    return {r[0]: JobRow(Status(r[1]), r[2], r[3], r[4]) for r in rows}
 
 
 _RETRIES = 5

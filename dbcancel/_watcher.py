@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Hashable
 
-from ._backend import Backend, Listener
+from ._backend import Backend, Listener, read_cancel_payload, row_text
 from ._health import Health
 from .checkpoint import MAX_BACKOFF, Checkpoint
 
@@ -146,7 +146,7 @@ class Watcher:
                     continue
                 if payloads:
                     self._health.count(notifications=len(payloads))
-                    if self._concerns_us(payloads):
+                    if self._take_notifications(payloads):
                         return
                 continue
             until = deadline if listener is None else min(deadline, self._reconnect_at)
@@ -196,10 +196,31 @@ class Watcher:
                 exc_info=True,
             )
 
-    def _concerns_us(self, payloads: list[str]) -> bool:
+    def _take_notifications(self, payloads: list[str]) -> bool:
+        """Cancel the watched jobs the payloads name; True when a poll must follow.
+
+        A payload is sent only by a committed cancel that changed the row, so one that
+        names a job and its reason flips the checkpoint at once: no confirming poll, no
+        second hand-off of the GIL. ``"*"`` (``cancel_where``) and a bare id (from an
+        older dbcancel) ask for a poll.
+        """
         with self._cond:
-            ids = {str(cp.job_id) for cp in self._watched}
-        return any(p == "*" or p in ids for p in payloads)
+            by_id: dict[str, list[Checkpoint]] = {}
+            for cp in self._watched:
+                by_id.setdefault(str(cp.job_id), []).append(cp)
+        poll = False
+        for payload in payloads:
+            named = read_cancel_payload(payload)
+            if named is None:
+                poll = True
+                continue
+            job_id, reason, exact = named
+            for cp in by_id.get(job_id, ()):
+                if exact:
+                    cp._observe(reason)
+                else:
+                    poll = True
+        return poll
 
     def _poll(self) -> None:
         with self._cond:
@@ -207,7 +228,7 @@ class Watcher:
         if not cps:
             return
         try:
-            rows = self._backend.beat({cp.job_id for cp in cps})
+            rows = self._backend.read_many({cp.job_id for cp in cps})
         except Exception:
             self._failures += 1
             self._health.failed()
@@ -226,7 +247,7 @@ class Watcher:
                 if row is None:
                     cp._apply_row(None, None)
                 else:
-                    cp._apply_row(row.status, row.cancel_reason)
+                    cp._apply_row(row.status, row_text(row))
 
 
 _lock = threading.Lock()

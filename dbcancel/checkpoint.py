@@ -126,8 +126,10 @@ class Checkpoint(functools.partial[None]):
         "_callbacks",
         "_cancelled",
         "_clock",
+        "_completed",
         "_due",
         "_failures",
+        "_fenced",
         "_flag",
         "_health",
         "_interval",
@@ -148,8 +150,10 @@ class Checkpoint(functools.partial[None]):
     _callbacks: list[CallbackHandle] | None
     _cancelled: bool
     _clock: Callable[[], float]
+    _completed: bool
     _due: float
     _failures: int
+    _fenced: bool
     _flag: _Flag | None
     _health: Health
     _interval: float
@@ -207,6 +211,8 @@ class Checkpoint(functools.partial[None]):
         self._lock = threading.Lock()
         self._callbacks = []
         self._cancelled = False
+        self._completed = False
+        self._fenced = False
         self._local = False
         self._reason = None
         self._observed_at = None
@@ -316,8 +322,12 @@ class Checkpoint(functools.partial[None]):
         self._health.succeeded()
         return self._apply_row(status, reason)
 
-    def _apply_row(self, status: Status | None, reason: str | None) -> Status:
-        """Take in a freshly read row (None: deleted) and schedule the next poll."""
+    def _apply_row(self, status: Status | None, text: str | None) -> Status:
+        """Take in a freshly read row and schedule the next poll.
+
+        ``status`` None: the row was deleted. ``text`` is what the row says of its
+        status: the cancel reason, or the error of a failed job.
+        """
         self._failures = 0
         self._ok_at = self._clock()
         self._schedule_next_poll()
@@ -325,8 +335,31 @@ class Checkpoint(functools.partial[None]):
             self._observe(DELETED)
             return Status.CANCELLED
         if status is Status.CANCELLED:
-            self._observe(reason)
+            self._observe(text)
+        elif status is not Status.IN_PROGRESS and not (
+            status is Status.COMPLETED and self._completed
+        ):
+            self._fence(status, text)
         return status
+
+    def _fence(self, status: Status, text: str | None) -> None:
+        """The row left ``in_progress`` by another hand (``reap()``, an operator's
+        UPDATE) while this worker runs: stop it as if cancelled, with that reason.
+
+        Its ``run()`` then writes nothing but ``finished_at`` where that is missing:
+        the status stays as the other hand left it, and ``cp.complete()`` refuses.
+        """
+        reason = status.value if not text else f"{status.value}: {text}"
+        with self._lock:
+            first = not self._cancelled
+        self._observe(reason, fenced=True)
+        if first:
+            log.warning(
+                "dbcancel: job %r is %s, not in progress, although its worker still runs "
+                "(reaped, or changed by hand); stopping the worker, which writes no result",
+                self.job_id,
+                reason,
+            )
 
     def on_cancel(self, fn: Callable[[], object]) -> CallbackHandle:
         """Run ``fn()`` once when cancellation is observed; at once if it already was.
@@ -360,9 +393,13 @@ class Checkpoint(functools.partial[None]):
             raise self._exception()
         refused = self._source._complete_in(self.job_id, using)
         if refused is None:
+            self._completed = True
             return
-        status, reason = refused
-        self._observe(DELETED if status is None else reason)
+        status, text = refused
+        if status is None or status is Status.CANCELLED:
+            self._observe(DELETED if status is None else text)
+        else:
+            self._fence(status, text)
         raise self._exception()
 
     def __repr__(self) -> str:
@@ -376,16 +413,18 @@ class Checkpoint(functools.partial[None]):
         exc._dbcancel_key = self._key  # type: ignore[attr-defined]
         return exc
 
-    def _observe(self, reason: str | None, *, local: bool = False) -> None:
+    def _observe(self, reason: str | None, *, local: bool = False, fenced: bool = False) -> None:
         """Record the cancellation (first reason wins) and run the callbacks once.
 
         ``local``: decided in this process, not read from the database (fail-closed after
-        ``max_staleness``); the row is then told when the job stops.
+        ``max_staleness``); the row is then told when the job stops. ``fenced``: the row
+        left ``in_progress`` by another hand; it is not told anything.
         """
         with self._lock:
             if not self._cancelled:
                 self._reason = reason
                 self._local = local
+                self._fenced = fenced
                 self._observed_at = dt.datetime.now(dt.UTC)
                 self._cancelled = True
                 self._due = -math.inf

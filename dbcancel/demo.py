@@ -39,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from .checkpoint import Checkpoint
 from .errors import DbcancelError
 from .jobs import Jobs
-from .models import CancellableMixin, Status
+from .models import WORKER_TABLE, CancellableMixin, Status
 
 __all__ = ["DemoError", "DemoRow", "format_table", "run_demo"]
 
@@ -407,7 +407,9 @@ def run_demo(
                 )
             finally:
                 if not embedded:
-                    models.metadata.drop_all(engine)
+                    # Its own tables only: the worker table is shared with the app's jobs.
+                    own = [t for t in models.metadata.sorted_tables if t.name != WORKER_TABLE]
+                    models.metadata.drop_all(engine, tables=own)
         finally:
             # Before the folder goes: SQLite's file must be closed first on Windows.
             engine.dispose()

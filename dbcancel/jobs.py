@@ -23,12 +23,14 @@ from ._backend import (
     complete_change,
     cut_reason,
     fail_change,
+    row_text,
     start_change,
     utcnow,
 )
 from ._health import health_for
+from ._liveness import DEFAULT_HEARTBEAT, heartbeat_for
 from ._watcher import Watcher, existing_watcher, watcher_for
-from .checkpoint import DELETED, Checkpoint, _pop, _push
+from .checkpoint import Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition, JobNotFound
 from .models import Status
 from .registry import ActiveJob, registry
@@ -97,6 +99,11 @@ class JobsStats:
     """Seconds since the first failed poll of the current outage; None when polls work."""
     last_outage: float | None
     """How long the last outage that ended lasted, in seconds; None if there was none."""
+    heartbeats: int = 0
+    """Beats of this process's worker row in the table's database (shared by every
+    table there)."""
+    heartbeat_errors: int = 0
+    """Beats of the worker row that failed (each is logged once per outage)."""
 
 
 class Jobs:
@@ -135,6 +142,7 @@ class Jobs:
         clock: Callable[[], float] | None = None,
         watch: bool = False,
         max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         from ._sqla import SQLAlchemyBackend
 
@@ -144,6 +152,7 @@ class Jobs:
             clock=clock,
             watch=watch,
             max_staleness=max_staleness,
+            heartbeat=heartbeat,
         )
 
     def _setup(
@@ -154,10 +163,12 @@ class Jobs:
         clock: Callable[[], float] | None,
         watch: bool,
         max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         self._interval, self._max_staleness = check_options(
             interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
         )
+        self._heartbeat_period = _check_seconds("heartbeat", heartbeat)
         if watch:
             backend.listener()  # refuses a PostgreSQL engine it could not listen through
         self._watch = watch
@@ -176,6 +187,11 @@ class Jobs:
     def watch(self) -> bool:
         """True when a shared background watcher polls the running jobs."""
         return self._watch
+
+    @property
+    def heartbeat(self) -> float:
+        """Seconds between two beats of this process's worker row while jobs run."""
+        return self._heartbeat_period
 
     @property
     def max_staleness(self) -> float | None:
@@ -308,23 +324,26 @@ class Jobs:
     def reap(self, stale_after: float) -> int:
         """Stop the jobs whose worker is gone; return how many.
 
-        A job is gone when it has not stopped (``finished_at`` null) and its
-        ``heartbeat_at`` (``started_at`` if it has none) is more than ``stale_after``
-        seconds old. Jobs in progress become failed with the error ``"worker lost"``;
-        cancelled jobs whose worker never stopped stay cancelled. Both get
-        ``finished_at``, so :meth:`wait` and cancel-then-delete flows return. One
-        conditional UPDATE.
+        A job's worker is gone when the job has not stopped (``finished_at`` null) and
+        the worker process's row has not beaten for ``stale_after`` seconds, or is
+        missing. Every process running jobs beats its row every ``heartbeat`` seconds,
+        in every way of running them (threads, ``async with``, ``watch=True``), and
+        both ages are measured on the database's clock, so a host whose clock is off
+        changes nothing. Choose ``stale_after`` as at least three heartbeat periods.
 
-        Heartbeats come from the watcher, once per interval: only workers running with
-        ``Jobs(watch=True)`` keep them fresh. Choose ``stale_after`` as many intervals
-        plus the clock skew between machines (timestamps come from each machine's clock).
+        Jobs in progress become failed with the error ``"worker lost"``; cancelled jobs
+        whose worker never stopped stay cancelled. Both get ``finished_at``, so
+        :meth:`wait` and cancel-then-delete flows return. One conditional UPDATE. A
+        worker that was only stalled (stopped, swapped out) and comes back finds its
+        job no longer in progress: it stops at its next checkpoint and writes nothing.
+        Rows started by dbcancel 0.1 (no ``worker_id``) are judged by their own
+        ``heartbeat_at``, or ``started_at``.
         """
         seconds = _check_seconds("stale_after", stale_after)
-        cutoff = utcnow() - dt.timedelta(seconds=seconds)
-        count = self._backend.reap(cutoff, WORKER_LOST)
+        count = self._backend.reap(seconds, WORKER_LOST)
         if count:
             log.warning(
-                "dbcancel: reaped %d %s job(s) without a heartbeat for %ss",
+                "dbcancel: reaped %d %s job(s) without a heartbeat for %gs",
                 count,
                 self.model_name,
                 seconds,
@@ -336,6 +355,7 @@ class Jobs:
         h = self._health
         watcher = existing_watcher(self._backend.key)
         polls, errors, notifications, listener_errors, last_outage = h.snapshot()
+        beat = heartbeat_for(self._backend, self._backend.label)
         return JobsStats(
             active_jobs=len(self.active()),
             watching=watcher is not None and watcher.running,
@@ -346,6 +366,8 @@ class Jobs:
             listener_errors=listener_errors,
             outage=h.outage(),
             last_outage=last_outage,
+            heartbeats=beat.beats,
+            heartbeat_errors=beat.errors,
         )
 
     # -- used by checkpoints and JobRun -----------------------------------------------
@@ -357,8 +379,9 @@ class Jobs:
         return row
 
     def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
+        """The job's status and what the row says of it (see :func:`row_text`)."""
         row = self._backend.read(job_id)
-        return (None, None) if row is None else (row.status, row.cancel_reason)
+        return (None, None) if row is None else (row.status, row_text(row))
 
     def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]:
         """The status and cancel reason of those jobs that still exist, in one query.
@@ -369,15 +392,15 @@ class Jobs:
             rows = self._backend.read_many(job_ids)
         finally:
             self._backend.release()
-        return {job_id: (row.status, row.cancel_reason) for job_id, row in rows.items()}
+        return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
         if self._backend.apply(complete_change(), job_id=job_id, using=using):
             return None
-        status, reason = self._poll_row(job_id)
-        if status is None or status is Status.CANCELLED:
-            return status, reason
-        raise InvalidTransition(self.model_name, job_id, status.value, Status.COMPLETED.value)
+        status, text = self._poll_row(job_id)
+        if status is Status.COMPLETED:  # by this worker, in an earlier transaction
+            raise InvalidTransition(self.model_name, job_id, status.value, status.value)
+        return status, text
 
     def _start(
         self, job_id: Any, where: Mapping[str, Any] | None, *, in_executor: bool = False
@@ -400,13 +423,22 @@ class Jobs:
     def _start_job(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
         b = self._backend
         started, reason = True, None
-        if not b.apply(start_change(), job_id=job_id, filters=where):
-            row = self._read(job_id, where)
-            if row.status is not Status.CANCELLED:
-                raise InvalidTransition(
-                    b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
-                )
-            started, reason = False, row.cancel_reason
+        # Before the job names this process as its worker, the process's row must be
+        # there and fresh; the job leaves the heartbeat once it has stopped.
+        heartbeat = heartbeat_for(b, b.label)
+        worker = heartbeat.join(self._heartbeat_period)
+        try:
+            if not b.apply(start_change(worker), job_id=job_id, filters=where):
+                started = False
+                row = self._read(job_id, where)
+                if row.status is not Status.CANCELLED:
+                    raise InvalidTransition(
+                        b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
+                    )
+                reason = row.cancel_reason
+        finally:
+            if not started:
+                heartbeat.leave(self._heartbeat_period)
         cp = Checkpoint(
             self,
             job_id,
@@ -447,6 +479,8 @@ class Jobs:
                 )
             raise
         finally:
+            if started:
+                heartbeat_for(self._backend, self._backend.label).leave(self._heartbeat_period)
             self._backend.release()
 
     def _finish_job(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
@@ -458,12 +492,11 @@ class Jobs:
         if exc is None:
             if b.apply(complete_change(), job_id=job_id):
                 return False
-            # Not in progress any more: completed through cp.complete(), or cancelled
-            # (or deleted) meanwhile. Never completed after a cancel.
-            status, reason = self._poll_row(job_id)
-            if status is None or status is Status.CANCELLED:
-                cp._observe(DELETED if status is None else reason)
-            b.mark_stopped(job_id, cp.observed_at)
+            # Not in progress any more: completed through cp.complete(), cancelled or
+            # deleted meanwhile, or fenced (reaped, changed by hand). Never completed
+            # after any of those; the checkpoint takes note of which it was.
+            cp._apply_row(*self._poll_row(job_id))
+            b.mark_stopped(job_id, _cancel_seen_at(cp))
             return False
         if own_cancel:
             assert isinstance(exc, Cancelled)
@@ -475,11 +508,11 @@ class Jobs:
                 reason = cut_reason(exc.reason)
                 b.apply(cancel_change(reason), job_id=job_id)
                 cp._observe(reason)
-            b.mark_stopped(job_id, cp.observed_at)
+            b.mark_stopped(job_id, _cancel_seen_at(cp))
             return True
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not b.apply(fail_change(text), job_id=job_id):
-            b.mark_stopped(job_id, cp.observed_at)
+            b.mark_stopped(job_id, _cancel_seen_at(cp))
         return False
 
     def _finish_local_cancel(self, cp: Checkpoint) -> None:
@@ -492,7 +525,7 @@ class Jobs:
         b = self._backend
         try:
             b.apply(cancel_change(cp.reason), job_id=cp.job_id)
-            b.mark_stopped(cp.job_id, cp.observed_at)
+            b.mark_stopped(cp.job_id, _cancel_seen_at(cp))
         except Exception:
             log.error(
                 "dbcancel: %s %r stopped after %s, but its row could not be updated; "
@@ -503,6 +536,12 @@ class Jobs:
                 Status.IN_PROGRESS.value,
                 exc_info=True,
             )
+
+
+def _cancel_seen_at(cp: Checkpoint) -> dt.datetime | None:
+    """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced job,
+    which was not cancelled but taken away by another hand."""
+    return None if cp._fenced else cp.observed_at
 
 
 def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:

@@ -78,15 +78,18 @@ from .models import (
     Status,
     status_check_name,
     status_check_sql,
+    worker_table,
 )
 
 __all__ = [
     "AddCancellationOp",
     "DropCancellationOp",
     "MigrationError",
+    "UpgradeCancellationOp",
     "add_cancellation",
     "drop_cancellation",
     "status_index_name",
+    "upgrade_cancellation",
 ]
 
 
@@ -185,6 +188,44 @@ class DropCancellationOp(MigrateOperation):
 
     def __repr__(self) -> str:
         return _repr(self)
+
+
+@Operations.register_operation("upgrade_cancellation")
+class UpgradeCancellationOp(MigrateOperation):
+    """The Alembic operation behind ``op.upgrade_cancellation(table_name)``."""
+
+    def __init__(self, table_name: str, *, schema: str | None = None) -> None:
+        _check_name(table_name)
+        self.table_name = table_name
+        self.schema = schema
+
+    @classmethod
+    def upgrade_cancellation(
+        cls, operations: Operations, table_name: str, *, schema: str | None = None
+    ) -> None:
+        """Bring a table made cancellable by an earlier dbcancel up to this one.
+
+        Adds the columns this version needs that the table lacks (all nullable: the
+        rows keep their data) and the worker table if the database has none; does
+        nothing when both are there, so it is safe to run again.
+        """
+        operations.invoke(cls(table_name, schema=schema))
+
+    def __repr__(self) -> str:
+        schema = "" if self.schema is None else f", schema={self.schema!r}"
+        return f"UpgradeCancellationOp({self.table_name!r}{schema})"
+
+
+def upgrade_cancellation(op: Any, table_name: str, *, schema: str | None = None) -> None:
+    """Bring the job table ``table_name`` up to this dbcancel; ``op`` is Alembic's ``op``.
+
+    The same as ``op.upgrade_cancellation(table_name)``: adds the nullable columns a
+    newer dbcancel needs (``cancel_observed_at``, ``worker_id``) and creates the worker
+    table, where they are missing. Raises :class:`MigrationError`, changing nothing,
+    when the table has no ``status`` column (use :func:`add_cancellation`). Its
+    downgrade is to leave the columns: older versions ignore them.
+    """
+    op.invoke(UpgradeCancellationOp(table_name, schema=schema))
 
 
 def add_cancellation(
@@ -371,6 +412,7 @@ def _add(operations: Operations, operation: AddCancellationOp) -> None:
 
     new_columns = [_new_column(c) for c in columns]
     f = operations.f
+    _create_worker_table(operations, schema)
     if operations.get_context().dialect.name == "sqlite":
         with operations.batch_alter_table(name, schema=schema) as batch:
             for column in new_columns:
@@ -463,6 +505,42 @@ def _literals(sqltext: str, dialect: str) -> list[str]:
             for v in _MYSQL_LITERAL.findall(sqltext)
         ]
     return [v.replace("''", "'") for v in _LITERAL.findall(sqltext)]
+
+
+def _create_worker_table(operations: Operations, schema: str | None) -> None:
+    """The worker table, unless an earlier migration (of another job table) made it."""
+    table = worker_table(sa.MetaData(), schema)
+    operations.execute(sa.schema.CreateTable(table, if_not_exists=True))
+
+
+# -- upgrade ----------------------------------------------------------------------------
+
+
+@Operations.implementation_for(UpgradeCancellationOp)
+def _upgrade(operations: Operations, operation: UpgradeCancellationOp) -> None:
+    name, schema = operation.table_name, operation.schema
+    if operations.get_context().as_sql:
+        raise MigrationError(
+            "upgrade_cancellation cannot run in offline (--sql) mode: it reads which "
+            "columns the table has; run the migration against the database"
+        )
+    table = _read(operations, name, schema)
+    if "status" not in table.columns:
+        raise MigrationError(
+            f"{table.label} has no status column: it is not cancellable yet; use "
+            "add_cancellation. Nothing was changed"
+        )
+    missing = [_new_column(c) for c in _OTHER_COLUMNS if c not in table.columns]
+    _create_worker_table(operations, schema)
+    if not missing:
+        return
+    if operations.get_context().dialect.name == "sqlite":
+        with operations.batch_alter_table(name, schema=schema) as batch:
+            for column in missing:
+                batch.add_column(column)
+        return
+    for column in missing:
+        operations.add_column(name, column, schema=schema)
 
 
 # -- drop -------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from sqlalchemy import (
     Column,
     DateTime,
     Dialect,
+    MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -31,6 +33,8 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "TERMINAL",
     "TRANSITIONS",
+    "WORKER_ID_LENGTH",
+    "WORKER_TABLE",
     "CancellableMixin",
     "Status",
     "StatusType",
@@ -38,6 +42,7 @@ __all__ = [
     "allowed_sources",
     "status_check_name",
     "status_check_sql",
+    "worker_table",
 ]
 
 
@@ -88,11 +93,18 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "finished_at",
     "heartbeat_at",
     "error",
+    "worker_id",
 )
 """The columns :class:`CancellableMixin` adds and :class:`dbcancel.Jobs` needs."""
 
 CANCEL_REASON_LENGTH = 255
 ERROR_LENGTH = 2000
+WORKER_ID_LENGTH = 255
+"""The length of a worker id (``host:pid:token``)."""
+
+WORKER_TABLE = "dbcancel_worker"
+"""The table of worker processes: one row per process running jobs, beating while it
+does. It lives beside the job tables (same schema) and serves all of them."""
 # The mixin's columns come after the model's own (id first) in CREATE TABLE.
 _LAST = 1000
 
@@ -156,6 +168,31 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         return value
 
 
+def worker_table(metadata: MetaData, schema: str | None = None) -> Table:
+    """The :data:`WORKER_TABLE` in ``metadata`` (in ``schema``), added if it is missing.
+
+    ``id`` names the process (``host:pid:token``, the value a job's ``worker_id``
+    holds), ``started_at`` when it first ran a job, ``heartbeat_at`` when it last
+    showed it was alive, on the database's clock. The mixin adds it to the metadata of
+    every model that uses it, so ``metadata.create_all()`` and Alembic's autogenerate
+    see it.
+    """
+    key = WORKER_TABLE if schema is None else f"{schema}.{WORKER_TABLE}"
+    existing = metadata.tables.get(key)
+    if existing is not None:
+        return existing
+    return Table(
+        WORKER_TABLE,
+        metadata,
+        Column("id", String(WORKER_ID_LENGTH)),
+        Column("started_at", UTCDateTime(), nullable=False),
+        Column("heartbeat_at", UTCDateTime(), nullable=False),
+        # Named, so that every metadata and every migration makes the same table.
+        PrimaryKeyConstraint("id", name=conv(f"pk_{WORKER_TABLE}")),
+        schema=schema,
+    )
+
+
 def status_check_name(table: str) -> str:
     """The name of the status CHECK constraint of ``table``: ``ck_<table>_status``."""
     return f"ck_{table}_status"
@@ -165,6 +202,7 @@ def _add_status_check(column: Column[Any], table: Table) -> None:
     table.append_constraint(
         CheckConstraint(status_check_sql(column.name), name=conv(status_check_name(table.name)))
     )
+    worker_table(table.metadata, table.schema)
 
 
 class CancellableMixin:
@@ -179,9 +217,10 @@ class CancellableMixin:
     Columns: ``status`` (not null, default ``pending``, indexed, with a CHECK constraint
     named ``ck_<table>_status``), ``cancel_requested_at``, ``cancel_reason``,
     ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at`` (aware UTC
-    datetimes, null) and ``error`` (the text of the exception that failed the job).
-    "Stopped" means ``finished_at IS NOT NULL``. Change ``status`` only through
-    :class:`dbcancel.Jobs`.
+    datetimes, null), ``error`` (the text of the exception that failed the job) and
+    ``worker_id`` (the process running it). "Stopped" means ``finished_at IS NOT
+    NULL``. Change ``status`` only through :class:`dbcancel.Jobs`. The model's metadata
+    also gets the :data:`WORKER_TABLE`, where each worker process beats.
     """
 
     @declared_attr
@@ -223,6 +262,13 @@ class CancellableMixin:
     heartbeat_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), default=None, sort_order=_LAST
     )
-    """When a worker last showed it was alive."""
+    """Kept for rows started by dbcancel 0.1, whose workers beat each job's row;
+    ``jobs.reap()`` reads it for rows without a ``worker_id``. Workers now beat their
+    row in the worker table instead."""
     error: Mapped[str | None] = mapped_column(Text(), default=None, sort_order=_LAST)
     """The text of the exception that failed the job."""
+    worker_id: Mapped[str | None] = mapped_column(
+        String(WORKER_ID_LENGTH), default=None, sort_order=_LAST
+    )
+    """The process running (or that ran) the job, ``host:pid:token``: its row in the
+    worker table (:data:`WORKER_TABLE`) says whether it is still alive."""

@@ -62,7 +62,8 @@ def main(url: str) -> int:
     print(f"wait   -> {jobs.wait(job_id, timeout=10).value}")
     thread.join()
     print(f"status -> {jobs.status(job_id).value} after {processed} items")
-    Base.metadata.drop_all(engine)
+    # Only the example's own table: the worker table may serve other job tables here.
+    Analysis.__table__.drop(engine)
     engine.dispose()
     return 0
 

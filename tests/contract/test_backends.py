@@ -22,6 +22,7 @@ from sqlalchemy import create_engine, delete, select, update
 from sqlalchemy.orm import sessionmaker
 
 from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel._liveness import worker_id
 from dbcancel.testing import FakeClock
 from tests.contrib.django import settings as django_settings
 from tests.models import Analysis as SqlAnalysis
@@ -136,6 +137,7 @@ COLUMNS = (
     "finished_at",
     "heartbeat_at",
     "error",
+    "worker_id",
     "user_id",
     "session_id",
 )
@@ -392,7 +394,7 @@ def check_enter(w: Worker, src: Status, allowed: bool) -> None:
         row = w.b.row(w.id)
         assert row["status"] is Status.IN_PROGRESS
         assert_between(row["started_at"], t0, t1)
-        assert row["heartbeat_at"] is not None
+        assert row["worker_id"] == worker_id()  # its heartbeat is this process's
         assert row["finished_at"] is None
         assert w.leave() is False
         return

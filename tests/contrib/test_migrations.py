@@ -29,6 +29,7 @@ from dbcancel.migrations import (
     MigrationError,
     add_cancellation,
     drop_cancellation,
+    upgrade_cancellation,
 )
 from tests.conftest import Database
 
@@ -265,6 +266,7 @@ def test_registered_operations_and_their_reverse(db: Database, names: list[str])
         "finished_at",
         "heartbeat_at",
         "error",
+        "worker_id",
         "status",
     ]
     upgraded = schema(db, name)
@@ -328,6 +330,7 @@ def test_an_existing_status_column_is_kept_and_its_constraint_widened(
         "finished_at",
         "heartbeat_at",
         "error",
+        "worker_id",
     ]
     assert after["indexes"] == before["indexes"]
     assert rows(db, name, "id", "status") == [(1, "queued"), (2, "done"), (3, "pending")]
@@ -433,3 +436,62 @@ def test_importing_without_alembic_names_the_extra() -> None:
     )
     assert proc.returncode != 0
     assert "pip install 'dbcancel[alembic]'" in proc.stderr
+
+
+# -- upgrading a table made cancellable by an earlier dbcancel --------------------------
+
+
+def test_upgrade_brings_an_earlier_table_up_to_the_model(db: Database, names: list[str]) -> None:
+    """A table from dbcancel 0.1 (no cancel_observed_at, no worker_id) becomes what
+    create_all() makes of the model today; its rows keep their data; running it again
+    changes nothing."""
+    name, ref = unique("old"), unique("ref")
+    names += [name, ref]
+    legacy_table(db, name)
+    with migrate(db) as ops:
+        add_cancellation(ops, name)
+    with migrate(db) as ops:  # back to 0.1's shape
+        if db.name == "sqlite":
+            with ops.batch_alter_table(name) as batch:
+                batch.drop_column("worker_id")
+                batch.drop_column("cancel_observed_at")
+        else:
+            ops.drop_column(name, "worker_id")
+            ops.drop_column(name, "cancel_observed_at")
+        ops.execute(sa.text(f"UPDATE {name} SET status = 'completed' WHERE id = 1"))
+    old = [c[0] for c in schema(db, name)["columns"]]
+    assert "worker_id" not in old
+    assert "cancel_observed_at" not in old
+
+    with migrate(db) as ops:
+        ops.upgrade_cancellation(name)  # type: ignore[attr-defined]
+    reference = model_for(ref).__table__
+    reference.create(db.engine)
+    after = schema(db, name)
+    assert sorted(after["columns"]) == sorted(schema(db, ref)["columns"])
+    assert rows(db, name, "id", "status") == [(1, "completed"), (2, "pending"), (3, "pending")]
+    assert sa.inspect(db.engine).has_table("dbcancel_worker")
+    with migrate(db) as ops:
+        upgrade_cancellation(ops, name)  # again: nothing to do
+    assert schema(db, name) == after
+
+    Model = model_for(name)
+    jobs = Jobs(db.engine, Model, interval=0.05)
+    with jobs.run(2):
+        pass
+    assert jobs.status(2) is Status.COMPLETED
+
+
+def test_upgrade_refuses_a_table_that_was_never_made_cancellable(
+    db: Database, names: list[str]
+) -> None:
+    name = unique("plain")
+    names.append(name)
+    legacy_table(db, name)
+    before = schema(db, name)
+    with (
+        pytest.raises(MigrationError, match=r"no status column.*add_cancellation"),
+        migrate(db) as ops,
+    ):
+        upgrade_cancellation(ops, name)
+    assert schema(db, name) == before

@@ -150,6 +150,7 @@ MIXIN_COLUMNS = [
     "finished_at",
     "heartbeat_at",
     "error",
+    "worker_id",
 ]
 
 

@@ -27,6 +27,7 @@ import sqlalchemy.exc
 from sqlalchemy import inspect, select, text, update
 
 from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, Jobs, Status
+from dbcancel._liveness import worker_id
 from dbcancel.models import StatusType
 from tests.models import Analysis
 
@@ -211,7 +212,7 @@ def check_enter(w: Worker, src: Status, allowed: bool) -> None:
         row = read_row(w.db, w.id)
         assert row["status"] is Status.IN_PROGRESS
         assert_between(row["started_at"], t0, t1)
-        assert row["heartbeat_at"] is not None
+        assert row["worker_id"] == worker_id()  # its heartbeat is this process's
         assert row["finished_at"] is None
         assert row["cancel_requested_at"] is None
         assert row["cancel_reason"] is None
@@ -324,7 +325,13 @@ def check_leave(w: Worker, src: Status, dst: Status, allowed: bool) -> None:
             assert row["cancel_observed_at"] <= row["finished_at"]
         else:
             assert row["cancel_observed_at"] is None
-    assert cp.cancelled is (src is Status.CANCELLED)
+    # Cancelled, or taken away by another hand (fenced: a normal exit reads the row
+    # and finds out); a worker leaving on its own error has nothing left to stop, nor
+    # one that completed its job itself (cp.complete).
+    fenced = dst is Status.COMPLETED and src in (Status.PENDING, Status.FAILED)
+    assert cp.cancelled is (src is Status.CANCELLED or fenced)
+    if cp.cancelled and src is not Status.CANCELLED:
+        assert cp.reason == src.value
 
 
 # -- the same rules through real ``with`` statements ---------------------------------------

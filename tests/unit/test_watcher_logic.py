@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dbcancel._backend import JobRow
+from dbcancel._backend import JobRow, cancel_payload
 from dbcancel._health import Health
 from dbcancel._watcher import JITTER, Watcher
 from dbcancel.checkpoint import MAX_BACKOFF, Checkpoint
@@ -29,7 +29,7 @@ class FakeBackend:
     def listener(self) -> None:
         return None
 
-    def beat(self, job_ids: Any) -> dict[Any, JobRow]:
+    def read_many(self, job_ids: Any) -> dict[Any, JobRow]:
         self.batches.append(set(job_ids))
         if self.error is not None:
             raise self.error
@@ -86,11 +86,11 @@ def test_a_job_that_left_during_the_poll_gets_nothing():
     cp = watched(1)
     watcher._watched.add(cp)
 
-    def beat(job_ids: Any) -> dict[Any, JobRow]:
+    def read_many(job_ids: Any) -> dict[Any, JobRow]:
         watcher.remove(cp)  # the job ends, and its row is deleted, while the poll runs
         return {}
 
-    backend.beat = beat  # type: ignore[method-assign]
+    backend.read_many = read_many  # type: ignore[method-assign]
     watcher._poll()
     assert not cp.cancelled
 
@@ -120,9 +120,29 @@ def test_a_failed_batch_counts_once_and_cancels_stale_jobs(caplog):
     assert watcher._failures == 0
 
 
-@pytest.mark.parametrize("payloads", [["*"], ["5"], ["1", "*"]])
-def test_notifications_that_concern_us(payloads):
+@pytest.mark.parametrize("payloads", [["*"], ["5"], ["1", "*"], ['["5"']])
+def test_notifications_that_ask_for_a_poll(payloads):
+    """``*`` (cancel_where) and a bare or garbled id of a watched job: poll, cancel nothing."""
     watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
-    watcher._watched.update([watched(5), watched(6)])
-    assert watcher._concerns_us(payloads)
-    assert not watcher._concerns_us(["7", "8"])
+    five, six = watched(5), watched(6)
+    watcher._watched.update([five, six])
+    if payloads == ['["5"']:
+        payloads = ['["5"', cancel_payload(7, "not ours")]
+        assert not watcher._take_notifications(payloads)  # garbled, and not about 5
+    else:
+        assert watcher._take_notifications(payloads)
+    assert not five.cancelled
+    assert not six.cancelled
+    assert not watcher._take_notifications(["7", "8"])
+
+
+def test_a_notification_naming_the_job_cancels_it_without_a_poll():
+    """A payload is sent only by a committed cancel that changed the row: as good as it."""
+    backend = FakeBackend()
+    watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
+    five, six = watched(5), watched(6)
+    watcher._watched.update([five, six])
+    assert not watcher._take_notifications([cancel_payload(5, "user left")])
+    assert (five.cancelled, five.reason) == (True, "user left")
+    assert not six.cancelled
+    assert backend.batches == []

@@ -6,7 +6,8 @@ from django.apps import AppConfig
 
 
 class DbcancelConfig(AppConfig):  # type: ignore[misc]
-    """Registers dbcancel's system checks; the app has no models or migrations of its own."""
+    """Registers dbcancel's system checks, and owns the worker table
+    (:class:`~dbcancel.contrib.django.models.Worker`) and its migration."""
 
     name = "dbcancel.contrib.django"
     label = "dbcancel"

@@ -23,9 +23,16 @@ from typing import Any, TypeVar
 
 from django.apps import apps
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, connections, models, transaction
-from django.db.models import Case, F, Func, Value, When
-from django.db.models.functions import Coalesce
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    transaction,
+)
+from django.db.models import Case, Exists, F, Func, OuterRef, Q, Value, When
+from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
@@ -37,9 +44,10 @@ from dbcancel._backend import (
     check_filter_keys,
     check_id_type,
 )
-from dbcancel.models import ERROR_LENGTH, Status
+from dbcancel.errors import DbcancelError
+from dbcancel.models import ERROR_LENGTH, WORKER_TABLE, Status
 
-from .models import _missing_fields, _wrong_fields
+from .models import Worker, _missing_fields, _wrong_fields
 
 __all__ = ["DjangoBackend", "resolve_model"]
 
@@ -52,6 +60,8 @@ _MYSQL_TRANSIENT = frozenset({1213, 1205})
 _PG_TRANSIENT = frozenset({"40P01", "40001"})
 
 _T = TypeVar("_T")
+
+_COLUMNS = ("status", "cancel_reason", "finished_at", "error")
 
 
 def resolve_model(model: Any) -> Any:
@@ -98,6 +108,25 @@ def _filter_rule(field: Any, connection: Any) -> FilterRule:
         if bounds is not None and None in bounds:
             bounds = None
     return FilterRule(python_type, bounds)
+
+
+_NOW_SQL = {
+    "postgresql": "SELECT statement_timestamp()",
+    "mysql": "SELECT UTC_TIMESTAMP(6)",
+    "sqlite": "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')",
+}
+
+
+class _ServerNow(Now):  # type: ignore[misc]
+    """Django's ``Now()`` in UTC on MySQL/MariaDB whatever the session's time zone,
+    and with microseconds on SQLite (the format Django stores datetimes in there)."""
+
+    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        return self.as_sql(compiler, connection, template="UTC_TIMESTAMP(6)", **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "(STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW') || '000')"
+        return self.as_sql(compiler, connection, template=template, **extra)
 
 
 class _ExactText(Func):  # type: ignore[misc]
@@ -172,6 +201,7 @@ class DjangoBackend:
         self.model_name: str = name
         self.label = f"{name}@{using}"
         self.key: Hashable = ("django", using, meta.db_table)
+        self.worker_key: Hashable = ("django", using)
         self._manager = model._base_manager
         connection = connections[using]
         self._id_rule = _filter_rule(meta.pk, connection)
@@ -278,17 +308,16 @@ class DjangoBackend:
         return self._write(update)
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
-        """One job's status, cancel reason and finished_at; None when there is no such row."""
+        """One job's status, cancel reason, finished_at and error; None when there is no
+        such row."""
         if not self._can_match(job_id, filters):
             return None
         qs = self._filtered(self._manager.using(self.alias).filter(pk=job_id), filters)
-        rows = self._read(
-            lambda: list(qs.values_list("status", "cancel_reason", "finished_at")[:1])
-        )
+        rows = self._read(lambda: list(qs.values_list(*_COLUMNS)[:1]))
         if not rows:
             return None
-        status, reason, finished_at = rows[0]
-        return JobRow(Status(status), reason, finished_at)
+        status, reason, finished_at, error = rows[0]
+        return JobRow(Status(status), reason, finished_at, error)
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those ``job_ids`` that exist, in one query."""
@@ -297,9 +326,9 @@ class DjangoBackend:
             return {}
         rows = self._manager.using(self.alias).filter(pk__in=ids)
         return {
-            pk: JobRow(Status(status), reason, finished_at)
-            for pk, status, reason, finished_at in self._read(
-                lambda: list(rows.values_list("pk", "status", "cancel_reason", "finished_at"))
+            pk: JobRow(Status(status), reason, finished_at, error)
+            for pk, status, reason, finished_at, error in self._read(
+                lambda: list(rows.values_list("pk", *_COLUMNS))
             )
         }
 
@@ -318,34 +347,37 @@ class DjangoBackend:
             )
         self._write(lambda: int(qs.update(**updates)))
 
-    def beat(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
-        """Stamp ``heartbeat_at`` on those jobs whatever their status; return their rows.
+    def beat_worker(self, worker_id: str) -> None:
+        """Stamp this process's :class:`Worker` row with the database's clock; insert it
+        if it is missing. One committed UPDATE while the row exists."""
+        workers = Worker.objects.using(self.alias)
 
-        An UPDATE, then the SELECT of :meth:`read_many`, in one committed transaction
-        (the ORM has no ``UPDATE ... RETURNING``). Rows missing from the result were
-        deleted. No query at all for no ids.
-        """
-        if not job_ids:
-            return {}
-        ids = list(job_ids)
-        # No index hint (see _hinted): with no status in the WHERE, InnoDB has only the
-        # primary key to reach these rows by.
-        qs = self._manager.using(self.alias).filter(pk__in=ids)
-        now = timezone.now()
+        def beat() -> None:
+            if not workers.filter(pk=worker_id).update(heartbeat_at=_ServerNow()):
+                now = self._server_now()
+                workers.create(id=worker_id, started_at=now, heartbeat_at=now)
 
-        def stamp_and_read() -> dict[Any, JobRow]:
-            qs.update(heartbeat_at=now)
-            return self.read_many(ids)
+        try:
+            self._write(beat)
+        except DatabaseError as err:
+            connection = connections[self.alias]
+            if WORKER_TABLE in connection.introspection.table_names():
+                raise
+            raise DbcancelError(
+                f"the worker table {WORKER_TABLE!r} is missing in database {self.alias!r}, "
+                f"so no {self.model_name} job can run: add 'dbcancel.contrib.django' to "
+                "INSTALLED_APPS and run manage.py migrate"
+            ) from err
 
-        return self._write(stamp_and_read)
+    def reap(self, stale_after: float, error: str) -> int:
+        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds.
 
-    def reap(self, cutoff: dt.datetime, error: str) -> int:
-        """Stop the jobs whose worker has not been seen since ``cutoff``; return how many.
-
-        ONE committed UPDATE of the rows not yet stopped, ``in_progress`` or
-        ``cancelled``, whose ``heartbeat_at`` (or, without one, ``started_at``) is older
-        than ``cutoff``: each gets ``finished_at``; those in progress also become
-        ``failed`` with ``error``. Cancelled ones keep their status and error.
+        ONE UPDATE of the rows not yet stopped, ``in_progress`` or ``cancelled``, whose
+        :class:`Worker` row is missing or older than that on the database's clock
+        (rows without a worker: whose ``heartbeat_at``, or ``started_at``, is): each
+        gets ``finished_at``; those in progress also become ``failed`` with ``error``.
+        Then, in the same transaction, the worker rows that stale and named by no
+        unfinished job of this table are deleted.
         """
         meta = self.model._meta
 
@@ -357,20 +389,55 @@ class DjangoBackend:
                 output_field=meta.get_field(name),
             )
 
-        # MySQL/MariaDB evaluate SET left to right, each seeing the ones before it:
-        # error's CASE must read the old status, so it comes before status (as in
-        # apply()); update() keeps the order of its keyword arguments.
-        updates = {
-            "error": if_running("error", error[:ERROR_LENGTH]),
-            "status": if_running("status", Status.FAILED.value),
-            "finished_at": timezone.now(),
-        }
-        qs = self._manager.using(self.alias).filter(
-            LessThan(Coalesce("heartbeat_at", "started_at"), cutoff),
-            finished_at__isnull=True,
-            status__in=[Status.IN_PROGRESS.value, Status.CANCELLED.value],
-        )
-        return self._write(lambda: int(qs.update(**updates)))
+        def reap() -> int:
+            now = self._server_now()
+            cutoff = now - dt.timedelta(seconds=stale_after)
+            alive = Worker.objects.using(self.alias).filter(
+                pk=OuterRef("worker_id"), heartbeat_at__gte=cutoff
+            )
+            gone = Q(worker_id__isnull=False) & ~Exists(alive)
+            legacy = Q(worker_id__isnull=True) & Q(
+                LessThan(Coalesce("heartbeat_at", "started_at"), cutoff)
+            )
+            # MySQL/MariaDB evaluate SET left to right, each seeing the ones before it:
+            # error's CASE must read the old status, so it comes before status (as in
+            # apply()); update() keeps the order of its keyword arguments.
+            count = int(
+                self._manager.using(self.alias)
+                .filter(
+                    gone | legacy,
+                    finished_at__isnull=True,
+                    status__in=[Status.IN_PROGRESS.value, Status.CANCELLED.value],
+                )
+                .update(
+                    error=if_running("error", error[:ERROR_LENGTH]),
+                    status=if_running("status", Status.FAILED.value),
+                    finished_at=now,
+                )
+            )
+            busy = self._manager.using(self.alias).filter(
+                worker_id=OuterRef("pk"), finished_at__isnull=True
+            )
+            Worker.objects.using(self.alias).filter(heartbeat_at__lt=cutoff).exclude(
+                Exists(busy)
+            ).delete()
+            return count
+
+        return self._write(reap)
+
+    def _server_now(self) -> dt.datetime:
+        """The database's clock (SQLite's: the machine's, read by SQLite), aware UTC."""
+        conn = connections[self.alias]
+        sql = _NOW_SQL.get(conn.vendor, _NOW_SQL["sqlite"])
+        with conn.cursor() as cursor:
+            cursor.execute(sql)
+            value = cursor.fetchone()[0]
+        if isinstance(value, str):
+            value = dt.datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        now: dt.datetime = value.astimezone(dt.UTC)
+        return now
 
     def listener(self) -> Listener | None:
         """None: Django job tables get no push notifications; the watcher polls them."""
@@ -404,11 +471,12 @@ class DjangoBackend:
         """
         reconnected = False
         for attempt in range(_RETRIES + 1):
+            before = connections[self.alias].connection
             try:
                 with self._own_transaction():
                     return update()
             except (OperationalError, InterfaceError) as err:
-                if not reconnected and self._drop_if_dead():
+                if not reconnected and self._drop_if_dead(before):
                     reconnected = True
                     log.info("dbcancel: %s on %s, reconnecting", err, self.model_name)
                     continue
@@ -422,25 +490,32 @@ class DjangoBackend:
 
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run one read, once more on a fresh connection if this thread's was dead."""
+        before = connections[self.alias].connection
         try:
             return query()
         except (OperationalError, InterfaceError) as err:
-            if not self._drop_if_dead():
+            if not self._drop_if_dead(before):
                 raise
             log.info("dbcancel: %s on %s, reading again", err, self.model_name)
             return query()
 
-    def _drop_if_dead(self) -> bool:
-        """Close this thread's connection when it no longer works; True if it did.
+    def _drop_if_dead(self, before: Any) -> bool:
+        """After a failed query: True when it failed because the connection ``before``
+        (the thread's when the query began) was dead, which is then closed.
 
         Django reconnects only between requests; a worker thread would keep failing on
-        a connection the server closed. One inside the caller's atomic block is the
-        caller's to handle.
+        a connection the server closed. When the failed rollback made Django close the
+        dead connection, leaving ``atomic()`` may already have opened a new one: a
+        changed connection means the old one died. One inside the caller's atomic block
+        is the caller's to handle.
         """
         conn = connections[self.alias]
         if conn.in_atomic_block:
             return False
-        if conn.connection is not None and conn.is_usable():
+        current = conn.connection
+        if before is not None and current is not None and current is not before:
+            return True
+        if current is not None and conn.is_usable():
             return False
         conn.close()
         return True

@@ -7,6 +7,7 @@ from typing import Any
 
 from django.db import DEFAULT_DB_ALIAS
 
+from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel.jobs import Jobs
 
 from .backend import DjangoBackend
@@ -39,6 +40,10 @@ class DjangoJobs(Jobs):
     ``transaction.atomic()`` (``ATOMIC_REQUESTS`` included). ``where`` filters name
     fields (``user``, ``user_id``). Timestamps are ``django.utils.timezone.now()``: aware
     UTC under ``USE_TZ = True`` (Django's default), as the SQLAlchemy side writes them.
+    Liveness works as for :class:`Jobs`: each worker process beats its row of the
+    :class:`~dbcancel.contrib.django.models.Worker` table every ``heartbeat`` seconds
+    while it runs jobs (the app's migration creates that table), on the database's
+    clock, and ``reap()`` stops the jobs of processes that stopped beating.
 
     Threads: a worker thread's connection to ``using`` is closed when its ``run()``
     ends (in any thread but the main one), since Django only closes connections at the
@@ -56,6 +61,7 @@ class DjangoJobs(Jobs):
         clock: Callable[[], float] | None = None,
         using: str = DEFAULT_DB_ALIAS,
         max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         self._django = DjangoBackend(model, using)
         self._setup(
@@ -64,6 +70,7 @@ class DjangoJobs(Jobs):
             clock=clock,
             watch=False,
             max_staleness=max_staleness,
+            heartbeat=heartbeat,
         )
 
     @property

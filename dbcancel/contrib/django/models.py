@@ -25,11 +25,13 @@ from dbcancel.models import (
     CANCEL_REASON_LENGTH,
     ERROR_LENGTH,
     REQUIRED_COLUMNS,
+    WORKER_ID_LENGTH,
+    WORKER_TABLE,
     Status,
     status_check_name,
 )
 
-__all__ = ["STATUS_CHOICES", "CancellableModel", "status_check_constraint"]
+__all__ = ["STATUS_CHOICES", "CancellableModel", "Worker", "status_check_constraint"]
 
 STATUS_CHOICES: list[tuple[str, str]] = [
     (s.value, s.value.replace("_", " ").capitalize()) for s in Status
@@ -67,9 +69,10 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     ``status`` (``CharField(16)``, choices from :class:`dbcancel.Status`, default
     ``pending``, indexed), ``cancel_requested_at``, ``cancel_reason`` (at most 255
     characters), ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at``
-    (aware datetimes, null) and ``error`` (the text of the exception that failed the
-    job), plus a CHECK constraint named ``ck_<db_table>_status`` that limits ``status`` to
-    the five values. "Stopped" means ``finished_at`` is set.
+    (aware datetimes, null), ``error`` (the text of the exception that failed the
+    job) and ``worker_id`` (the process running it), plus a CHECK constraint named
+    ``ck_<db_table>_status`` that limits ``status`` to the five values. "Stopped" means
+    ``finished_at`` is set.
 
     A subclass that declares its own ``Meta.constraints`` must keep this one: write
     ``class Meta(CancellableModel.Meta):`` and add to ``constraints``, or the
@@ -97,9 +100,13 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     finished_at = models.DateTimeField(null=True, blank=True, editable=False)
     """When the job really stopped; null while a worker may still be running it."""
     heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
-    """When a worker last showed it was alive."""
+    """Kept for rows started by dbcancel 0.1, whose workers beat each job's row;
+    ``jobs.reap()`` reads it for rows without a ``worker_id``."""
     error = models.TextField(null=True, blank=True, editable=False)
     """The text of the exception that failed the job."""
+    worker_id = models.CharField(max_length=WORKER_ID_LENGTH, null=True, blank=True, editable=False)
+    """The process running (or that ran) the job, ``host:pid:token``: its
+    :class:`Worker` row says whether it is still alive."""
 
     class Meta:
         """Abstract; carries the status CHECK constraint to every concrete subclass."""
@@ -139,6 +146,31 @@ def _name_status_check(sender: type, **kwargs: Any) -> None:
 
 
 class_prepared.connect(_name_status_check, dispatch_uid="dbcancel.name_status_check")
+
+
+class Worker(models.Model):  # type: ignore[misc]
+    """A process that runs jobs: one row per process, beaten while its jobs run.
+
+    The table (``dbcancel_worker``, the same as the SQLAlchemy side's) comes with the
+    app's migration: add ``"dbcancel.contrib.django"`` to ``INSTALLED_APPS`` and run
+    ``migrate``. ``heartbeat_at`` is written on the database's clock.
+    """
+
+    id = models.CharField(primary_key=True, max_length=WORKER_ID_LENGTH)
+    """``host:pid:token``: what the jobs' ``worker_id`` holds."""
+    started_at = models.DateTimeField()
+    """When the process first ran a job."""
+    heartbeat_at = models.DateTimeField()
+    """When the process last showed it was alive."""
+
+    class Meta:
+        """The table both ORMs share."""
+
+        app_label = "dbcancel"
+        db_table = WORKER_TABLE
+
+    def __str__(self) -> str:
+        return str(self.id)
 
 
 # -- what DjangoJobs and the system checks require of a job model -------------------------
@@ -194,6 +226,7 @@ def _wrong_fields(model: Any) -> list[str]:
             problems.append(f"'{name}' must be null=True")
     text_field("cancel_reason", CANCEL_REASON_LENGTH)
     text_field("error", ERROR_LENGTH)
+    text_field("worker_id", WORKER_ID_LENGTH)
     return problems
 
 

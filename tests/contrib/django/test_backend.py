@@ -1,6 +1,7 @@
-"""``DjangoBackend``'s heartbeat, reap and stop stamps, called directly, on every database.
+"""``DjangoBackend``'s worker heartbeat, reap and stop stamps, called directly, on every
+database.
 
-``Jobs`` builds on these (``watch=True`` beats, ``jobs.reap()``); the tests here pin the
+``Jobs`` builds on these (the heartbeat thread, ``jobs.reap()``); the tests here pin the
 SQL each sends and what it does to rows in every status.
 """
 
@@ -13,8 +14,8 @@ from django.db import connections
 from django.test.utils import CaptureQueriesContext
 
 from dbcancel import Status
-from dbcancel._backend import JobRow
 from dbcancel.contrib.django.backend import DjangoBackend
+from dbcancel.contrib.django.models import Worker
 
 from .testapp.models import Analysis
 
@@ -74,39 +75,25 @@ def test_mark_stopped_leaves_a_stopped_job_alone(backend, add, row):
     assert (row(job).finished_at, row(job).cancel_observed_at) == (EARLIER, None)
 
 
-# -- beat ---------------------------------------------------------------------------------
+# -- beat_worker --------------------------------------------------------------------------
 
 
-def test_beat_stamps_every_status_and_returns_the_rows(alias, backend, add, row):
-    ids = {
-        status: add(status=status, heartbeat_at=LONG_AGO, started_at=LONG_AGO) for status in Status
-    }
-    cancelled = ids[Status.CANCELLED]
-    Analysis.objects.using(alias).filter(pk=cancelled).update(
-        cancel_reason="user left", finished_at=EARLIER
-    )
-    missing = max(ids.values()) + 1000
+def test_beat_worker_inserts_then_updates_on_the_servers_clock(alias, backend):
+    workers = Worker.objects.using(alias)
     t0 = dt.datetime.now(dt.UTC)
-
-    with CaptureQueriesContext(connections[alias]) as ctx:
-        rows = backend.beat([*ids.values(), missing])
-
+    with CaptureQueriesContext(connections[alias]) as first:
+        backend.beat_worker("host:1:aa")
+    with CaptureQueriesContext(connections[alias]) as second:
+        backend.beat_worker("host:1:aa")
     t1 = dt.datetime.now(dt.UTC)
-    sent = [s for s in statements(ctx) if s in ("UPDATE", "SELECT")]
-    assert sent == ["UPDATE", "SELECT"]
-    assert rows == {
-        **{job: JobRow(status, None, None) for status, job in ids.items()},
-        cancelled: JobRow(Status.CANCELLED, "user left", EARLIER),
-    }
-    for job in ids.values():
-        assert now_between(row(job).heartbeat_at, t0, t1)
-
-
-def test_beat_of_no_jobs_sends_nothing(alias, backend):
-    with CaptureQueriesContext(connections[alias]) as ctx:
-        assert backend.beat([]) == {}
-        assert backend.beat(set()) == {}
-    assert ctx.captured_queries == []
+    worker = workers.get(pk="host:1:aa")
+    assert now_between(worker.started_at, t0, t1)
+    assert now_between(worker.heartbeat_at, t0, t1)
+    assert worker.heartbeat_at >= worker.started_at
+    assert "INSERT" in statements(first)
+    # Once the row is there: one UPDATE per beat, whatever the number of jobs.
+    assert [s for s in statements(second) if s in ("UPDATE", "INSERT", "SELECT")] == ["UPDATE"]
+    workers.filter(pk="host:1:aa").delete()
 
 
 # -- reap ---------------------------------------------------------------------------------
@@ -114,18 +101,23 @@ def test_beat_of_no_jobs_sends_nothing(alias, backend):
 
 def test_reap_stops_jobs_whose_worker_is_gone(alias, backend, add, row):
     fresh = dt.datetime.now(dt.UTC)
-    cutoff = fresh - dt.timedelta(seconds=30)
-    old = cutoff - dt.timedelta(seconds=1)
+    old = fresh - dt.timedelta(seconds=31)
+    workers = Worker.objects.using(alias)
+    workers.create(id="dead:1:aa", started_at=LONG_AGO, heartbeat_at=old)
+    workers.create(id="live:2:bb", started_at=LONG_AGO, heartbeat_at=fresh)
     lost = add(status=Status.IN_PROGRESS, started_at=LONG_AGO, heartbeat_at=old)
     never_beat = add(status=Status.IN_PROGRESS, started_at=old)
     unstopped = add(
         status=Status.CANCELLED, started_at=LONG_AGO, heartbeat_at=old, cancel_reason="r"
     )
+    dead_worker = add(status=Status.IN_PROGRESS, started_at=LONG_AGO, worker_id="dead:1:aa")
+    gone_worker = add(status=Status.IN_PROGRESS, started_at=LONG_AGO, worker_id="gone:3:cc")
     alive = add(status=Status.IN_PROGRESS, started_at=LONG_AGO, heartbeat_at=fresh)
     alive_cancelled = add(status=Status.CANCELLED, started_at=LONG_AGO, heartbeat_at=fresh)
     untouched = {
         "alive": alive,
         "alive cancelled": alive_cancelled,
+        "live worker": add(status=Status.IN_PROGRESS, started_at=LONG_AGO, worker_id="live:2:bb"),
         "pending": add(),
         "stopped": add(
             status=Status.CANCELLED, started_at=LONG_AGO, heartbeat_at=old, finished_at=old
@@ -137,16 +129,16 @@ def test_reap_stops_jobs_whose_worker_is_gone(alias, backend, add, row):
     t0 = dt.datetime.now(dt.UTC)
 
     with CaptureQueriesContext(connections[alias]) as ctx:
-        count = backend.reap(cutoff, "worker lost")
+        count = backend.reap(30, "worker lost")
 
     t1 = dt.datetime.now(dt.UTC)
-    assert count == 3
+    assert count == 5
     updates = [q["sql"] for q in ctx.captured_queries if q["sql"].upper().startswith("UPDATE")]
     (sql,) = updates
     q = connections[alias].ops.quote_name
     # MariaDB evaluates SET left to right: error must read the old status.
     assert sql.index(f"{q('error')} = ") < sql.index(f"{q('status')} = ")
-    for job in (lost, never_beat):
+    for job in (lost, never_beat, dead_worker, gone_worker):
         failed = row(job)
         assert (failed.status, failed.error) == (Status.FAILED, "worker lost")
         assert now_between(failed.finished_at, t0, t1)
@@ -164,11 +156,14 @@ def test_reap_stops_jobs_whose_worker_is_gone(alias, backend, add, row):
             before[name].error,
             before[name].finished_at,
         ), name
+    # The dead worker's row went with its last job; the live one stays.
+    assert sorted(workers.values_list("pk", flat=True)) == ["live:2:bb"]
 
-    assert backend.reap(cutoff, "worker lost") == 0
+    assert backend.reap(30, "worker lost") == 0
+    workers.all().delete()
 
 
 def test_reap_keeps_the_error_within_bounds(backend, add, row):
     job = add(status=Status.IN_PROGRESS, started_at=LONG_AGO, heartbeat_at=LONG_AGO)
-    assert backend.reap(EARLIER, "x" * 5000) == 1
+    assert backend.reap(30, "x" * 5000) == 1
     assert row(job).error == "x" * 2000
