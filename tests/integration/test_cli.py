@@ -188,11 +188,18 @@ def test_cancel_a_running_job_stops_its_worker(db, capsys):
 # -- status and list --------------------------------------------------------------------
 
 
-def test_status_prints_one_word(db, capsys):
+def test_status_names_the_job_and_its_times(db, capsys):
     job = db.add()
-    assert run(db, capsys, "status", str(job)) == (EXIT_OK, "pending\n", "")
-    db.jobs().cancel(job)
-    assert run(db, capsys, "status", str(job)) == (EXIT_OK, "cancelled\n", "")
+    assert run(db, capsys, "status", str(job)) == (EXIT_OK, f"analysis {job}: pending\n", "")
+    db.jobs().cancel(job, reason="user left")
+
+    code, out, err = run(db, capsys, "status", str(job))
+
+    assert (code, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    assert lines[:2] == [f"analysis {job}: cancelled", "  reason:    user left"]
+    assert re.fullmatch(r"  finished:  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines[2])
+    assert len(lines) == 3
 
 
 def test_list(db, capsys):
@@ -206,12 +213,19 @@ def test_list(db, capsys):
         code, out, err = run(db, capsys, "list", *args)
         assert (code, err) == (EXIT_OK, "")
         lines = out.splitlines()
-        assert lines[0].split() == ["id", "status", "started_at", "cancel_requested_at", "reason"]
+        assert lines[0].split() == [
+            "id",
+            "status",
+            "started",
+            "finished",
+            "worker",
+            "reason/error",
+        ]
         return {int(line.split()[0]): line for line in lines[2:]}
 
     rows = listed()
     assert sorted(rows) == [pending, running]
-    assert rows[pending].split()[1:] == ["pending", "-", "-", "-"]
+    assert rows[pending].split()[1:] == ["pending", "-", "-", "-", "-"]
     everything = listed("--all")
     assert sorted(everything) == sorted([pending, running, done, cancelled])
     assert everything[cancelled].endswith("session deleted by user")
@@ -228,7 +242,7 @@ def test_url_and_table_default_to_the_environment(db, capsys, monkeypatch):
     monkeypatch.setenv("DBCANCEL_TABLE", "analysis")
 
     assert main(["status", str(job)]) == EXIT_OK
-    assert capsys.readouterr().out == "pending\n"
+    assert capsys.readouterr().out == f"analysis {job}: pending\n"
 
 
 # -- reap -------------------------------------------------------------------------------
@@ -327,9 +341,9 @@ def test_unknown_id_is_one_line_and_changes_nothing(db, capsys, command):
     assert code == EXIT_ERROR
     assert out == ""
     line = one_line(err)
-    assert "analysis" in line
-    assert "987654" in line
-    assert "not found" in line
+    assert line.startswith("dbcancel: error: analysis 987654 not found")
+    # Only a command that could have changed something says that nothing was.
+    assert ("nothing was changed" in line) == (command == "cancel")
     assert snapshot(db) == before
 
 
