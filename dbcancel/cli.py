@@ -22,6 +22,7 @@ from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
     InvalidRequestError,
+    NoSuchModuleError,
     SQLAlchemyError,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "CommandError",
     "build_parser",
     "main",
+    "missing_driver",
     "parse_job_id",
 ]
 
@@ -260,7 +262,7 @@ def _demo(args: argparse.Namespace) -> Outcome:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except ImportError as exc:
-        raise CommandError(f"cannot use {safe}: its database driver is missing ({exc})") from None
+        raise CommandError(missing_driver(safe, exc)) from None
     except SQLAlchemyError as exc:
         password = None if url is None else make_url(url).password
         raise CommandError(f"database error on {safe}: {db_reason(exc, password)}") from None
@@ -309,7 +311,12 @@ def _open(args: argparse.Namespace) -> Iterator[tuple[Jobs, SQLAlchemyRows]]:
     try:
         engine = create_engine(url)
     except ImportError as exc:
-        raise CommandError(f"cannot use {safe}: its database driver is missing ({exc})") from None
+        raise CommandError(missing_driver(safe, exc)) from None
+    except NoSuchModuleError:
+        raise CommandError(
+            f"cannot use {safe}: SQLAlchemy knows no database driver named "
+            f"{url.drivername!r}; check the spelling, or install the package that provides it"
+        ) from None
     except ArgumentError as exc:
         raise CommandError(f"cannot use {safe}: {db_reason(exc, url.password)}") from None
     try:
@@ -330,6 +337,37 @@ def _open(args: argparse.Namespace) -> Iterator[tuple[Jobs, SQLAlchemyRows]]:
         raise CommandError(f"database error on {safe}: {db_reason(exc, url.password)}") from None
     finally:
         engine.dispose()
+
+
+# Python module of a database driver -> what to install for it.
+_DRIVER_PACKAGES = {
+    "psycopg": "pip install 'dbcancel[postgres]'",
+    "pymysql": "pip install 'dbcancel[mysql]'",
+    "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+    "pip install 'dbcancel[postgres]'",
+    "MySQLdb": "pip install mysqlclient, or use mysql+pymysql:// with "
+    "pip install 'dbcancel[mysql]'",
+    "pg8000": "pip install pg8000",
+    "asyncpg": "pip install asyncpg",
+    "mysql": "pip install mysql-connector-python",
+    "mariadb": "pip install mariadb",
+    "oracledb": "pip install oracledb",
+    "pyodbc": "pip install pyodbc",
+    "pymssql": "pip install pymssql",
+}
+
+
+def missing_driver(safe_url: str, exc: ImportError) -> str:
+    """The message for a URL whose database driver is not installed: which Python
+    module is missing and what to install (the dbcancel extra for psycopg and PyMySQL).
+
+    ``safe_url`` is the URL with its password hidden.
+    """
+    module = (exc.name or "").split(".")[0]
+    if not module:
+        return f"cannot use {safe_url}: its database driver is missing ({exc})"
+    fix = _DRIVER_PACKAGES.get(module, f"install the package that provides {module!r}")
+    return f"cannot use {safe_url}: its database driver {module} is not installed; {fix}"
 
 
 def _parse_url(args: argparse.Namespace, text: str) -> URL:

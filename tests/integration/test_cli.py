@@ -390,6 +390,73 @@ def test_unreachable_database_is_one_line_without_the_password(capsys, driver, u
     assert "hunter22" not in out + err
 
 
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        (
+            "postgresql+pg8000://bob:hunter22@127.0.0.1/jobs",
+            "driver pg8000 is not installed; pip install pg8000",
+        ),
+        (
+            "postgresql+psycopg2://bob:hunter22@127.0.0.1/jobs",
+            "driver psycopg2 is not installed; "
+            "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+            "pip install 'dbcancel[postgres]'",
+        ),
+        (
+            "mysql+mysqlconnector://bob:hunter22@127.0.0.1/jobs",
+            "driver mysql is not installed; pip install mysql-connector-python",
+        ),
+    ],
+)
+def test_a_missing_driver_names_what_to_install(capsys, url, fix):
+    for absent in ("pg8000", "psycopg2", "mysql.connector"):
+        try:
+            __import__(absent)
+        except ImportError:
+            continue
+        pytest.fail(f"this test needs {absent} not to be installed")
+    code = main(["status", "1", "--url", url, "--table", "analysis"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    line = one_line(err)
+    assert line.startswith("dbcancel: error: cannot use ")
+    assert "bob:***@127.0.0.1" in line
+    assert line.endswith(fix)
+    assert "hunter22" not in line
+
+
+@pytest.mark.parametrize(
+    ("module", "url", "extra"),
+    [
+        ("psycopg", "postgresql+psycopg://bob:hunter22@127.0.0.1/jobs", "postgres"),
+        ("pymysql", "mysql+pymysql://bob:hunter22@127.0.0.1/jobs", "mysql"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status", "1"], ["demo"]])
+def test_a_missing_known_driver_names_the_extra(capsys, monkeypatch, module, url, extra, command):
+    # The driver is installed here: make its import fail as it would without it.
+    monkeypatch.setitem(sys.modules, module, None)
+    code = main(
+        [*command, "--url", url] + (["--table", "analysis"] if command[0] != "demo" else [])
+    )
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    line = one_line(err)
+    assert line.endswith(
+        f"its database driver {module} is not installed; pip install 'dbcancel[{extra}]'"
+    )
+    assert "hunter22" not in line
+
+
+def test_an_unknown_driver_name(capsys):
+    code = main(["list", "--url", "postgresql+nosuch://bob:hunter22@h/db", "--table", "t"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    assert "SQLAlchemy knows no database driver named 'postgresql+nosuch'" in one_line(err)
+    assert "hunter22" not in err
+
+
 def test_missing_sqlite_file_is_not_created(tmp_path, capsys):
     path = tmp_path / "typo.db"
     code = main(["list", "--url", f"sqlite:///{path}", "--table", "analysis"])
