@@ -5,6 +5,10 @@ work on an existing job table of any app: the table is reflected from the databa
 they need nothing but its URL and name (``--url``/``$DBCANCEL_URL``,
 ``--table``/``$DBCANCEL_TABLE``).
 Only the standard library and SQLAlchemy are used. Passwords in URLs are never printed.
+
+The table commands themselves, their wording and their exit statuses live in
+:mod:`dbcancel._commands`, shared with ``flask dbcancel`` and ``manage.py dbcancel``;
+this module parses arguments, reflects the table and prints the outcome.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ exit status:
   1    cancel refused: the job had already completed or failed, nothing changed;
        demo: one of the demo's checks failed
   2    usage error, or an unknown job id, an unknown table, a database that
-       cannot be reached (reported as one line on stderr, nothing changed)
+       cannot be reached or whose driver is not installed (reported as one
+       line on stderr, nothing changed)
   130  interrupted (Ctrl-C)
 """
 
