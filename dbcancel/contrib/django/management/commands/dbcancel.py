@@ -15,7 +15,8 @@ statuses as ``python -m dbcancel`` and ``flask dbcancel`` (all three run
 cancel is refused because the job had already completed or failed, 2 for an unknown job
 or model, a usage error (such as a bad ``--stale-after``) or a database error, 130 when
 interrupted. Through ``call_command`` a failure raises :class:`CommandError` with that
-status as its ``returncode``. This module does not import SQLAlchemy.
+status as its ``returncode``. Neither this module nor :mod:`dbcancel._commands` imports
+SQLAlchemy itself (``import dbcancel`` still does, through :mod:`dbcancel.models`).
 """
 
 from __future__ import annotations
