@@ -5,29 +5,60 @@ work on an existing job table of any app: the table is reflected from the databa
 they need nothing but its URL and name (``--url``/``$DBCANCEL_URL``,
 ``--table``/``$DBCANCEL_TABLE``).
 Only the standard library and SQLAlchemy are used. Passwords in URLs are never printed.
+
+The table commands themselves, their wording and their exit statuses live in
+:mod:`dbcancel._commands`, shared with ``flask dbcancel`` and ``manage.py dbcancel``;
+this module parses arguments, reflects the table and prints the outcome.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import Column, Engine, MetaData, Table, create_engine, inspect, select
+from sqlalchemy import Engine, MetaData, Table, create_engine, inspect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidRequestError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InvalidRequestError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+)
 
 from . import __version__
-from .demo import DemoError, format_table, run_demo
-from .errors import JobNotFound
+from . import _commands as commands
+from ._commands import (
+    ALL_HELP,
+    CANCEL_HELP,
+    CANCEL_SUMMARY,
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    LIST_HELP,
+    LIST_SUMMARY,
+    REAP_HELP,
+    REAP_SUMMARY,
+    REASON_HELP,
+    STATUS_HELP,
+    STATUS_OPTION_HELP,
+    STATUS_SUMMARY,
+    Outcome,
+    SQLAlchemyRows,
+    db_reason,
+    positive_seconds,
+    sqlalchemy_id,
+)
+from ._commands import add_stale_after as add_stale_after  # shared with the Django command
+from ._commands import reap_summary as reap_summary
+from .demo import DemoError, run_demo
 from .jobs import Jobs
-from .models import TERMINAL, Status
+from .models import Status
 
 __all__ = [
     "ENV_TABLE",
@@ -39,17 +70,10 @@ __all__ = [
     "CommandError",
     "build_parser",
     "main",
+    "missing_driver",
     "parse_job_id",
 ]
 
-EXIT_OK = 0
-"""Success; for ``cancel``: the job is cancelled, by this call or an earlier one."""
-EXIT_REFUSED = 1
-"""``cancel`` refused (the job had already completed or failed); a ``demo`` check failed."""
-EXIT_ERROR = 2
-"""A usage error, or a job, table or database that cannot be found or reached."""
-EXIT_INTERRUPTED = 130
-"""Interrupted by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 ENV_URL = "DBCANCEL_URL"
 """The environment variable ``--url`` defaults to."""
@@ -62,7 +86,8 @@ exit status:
   1    cancel refused: the job had already completed or failed, nothing changed;
        demo: one of the demo's checks failed
   2    usage error, or an unknown job id, an unknown table, a database that
-       cannot be reached (reported as one line on stderr, nothing changed)
+       cannot be reached or whose driver is not installed (reported as one
+       line on stderr, nothing changed)
   130  interrupted (Ctrl-C)
 """
 
@@ -111,17 +136,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dbcancel") -> int:
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
-        status: int = args.handler(args)
+        outcome: Outcome = args.handler(args)
     except SystemExit as exc:
         # argparse has already printed the help, version or usage error.
         return exc.code if isinstance(exc.code, int) else EXIT_OK if exc.code is None else 1
     except CommandError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return exc.status
+        outcome = Outcome(exc.status, err=f"error: {exc}")
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return status
+        outcome = commands.interrupted()
+    return commands.emit(outcome, parser.prog)
 
 
 def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
@@ -134,10 +157,10 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands_ = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(
+        sub = commands_.add_parser(
             name,
             help=summary,
             description=description,
@@ -165,59 +188,32 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--interval",
-        type=_positive_float,
+        type=positive_seconds,
         default=0.05,
         metavar="S",
         help="checkpoint poll interval in seconds (0.05)",
     )
     demo.set_defaults(handler=_demo)
 
-    cancel = command(
-        "cancel",
-        "cancel a pending or running job",
-        "Cancel a pending or in-progress job; the change is committed when this returns. "
-        "A running worker stops at its next checkpoint.",
-    )
+    cancel = command("cancel", CANCEL_SUMMARY, CANCEL_HELP)
     _table_arguments(cancel, with_id=True)
-    cancel.add_argument("--reason", metavar="TEXT", help="stored in cancel_reason")
+    cancel.add_argument("--reason", metavar="TEXT", help=REASON_HELP)
     cancel.set_defaults(handler=_cancel)
 
-    status = command(
-        "status",
-        "print a job's status",
-        "Print a job's status, one word: pending, in_progress, completed, failed or cancelled.",
-    )
+    status = command("status", STATUS_SUMMARY, STATUS_HELP)
     _table_arguments(status, with_id=True)
     status.set_defaults(handler=_status)
 
-    listing = command(
-        "list",
-        "list jobs (by default those not finished)",
-        "List jobs in id order: id, status, started_at, cancel_requested_at, reason. "
-        "By default only pending and in-progress jobs.",
-    )
+    listing = command("list", LIST_SUMMARY, LIST_HELP)
     _table_arguments(listing, with_id=False)
     which = listing.add_mutually_exclusive_group()
-    which.add_argument("--all", action="store_true", help="list jobs in every status")
+    which.add_argument("--all", action="store_true", help=ALL_HELP)
     which.add_argument(
-        "--status",
-        choices=[s.value for s in Status],
-        metavar="S",
-        help="list jobs in status S (pending, in_progress, completed, failed, cancelled)",
+        "--status", choices=[s.value for s in Status], metavar="S", help=STATUS_OPTION_HELP
     )
     listing.set_defaults(handler=_list)
 
-    reap = command(
-        "reap",
-        "stop jobs whose worker died (no heartbeat for --stale-after seconds)",
-        "For jobs whose worker died (a killed process, a lost machine): in-progress jobs "
-        "whose last heartbeat is older than --stale-after seconds become failed, with the "
-        "error 'worker lost', and cancelled jobs whose worker never stopped are marked "
-        "stopped (finished_at), so that wait() and delete flows stop waiting for them. "
-        "Heartbeats come from workers running with Jobs(watch=True), once per poll "
-        "interval; a job whose worker does not beat looks dead once it has run for "
-        "--stale-after seconds. Run it from cron or a scheduler.",
-    )
+    reap = command("reap", REAP_SUMMARY, REAP_HELP)
     _table_arguments(reap, with_id=False)
     add_stale_after(reap)
     reap.set_defaults(handler=_reap)
@@ -250,16 +246,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text}")
-    return value
-
-
 def _usage(args: argparse.Namespace, message: str) -> NoReturn:
     parser: argparse.ArgumentParser = args.parser
     parser.error(message)  # prints usage and message, exits with status 2
@@ -268,7 +254,7 @@ def _usage(args: argparse.Namespace, message: str) -> NoReturn:
 # -- commands ---------------------------------------------------------------------------
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _demo(args: argparse.Namespace) -> Outcome:
     url: str | None = args.url
     safe = "the demo's database"
     if url is not None:
@@ -281,106 +267,39 @@ def _demo(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     except ImportError as exc:
-        raise CommandError(f"cannot use {safe}: its database driver is missing ({exc})") from None
+        raise CommandError(missing_driver(safe, exc)) from None
     except SQLAlchemyError as exc:
         password = None if url is None else make_url(url).password
-        raise CommandError(f"database error on {safe}: {_reason(exc, password)}") from None
-    return EXIT_OK
+        raise CommandError(f"database error on {safe}: {db_reason(exc, password)}") from None
+    return Outcome(EXIT_OK)
 
 
-def _cancel(args: argparse.Namespace) -> int:
-    with _open(args) as (_, table, jobs):
-        job_id = _job_id(args, table)
-        label = f"{table.name} {job_id}"
-        try:
-            # Read first only to word the answer; cancel() itself decides, atomically.
-            before = jobs.status(job_id)
-            cancelled = jobs.cancel(job_id, reason=args.reason)
-            after = before if cancelled else jobs.status(job_id)
-        except JobNotFound as exc:
-            raise CommandError(str(exc)) from None
-    if not cancelled:
-        print(f"{label}: not cancelled: it is {after.value}")
-        return EXIT_REFUSED
-    if before is Status.CANCELLED:
-        print(f"{label}: already cancelled")
-    elif before is Status.IN_PROGRESS:
-        print(f"{label}: cancelled (it was in progress: its worker stops at its next checkpoint)")
-    else:
-        print(f"{label}: cancelled")
-    return EXIT_OK
+def _cancel(args: argparse.Namespace) -> Outcome:
+    with _open(args) as (jobs, rows):
+        return commands.cancel(jobs, rows, args.id, args.reason)
 
 
-def _status(args: argparse.Namespace) -> int:
-    with _open(args) as (_, table, jobs):
-        job_id = _job_id(args, table)
-        try:
-            status = jobs.status(job_id)
-        except JobNotFound as exc:
-            raise CommandError(str(exc)) from None
-    print(status.value)
-    return EXIT_OK
+def _status(args: argparse.Namespace) -> Outcome:
+    with _open(args) as (jobs, rows):
+        return commands.status(jobs, rows, args.id)
 
 
-def _list(args: argparse.Namespace) -> int:
-    with _open(args) as (engine, table, _):
-        c = table.c
-        pk = _primary_key(table)
-        stmt = select(pk, c.status, c.started_at, c.cancel_requested_at, c.cancel_reason)
-        if args.status:
-            stmt = stmt.where(c.status == args.status)
-            what = f"{args.status} jobs"
-        elif not args.all:
-            stmt = stmt.where(c.status.not_in(sorted(s.value for s in TERMINAL)))
-            what = "pending or in_progress jobs"
-        else:
-            what = "jobs"
-        with engine.connect() as conn:
-            rows = conn.execute(stmt.order_by(pk)).all()
-    if not rows:
-        print(f"no {what} in {table.name}")
-        return EXIT_OK
-    print(
-        format_table(
-            ["id", "status", "started_at", "cancel_requested_at", "reason"],
-            [[str(r[0]), str(r[1]), _when(r[2]), _when(r[3]), _text(r[4])] for r in rows],
-            right="0",
-        )
-    )
-    return EXIT_OK
+def _list(args: argparse.Namespace) -> Outcome:
+    with _open(args) as (_, rows):
+        return commands.list_jobs(rows, every=args.all, status=args.status)
 
 
-def _reap(args: argparse.Namespace) -> int:
+def _reap(args: argparse.Namespace) -> Outcome:
     # --stale-after was checked by argparse, so reap() has nothing left to refuse.
-    with _open(args) as (_, table, jobs):
-        count = jobs.reap(stale_after=args.stale_after)
-    print(reap_summary(count, table.name, args.stale_after))
-    return EXIT_OK
-
-
-def reap_summary(count: int, name: str, stale_after: float) -> str:
-    """The line every ``reap`` command prints: ``reaped 2 jobs of analysis (...)``."""
-    noun = "job" if count == 1 else "jobs"
-    return f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)"
-
-
-def add_stale_after(parser: argparse.ArgumentParser) -> None:
-    """The required ``--stale-after SECONDS`` of every argparse ``reap`` command."""
-    parser.add_argument(
-        "--stale-after",
-        type=_positive_float,
-        required=True,
-        metavar="SECONDS",
-        help="reap jobs with no heartbeat for this many seconds; make it several poll "
-        "intervals, so that a slow poll does not look like a dead worker",
-    )
+    with _open(args) as (jobs, rows):
+        return commands.reap(jobs, rows, args.stale_after)
 
 
 # -- database access --------------------------------------------------------------------
 
 
 @contextmanager
-def _open(args: argparse.Namespace) -> Iterator[tuple[Engine, Table, Jobs]]:
+def _open(args: argparse.Namespace) -> Iterator[tuple[Jobs, SQLAlchemyRows]]:
     """Connect, reflect the table and wrap it in ``Jobs``; disposes the engine after."""
     if not args.url:
         _usage(args, f"--url is required (or set {ENV_URL})")
@@ -397,25 +316,63 @@ def _open(args: argparse.Namespace) -> Iterator[tuple[Engine, Table, Jobs]]:
     try:
         engine = create_engine(url)
     except ImportError as exc:
-        raise CommandError(f"cannot use {safe}: its database driver is missing ({exc})") from None
+        raise CommandError(missing_driver(safe, exc)) from None
+    except NoSuchModuleError:
+        raise CommandError(
+            f"cannot use {safe}: SQLAlchemy knows no database driver named "
+            f"{url.drivername!r}; check the spelling, or install the package that provides it"
+        ) from None
     except ArgumentError as exc:
-        raise CommandError(f"cannot use {safe}: {_reason(exc, url.password)}") from None
+        raise CommandError(f"cannot use {safe}: {db_reason(exc, url.password)}") from None
     try:
         try:
             with engine.connect():
                 pass
         except DBAPIError as exc:
-            raise CommandError(f"cannot connect to {safe}: {_reason(exc, url.password)}") from None
+            raise CommandError(
+                f"cannot connect to {safe}: {db_reason(exc, url.password)}"
+            ) from None
         table = _reflect(engine, args.table, safe)
         try:
             jobs = Jobs(engine, table)
         except TypeError as exc:
             raise CommandError(f"{exc} (table in {safe})") from None
-        yield engine, table, jobs
+        yield jobs, SQLAlchemyRows(engine, table)
     except SQLAlchemyError as exc:
-        raise CommandError(f"database error on {safe}: {_reason(exc, url.password)}") from None
+        raise CommandError(f"database error on {safe}: {db_reason(exc, url.password)}") from None
     finally:
         engine.dispose()
+
+
+# Python module of a database driver -> what to install for it.
+_DRIVER_PACKAGES = {
+    "psycopg": "pip install 'dbcancel[postgres]'",
+    "pymysql": "pip install 'dbcancel[mysql]'",
+    "psycopg2": "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+    "pip install 'dbcancel[postgres]'",
+    "MySQLdb": "pip install mysqlclient, or use mysql+pymysql:// with "
+    "pip install 'dbcancel[mysql]'",
+    "pg8000": "pip install pg8000",
+    "asyncpg": "pip install asyncpg",
+    "mysql": "pip install mysql-connector-python",
+    "mariadb": "pip install mariadb",
+    "oracledb": "pip install oracledb",
+    "pyodbc": "pip install pyodbc",
+    "pymssql": "pip install pymssql",
+}
+
+
+def missing_driver(safe_url: str, exc: ImportError) -> str:
+    """The message for a URL whose database driver is not installed: which Python
+    module is missing and what to install (the dbcancel extra for psycopg and PyMySQL).
+
+    ``safe_url`` is the URL with its password hidden.
+    """
+    module = (exc.name or "").split(".")[0]
+    if not module:
+        return f"cannot use {safe_url}: its database driver is missing ({exc})"
+    fix = _DRIVER_PACKAGES.get(module, f"install the package that provides {module!r}")
+    return f"cannot use {safe_url}: its database driver {module} is not installed; {fix}"
 
 
 def _parse_url(args: argparse.Namespace, text: str) -> URL:
@@ -445,59 +402,9 @@ def _reflect(engine: Engine, qualified: str, safe: str) -> Table:
     return metadata.tables[f"{schema}.{name}" if schema else name]
 
 
-def _primary_key(table: Table) -> Column[Any]:
-    # Jobs() has already refused tables without exactly one primary key column.
-    return next(iter(table.primary_key.columns))
-
-
 def parse_job_id(table: Table, text: str) -> Any:
     """``text`` converted to the primary key's Python type (int for integer keys).
 
-    Raises :class:`ValueError` naming the table when it cannot be one of its ids. Shared
-    with ``flask dbcancel``.
+    Raises :class:`ValueError` naming the table when it cannot be one of its ids.
     """
-    try:
-        kind = _primary_key(table).type.python_type
-    except NotImplementedError:
-        return text
-    if kind is str:
-        return text
-    try:
-        return kind(text)
-    except (TypeError, ValueError, ArithmeticError):
-        kinds = {int: "integers", uuid.UUID: "UUIDs"}.get(kind, f"{kind.__name__} values")
-        raise ValueError(f"{table.name} ids are {kinds}; {text!r} is not one") from None
-
-
-def _job_id(args: argparse.Namespace, table: Table) -> Any:
-    """The ID argument converted to the primary key's Python type."""
-    try:
-        return parse_job_id(table, args.id)
-    except ValueError as exc:
-        _usage(args, str(exc))
-
-
-def _reason(exc: Exception, password: str | None) -> str:
-    """The first line of a database error, without SQLAlchemy's SQL echo and links."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc)
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
-    # A driver may echo its connection string; the password must not reach a log.
-    return line.replace(password, "***") if password else line
-
-
-def _when(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dt.datetime):
-        # dbcancel stores UTC; databases without time zones give it back naive.
-        utc = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-        return utc.strftime("%Y-%m-%dT%H:%M:%SZ")
-    return str(value)
-
-
-def _text(value: Any, limit: int = 60) -> str:
-    if value is None:
-        return "-"
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return sqlalchemy_id(table, text)

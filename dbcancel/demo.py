@@ -36,6 +36,7 @@ from sqlalchemy import Engine, MetaData, String, create_engine, delete, event, i
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ._commands import format_table
 from .checkpoint import Checkpoint
 from .errors import DbcancelError
 from .jobs import Jobs
@@ -203,27 +204,6 @@ def _walk(cp: Checkpoint, p: _Progress, frame_delay: float, wake: threading.Even
 
 
 # -- display ----------------------------------------------------------------------------
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: str = "") -> str:
-    """Lay ``rows`` out as an aligned plain-text table under ``headers``.
-
-    ``right`` lists, by index (``"03"``), the columns to align right (numbers);
-    the others align left. The last line carries no trailing newline.
-    """
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            cell.rjust(w) if str(i) in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = ["-" * w for w in widths]
-    return "\n".join([line(headers), line(rule), *(line(r) for r in rows)])
 
 
 class _Display:

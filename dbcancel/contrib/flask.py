@@ -35,8 +35,8 @@ Flask-SQLAlchemy's ``db.engine`` exists only once the app is set up, so each app
 :class:`dbcancel.Jobs` is built on first use and kept in ``app.extensions["dbcancel"]``
 (a :class:`DBCancelState`). ``init_app`` also adds the ``flask dbcancel`` commands
 (``list [--all|--status S]``, ``status ID``, ``cancel ID [--reason TEXT]``,
-``reap --stale-after SECONDS``), which word their output and choose their exit statuses as
-``python -m dbcancel`` does.
+``reap --stale-after SECONDS``), which print the same lines and exit with the same
+statuses as ``python -m dbcancel`` and ``manage.py dbcancel``.
 
 Importing this module needs Flask (``pip install 'dbcancel[flask]'``); Flask-SQLAlchemy
 only when ``db=`` is used.
@@ -59,25 +59,30 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "dbcancel.contrib.flask needs Flask, which is not installed: pip install 'dbcancel[flask]'"
     ) from err
 
-from sqlalchemy import Engine, Table, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import Engine, Table
 
+from dbcancel import _commands as commands
+from dbcancel._commands import (
+    ALL_HELP,
+    CANCEL_HELP,
+    CANCEL_SUMMARY,
+    LIST_HELP,
+    LIST_SUMMARY,
+    REAP_HELP,
+    REAP_SUMMARY,
+    REASON_HELP,
+    STATUS_HELP,
+    STATUS_OPTION_HELP,
+    STATUS_SUMMARY,
+    Outcome,
+    SQLAlchemyRows,
+    positive_seconds,
+)
 from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
-from dbcancel.cli import (
-    EXIT_ERROR,
-    EXIT_REFUSED,
-    _positive_float,
-    _reason,
-    _text,
-    _when,
-    parse_job_id,
-    reap_summary,
-)
-from dbcancel.demo import format_table
 from dbcancel.errors import InvalidTransition, JobNotFound
 from dbcancel.jobs import Jobs, check_options
-from dbcancel.models import REQUIRED_COLUMNS, TERMINAL, Status
+from dbcancel.models import REQUIRED_COLUMNS, Status
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -352,142 +357,80 @@ def _job_table(model: Any) -> Table:
 # -- flask dbcancel ---------------------------------------------------------------------
 
 
-class _Failure(click.ClickException):
-    """One line on stderr and exit status 2, as ``python -m dbcancel`` reports errors."""
-
-    exit_code = EXIT_ERROR
-
-
 cli = AppGroup(
     "dbcancel",
-    help="Cancel, inspect, list and reap the jobs of this app's dbcancel table. Times are UTC.",
+    help="Cancel, inspect, list and reap the jobs of this app's dbcancel table. Times are "
+    "UTC. Exit status: 0 success, 1 cancel refused (the job had already completed or "
+    "failed), 2 usage error, unknown job or database error, 130 interrupted.",
 )
-"""The ``flask dbcancel`` command group that ``DBCancel.init_app`` adds to ``app.cli``."""
+"""The ``flask dbcancel`` command group that ``DBCancel.init_app`` adds to ``app.cli``.
+
+Its commands word their output and choose their exit statuses as ``python -m dbcancel``
+and ``manage.py dbcancel`` do: all three run :mod:`dbcancel._commands`.
+"""
 
 
-def _state() -> DBCancelState:
+def _run(command: Callable[[Jobs, SQLAlchemyRows], Outcome]) -> None:
+    """Run a shared command on the current app's table, print it, exit with its status."""
+    ctx = click.get_current_context()
+    prog = ctx.parent.command_path if ctx.parent is not None else ctx.command_path
     state = current_app.extensions.get(EXTENSION_KEY)
-    if not isinstance(state, DBCancelState):
-        raise _Failure(
-            f"dbcancel is not set up on app {current_app.name!r}: call DBCancel.init_app(app)"
-        )
-    return state
-
-
-def _job_id(table: Table, text: str) -> Any:
-    """``ID`` converted to the primary key's Python type, as ``python -m dbcancel`` does."""
     try:
-        return parse_job_id(table, text)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="ID") from None
+        if isinstance(state, DBCancelState):
+            outcome = command(state.jobs, SQLAlchemyRows(state.engine, state.extension.table))
+        else:
+            outcome = Outcome(
+                commands.EXIT_ERROR,
+                err=f"error: dbcancel is not set up on app {current_app.name!r}: call "
+                "DBCancel.init_app(app)",
+            )
+    except KeyboardInterrupt:
+        outcome = commands.interrupted()
+    status = commands.emit(
+        outcome, prog, stdout=click.echo, stderr=lambda line: click.echo(line, err=True)
+    )
+    if status:
+        raise click.exceptions.Exit(status)
 
 
-def _seconds(ctx: click.Context, param: click.Parameter, value: str) -> float:
+def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """``--stale-after`` as ``python -m dbcancel`` reads it: seconds, finite and > 0."""
+    if value is None:
+        return None
     try:
-        return _positive_float(value)
+        return positive_seconds(value)
     except argparse.ArgumentTypeError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
-def _database_error(state: DBCancelState, exc: SQLAlchemyError) -> _Failure:
-    url = state.engine.url
-    safe = url.render_as_string(hide_password=True)
-    return _Failure(f"database error on {safe}: {_reason(exc, url.password)}")
-
-
-@cli.command("list")
-@click.option("--all", "every", is_flag=True, help="List jobs in every status.")
+@cli.command("list", short_help=LIST_SUMMARY, help=LIST_HELP)
+@click.option("--all", "every", is_flag=True, help=ALL_HELP)
 @click.option(
-    "--status",
-    type=click.Choice([s.value for s in Status]),
-    help="List jobs in this status only.",
+    "--status", type=click.Choice([s.value for s in Status]), metavar="S", help=STATUS_OPTION_HELP
 )
 def list_command(every: bool, status: str | None) -> None:
-    """List jobs in id order (by default those pending or in progress)."""
+    """``flask dbcancel list [--all | --status S]``."""
     if every and status:
-        raise click.UsageError("--all and --status exclude each other")
-    state = _state()
-    table = state.extension.table
-    c = table.c
-    pk = next(iter(table.primary_key.columns))
-    stmt = select(pk, c.status, c.started_at, c.cancel_requested_at, c.cancel_reason)
-    if status:
-        stmt = stmt.where(c.status == status)
-        what = f"{status} jobs"
-    elif not every:
-        stmt = stmt.where(c.status.not_in(sorted(s.value for s in TERMINAL)))
-        what = "pending or in_progress jobs"
-    else:
-        what = "jobs"
-    try:
-        with state.engine.connect() as conn:
-            rows = conn.execute(stmt.order_by(pk)).all()
-    except SQLAlchemyError as exc:
-        raise _database_error(state, exc) from None
-    if not rows:
-        click.echo(f"no {what} in {table.name}")
-        return
-    click.echo(
-        format_table(
-            ["id", "status", "started_at", "cancel_requested_at", "reason"],
-            [[str(r[0]), str(r[1]), _when(r[2]), _when(r[3]), _text(r[4])] for r in rows],
-            right="0",
-        )
-    )
+        raise click.UsageError("argument --status: not allowed with argument --all")
+    _run(lambda jobs, rows: commands.list_jobs(rows, every=every, status=status))
 
 
-@cli.command("status")
+@cli.command("status", short_help=STATUS_SUMMARY, help=STATUS_HELP)
 @click.argument("job_id", metavar="ID")
 def status_command(job_id: str) -> None:
-    """Print a job's status: pending, in_progress, completed, failed or cancelled."""
-    state = _state()
-    key = _job_id(state.extension.table, job_id)
-    try:
-        status = state.jobs.status(key)
-    except JobNotFound as exc:
-        raise _Failure(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise _database_error(state, exc) from None
-    click.echo(status.value)
+    """``flask dbcancel status ID``."""
+    _run(lambda jobs, rows: commands.status(jobs, rows, job_id))
 
 
-@cli.command("cancel")
+@cli.command("cancel", short_help=CANCEL_SUMMARY, help=CANCEL_HELP)
 @click.argument("job_id", metavar="ID")
-@click.option("--reason", metavar="TEXT", help="Stored in cancel_reason.")
+@click.option("--reason", metavar="TEXT", help=REASON_HELP)
 def cancel_command(job_id: str, reason: str | None) -> None:
-    """Cancel a pending or in-progress job; a running worker stops at its next checkpoint.
-
-    Exit status 1 when the job had already completed or failed (nothing changed).
-    """
-    state = _state()
-    table = state.extension.table
-    key = _job_id(table, job_id)
-    jobs = state.jobs
-    label = f"{table.name} {key}"
-    try:
-        # Read first only to word the answer; cancel() itself decides, atomically.
-        before = jobs.status(key)
-        cancelled = jobs.cancel(key, reason=reason)
-        after = before if cancelled else jobs.status(key)
-    except JobNotFound as exc:
-        raise _Failure(str(exc)) from None
-    except SQLAlchemyError as exc:
-        raise _database_error(state, exc) from None
-    if not cancelled:
-        click.echo(f"{label}: not cancelled: it is {after.value}")
-        raise click.exceptions.Exit(EXIT_REFUSED)
-    if before is Status.CANCELLED:
-        click.echo(f"{label}: already cancelled")
-    elif before is Status.IN_PROGRESS:
-        click.echo(
-            f"{label}: cancelled (it was in progress: its worker stops at its next checkpoint)"
-        )
-    else:
-        click.echo(f"{label}: cancelled")
+    """``flask dbcancel cancel ID [--reason TEXT]``."""
+    _run(lambda jobs, rows: commands.cancel(jobs, rows, job_id, reason))
 
 
-@cli.command("reap")
+@cli.command("reap", short_help=REAP_SUMMARY, help=REAP_HELP)
 @click.option(
     "--stale-after",
     required=True,
@@ -497,15 +440,6 @@ def cancel_command(job_id: str, reason: str | None) -> None:
     "intervals, so that a slow poll does not look like a dead worker.",
 )
 def reap_command(stale_after: float) -> None:
-    """Stop jobs whose worker died (no heartbeat for --stale-after seconds).
-
-    In-progress jobs become failed, with the error 'worker lost'; cancelled jobs whose
-    worker never stopped are marked stopped (finished_at), so that wait() and delete
-    flows stop waiting for them. Heartbeats come from workers running with watch=True.
-    """
-    state = _state()
-    try:  # --stale-after was checked by its callback: reap() has nothing left to refuse
-        count = state.jobs.reap(stale_after=stale_after)
-    except SQLAlchemyError as exc:
-        raise _database_error(state, exc) from None
-    click.echo(reap_summary(count, state.extension.table.name, stale_after))
+    """``flask dbcancel reap --stale-after SECONDS``."""
+    # --stale-after was checked by its callback: reap() has nothing left to refuse.
+    _run(lambda jobs, rows: commands.reap(jobs, rows, stale_after))

@@ -319,7 +319,7 @@ def test_cli_commands(app: Flask, ext: DBCancel, db: Database, capsys: Any) -> N
     result = runner.invoke(args=["dbcancel", "list"])
     assert result.exit_code == 0
     lines = result.output.splitlines()
-    assert lines[0].split() == ["id", "status", "started_at", "cancel_requested_at", "reason"]
+    assert lines[0].split() == ["id", "status", "started", "finished", "worker", "reason/error"]
     assert [line.split()[:2] for line in lines[2:]] == [
         [str(pending), "pending"],
         [str(running), "in_progress"],
@@ -332,13 +332,16 @@ def test_cli_commands(app: Flask, ext: DBCancel, db: Database, capsys: Any) -> N
         assert dbcancel_main([*args, "--url", db.url, "--table", table]) == 0
         assert result.output == capsys.readouterr().out
 
-    assert runner.invoke(args=["dbcancel", "status", str(pending)]).output == "pending\n"
-    result = runner.invoke(args=["dbcancel", "status", "999999"])
-    assert result.exit_code == 2
-    assert "FlaskJob 999999 not found" in result.output
-    result = runner.invoke(args=["dbcancel", "status", "seven"])
-    assert result.exit_code == 2
-    assert f"{table} ids are integers; 'seven' is not one" in result.output
+    result = runner.invoke(args=["dbcancel", "status", str(pending)], prog_name="flask")
+    assert (result.exit_code, result.output) == (0, f"{table} {pending}: pending\n")
+    result = runner.invoke(args=["dbcancel", "status", "999999"], prog_name="flask")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == f"flask dbcancel: error: {table} 999999 not found\n"
+    result = runner.invoke(args=["dbcancel", "status", "seven"], prog_name="flask")
+    assert (result.exit_code, result.stdout) == (2, "")
+    assert result.stderr == (
+        f"flask dbcancel: error: {table} ids are integers; 'seven' is not one\n"
+    )
 
     result = runner.invoke(args=["dbcancel", "cancel", str(pending), "--reason", "by hand"])
     assert (result.exit_code, result.output) == (0, f"{table} {pending}: cancelled\n")
@@ -455,7 +458,8 @@ def test_a_plain_engine_or_sessionmaker(db: Database) -> None:
     assert not thread.is_alive()
 
     result = app.test_cli_runner().invoke(args=["dbcancel", "status", str(job_id)])
-    assert (result.exit_code, result.output) == (0, "cancelled\n")
+    assert result.exit_code == 0
+    assert result.output.startswith(f"analysis {job_id}: cancelled\n")
 
     # Without the app in the constructor, only inside a context.
     factory = DBCancel(engine=db.engine, model=Analysis)

@@ -188,11 +188,18 @@ def test_cancel_a_running_job_stops_its_worker(db, capsys):
 # -- status and list --------------------------------------------------------------------
 
 
-def test_status_prints_one_word(db, capsys):
+def test_status_names_the_job_and_its_times(db, capsys):
     job = db.add()
-    assert run(db, capsys, "status", str(job)) == (EXIT_OK, "pending\n", "")
-    db.jobs().cancel(job)
-    assert run(db, capsys, "status", str(job)) == (EXIT_OK, "cancelled\n", "")
+    assert run(db, capsys, "status", str(job)) == (EXIT_OK, f"analysis {job}: pending\n", "")
+    db.jobs().cancel(job, reason="user left")
+
+    code, out, err = run(db, capsys, "status", str(job))
+
+    assert (code, err) == (EXIT_OK, "")
+    lines = out.splitlines()
+    assert lines[:2] == [f"analysis {job}: cancelled", "  reason:    user left"]
+    assert re.fullmatch(r"  finished:  \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", lines[2])
+    assert len(lines) == 3
 
 
 def test_list(db, capsys):
@@ -206,12 +213,19 @@ def test_list(db, capsys):
         code, out, err = run(db, capsys, "list", *args)
         assert (code, err) == (EXIT_OK, "")
         lines = out.splitlines()
-        assert lines[0].split() == ["id", "status", "started_at", "cancel_requested_at", "reason"]
+        assert lines[0].split() == [
+            "id",
+            "status",
+            "started",
+            "finished",
+            "worker",
+            "reason/error",
+        ]
         return {int(line.split()[0]): line for line in lines[2:]}
 
     rows = listed()
     assert sorted(rows) == [pending, running]
-    assert rows[pending].split()[1:] == ["pending", "-", "-", "-"]
+    assert rows[pending].split()[1:] == ["pending", "-", "-", "-", "-"]
     everything = listed("--all")
     assert sorted(everything) == sorted([pending, running, done, cancelled])
     assert everything[cancelled].endswith("session deleted by user")
@@ -228,7 +242,7 @@ def test_url_and_table_default_to_the_environment(db, capsys, monkeypatch):
     monkeypatch.setenv("DBCANCEL_TABLE", "analysis")
 
     assert main(["status", str(job)]) == EXIT_OK
-    assert capsys.readouterr().out == "pending\n"
+    assert capsys.readouterr().out == f"analysis {job}: pending\n"
 
 
 # -- reap -------------------------------------------------------------------------------
@@ -327,9 +341,9 @@ def test_unknown_id_is_one_line_and_changes_nothing(db, capsys, command):
     assert code == EXIT_ERROR
     assert out == ""
     line = one_line(err)
-    assert "analysis" in line
-    assert "987654" in line
-    assert "not found" in line
+    assert line.startswith("dbcancel: error: analysis 987654 not found")
+    # Only a command that could have changed something says that nothing was.
+    assert ("nothing was changed" in line) == (command == "cancel")
     assert snapshot(db) == before
 
 
@@ -374,6 +388,73 @@ def test_unreachable_database_is_one_line_without_the_password(capsys, driver, u
     assert line.startswith("dbcancel: error: cannot connect to ")
     assert "bob:***@127.0.0.1:1" in line
     assert "hunter22" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("url", "fix"),
+    [
+        (
+            "postgresql+pg8000://bob:hunter22@127.0.0.1/jobs",
+            "driver pg8000 is not installed; pip install pg8000",
+        ),
+        (
+            "postgresql+psycopg2://bob:hunter22@127.0.0.1/jobs",
+            "driver psycopg2 is not installed; "
+            "pip install psycopg2-binary, or use postgresql+psycopg:// with "
+            "pip install 'dbcancel[postgres]'",
+        ),
+        (
+            "mysql+mysqlconnector://bob:hunter22@127.0.0.1/jobs",
+            "driver mysql is not installed; pip install mysql-connector-python",
+        ),
+    ],
+)
+def test_a_missing_driver_names_what_to_install(capsys, url, fix):
+    for absent in ("pg8000", "psycopg2", "mysql.connector"):
+        try:
+            __import__(absent)
+        except ImportError:
+            continue
+        pytest.fail(f"this test needs {absent} not to be installed")
+    code = main(["status", "1", "--url", url, "--table", "analysis"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    line = one_line(err)
+    assert line.startswith("dbcancel: error: cannot use ")
+    assert "bob:***@127.0.0.1" in line
+    assert line.endswith(fix)
+    assert "hunter22" not in line
+
+
+@pytest.mark.parametrize(
+    ("module", "url", "extra"),
+    [
+        ("psycopg", "postgresql+psycopg://bob:hunter22@127.0.0.1/jobs", "postgres"),
+        ("pymysql", "mysql+pymysql://bob:hunter22@127.0.0.1/jobs", "mysql"),
+    ],
+)
+@pytest.mark.parametrize("command", [["status", "1"], ["demo"]])
+def test_a_missing_known_driver_names_the_extra(capsys, monkeypatch, module, url, extra, command):
+    # The driver is installed here: make its import fail as it would without it.
+    monkeypatch.setitem(sys.modules, module, None)
+    code = main(
+        [*command, "--url", url] + (["--table", "analysis"] if command[0] != "demo" else [])
+    )
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    line = one_line(err)
+    assert line.endswith(
+        f"its database driver {module} is not installed; pip install 'dbcancel[{extra}]'"
+    )
+    assert "hunter22" not in line
+
+
+def test_an_unknown_driver_name(capsys):
+    code = main(["list", "--url", "postgresql+nosuch://bob:hunter22@h/db", "--table", "t"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (EXIT_ERROR, "")
+    assert "SQLAlchemy knows no database driver named 'postgresql+nosuch'" in one_line(err)
+    assert "hunter22" not in err
 
 
 def test_missing_sqlite_file_is_not_created(tmp_path, capsys):

@@ -96,6 +96,7 @@ def test_installed_job_models_pass():
     assert {m._meta.label for m in job_models()} == {
         "testapp.Analysis",
         "testapp.Renamed",
+        "testapp.Tracked",
         "analyses.Analysis",
     }
     assert [m for m in checks.run_checks(tags=[checks.Tags.models]) if "dbcancel" in m.id] == []

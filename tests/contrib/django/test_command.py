@@ -26,10 +26,14 @@ def run(alias: str, *args: str) -> str:
 
 def test_status(alias, add, jobs):
     job = add()
-    assert run(alias, "status", str(job)) == "pending\n"
+    assert run(alias, "status", str(job)) == f"testapp_analysis {job}: pending\n"
     with jobs.run(job):
-        assert run(alias, "status", str(job)) == "in_progress\n"
-    assert run(alias, "status", str(job)) == "completed\n"
+        assert run(alias, "status", str(job)).startswith(
+            f"testapp_analysis {job}: in_progress\n  started:   "
+        )
+    lines = run(alias, "status", str(job)).splitlines()
+    assert lines[0] == f"testapp_analysis {job}: completed"
+    assert [line.split(":")[0] for line in lines[1:]] == ["  started", "  finished"]
 
 
 def test_cancel(alias, add, jobs, row):
@@ -37,39 +41,33 @@ def test_cancel(alias, add, jobs, row):
     with jobs.run(done):
         pass
     assert run(alias, "cancel", str(pending), "--reason", "ops said so") == (
-        f"Analysis {pending}: cancelled\n"
+        f"testapp_analysis {pending}: cancelled\n"
     )
     assert row(pending).cancel_reason == "ops said so"
-    assert run(alias, "cancel", str(pending)) == f"Analysis {pending}: already cancelled\n"
+    assert run(alias, "cancel", str(pending)) == f"testapp_analysis {pending}: already cancelled\n"
     with jobs.run(running) as cp:
         out = run(alias, "cancel", str(running))
         assert cp.cancelled
     assert out == (
-        f"Analysis {running}: cancelled (it was in progress: its worker stops at its next "
+        f"testapp_analysis {running}: cancelled (it was in progress: its worker stops at its next "
         "checkpoint)\n"
     )
-    with pytest.raises(CommandError, match=f"Analysis {done}: not cancelled: it is completed") as e:
+    message = f"testapp_analysis {done}: not cancelled: it is completed"
+    with pytest.raises(CommandError, match=message) as e:
         run(alias, "cancel", str(done))
     assert e.value.returncode == 1
     assert row(done).status == Status.COMPLETED
 
 
 def test_list(alias, add, jobs):
-    assert run(alias, "list") == "no pending or in_progress jobs in testapp.Analysis\n"
+    assert run(alias, "list") == "no pending or in_progress jobs in testapp_analysis\n"
     pending, done = add(), add()
     with jobs.run(done):
         pass
     jobs.cancel(pending, reason="a reason")
     live = add()
     lines = run(alias, "list").splitlines()
-    assert lines[0].split() == [
-        "id",
-        "status",
-        "started_at",
-        "finished_at",
-        "cancel_requested_at",
-        "reason",
-    ]
+    assert lines[0].split() == ["id", "status", "started", "finished", "worker", "reason/error"]
     assert [line.split()[:2] for line in lines[2:]] == [[str(live), "pending"]]
     every = run(alias, "list", "--all").splitlines()
     assert [line.split()[:2] for line in every[2:]] == [
@@ -115,7 +113,7 @@ def test_reap(alias, add, jobs, row):
     before = snapshot(alias)
 
     assert run(alias, "reap", "--stale-after", "30") == (
-        "reaped 2 jobs of testapp.Analysis (no heartbeat for 30s)\n"
+        "reaped 2 jobs of testapp_analysis (no heartbeat for 30s)\n"
     )
     failed = row(lost)
     assert (failed.status, failed.error) == (Status.FAILED, "worker lost")
@@ -130,7 +128,7 @@ def test_reap(alias, add, jobs, row):
     assert jobs.wait(unstopped, timeout=1) is Status.CANCELLED
 
     assert run(alias, "reap", "--stale-after", "2.5") == (
-        "reaped 1 job of testapp.Analysis (no heartbeat for 2.5s)\n"
+        "reaped 1 job of testapp_analysis (no heartbeat for 2.5s)\n"
     )
     assert row(alive).status == Status.FAILED
 
@@ -178,7 +176,7 @@ def test_model_and_database_options():
 def test_options_before_the_subcommand_and_the_default_model():
     out = io.StringIO()
     call_command("dbcancel", "--model", "testapp.Analysis", "list", stdout=out)
-    assert out.getvalue() == "no pending or in_progress jobs in testapp.Analysis\n"
+    assert out.getvalue() == "no pending or in_progress jobs in testapp_analysis\n"
     with override_settings(DBCANCEL_DEFAULT_MODEL="testapp.Renamed"):
         call_command("dbcancel", "list", stdout=out)
-    assert out.getvalue().endswith("no pending or in_progress jobs in testapp.Renamed\n")
+    assert out.getvalue().endswith("no pending or in_progress jobs in dbcancel_renamed_jobs\n")

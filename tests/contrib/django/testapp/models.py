@@ -27,3 +27,9 @@ class Renamed(CancellableModel):
 
     class Meta(CancellableModel.Meta):
         db_table = "dbcancel_renamed_jobs"
+
+
+class Tracked(CancellableModel):
+    """A job model whose table records the worker running each job (``host:pid:token``)."""
+
+    worker_id = models.CharField(max_length=255, null=True, default=None)

@@ -2,48 +2,170 @@
 
 ::
 
-    manage.py dbcancel list [--all]
+    manage.py dbcancel list [--all | --status S]
     manage.py dbcancel status 42
     manage.py dbcancel cancel 42 --reason "session deleted"
     manage.py dbcancel reap --stale-after 60
 
 ``--model app_label.ModelName`` names the job model (default: the setting
 ``DBCANCEL_DEFAULT_MODEL``, else the only job model installed); ``--database`` the
-alias (default ``default``). Exit status 1 when a cancel is refused because the job had
-already completed or failed, 2 for an unknown job or model or a usage error (such as a
-bad ``--stale-after``).
+alias (default ``default``). The commands print the same lines and exit with the same
+statuses as ``python -m dbcancel`` and ``flask dbcancel`` (all three run
+:mod:`dbcancel._commands`; messages name the model's table): 0 on success, 1 when a
+cancel is refused because the job had already completed or failed, 2 for an unknown job
+or model, a usage error (such as a bad ``--stale-after``) or a database error, 130 when
+interrupted. Through ``call_command`` a failure raises :class:`CommandError` with that
+status as its ``returncode``. Neither this module nor :mod:`dbcancel._commands` imports
+SQLAlchemy itself (``import dbcancel`` still does, through :mod:`dbcancel.models`).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
+import os
+import sys
+import uuid
+from collections.abc import Collection
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS
+from django.db import DEFAULT_DB_ALIAS, models
+from django.db import Error as DatabaseError
 
-from dbcancel.cli import add_stale_after, reap_summary
+from dbcancel import _commands as commands
+from dbcancel._commands import (
+    ALL_HELP,
+    CANCEL_HELP,
+    CANCEL_SUMMARY,
+    EXIT_ERROR,
+    LIST_HELP,
+    LIST_SUMMARY,
+    REAP_HELP,
+    REAP_SUMMARY,
+    REASON_HELP,
+    STATUS_HELP,
+    STATUS_OPTION_HELP,
+    STATUS_SUMMARY,
+    WORKER_COLUMN,
+    JobDetail,
+    Outcome,
+    add_stale_after,
+    id_kind_error,
+)
 from dbcancel.contrib.django.backend import resolve_model
 from dbcancel.contrib.django.checks import job_models
 from dbcancel.contrib.django.jobs import DjangoJobs
-from dbcancel.demo import format_table
-from dbcancel.errors import JobNotFound
-from dbcancel.models import TERMINAL, Status
+from dbcancel.models import Status
 
-__all__ = ["Command"]
+__all__ = ["Command", "DjangoRows"]
 
-_NOT_FOUND = 2
-_REFUSED = 1
+
+class DjangoRows:
+    """The rows of a Django job model, read for ``list`` and ``status``
+    (:class:`dbcancel._commands.Rows`).
+
+    A field whose column is ``worker_id`` is shown as the job's worker when the model
+    has one.
+    """
+
+    def __init__(self, jobs: DjangoJobs) -> None:
+        self.model: Any = jobs.model
+        """The job model."""
+        self.using = jobs.using
+        """The database alias."""
+        self.label: str = self.model._meta.db_table
+        """The model's table, as every message names it."""
+        self.errors: tuple[type[BaseException], ...] = (DatabaseError,)
+        """Django's database errors, reported as one line."""
+        worker = [
+            f.attname
+            for f in self.model._meta.concrete_fields
+            if getattr(f, "column", None) == WORKER_COLUMN
+        ]
+        self._fields = [
+            "pk",
+            "status",
+            "started_at",
+            "finished_at",
+            "heartbeat_at",
+            "cancel_reason",
+            "error",
+            *worker[:1],
+        ]
+
+    def parse_id(self, text: str) -> Any:
+        """``text`` as a primary key value, converted as ``python -m dbcancel`` does."""
+        pk = self.model._meta.pk
+        kind: type | None = None
+        if isinstance(pk, models.IntegerField):  # AutoField and BigAutoField too
+            kind = int
+        elif isinstance(pk, models.UUIDField):
+            kind = uuid.UUID
+        elif isinstance(pk, models.CharField | models.TextField):
+            return text
+        if kind is not None:
+            try:
+                return kind(text)
+            except (TypeError, ValueError, ArithmeticError):
+                raise id_kind_error(self.label, kind, text) from None
+        try:
+            return pk.to_python(text)
+        except ValidationError:
+            raise ValueError(
+                f"{self.label} ids are {pk.get_internal_type()} values; {text!r} is not one"
+            ) from None
+
+    def _rows(self) -> Any:
+        return self.model._base_manager.using(self.using)
+
+    def one(self, job_id: Any) -> JobDetail | None:
+        """The job's row, or None."""
+        row = self._rows().filter(pk=job_id).values_list(*self._fields).first()
+        return None if row is None else _detail(row)
+
+    def many(self, statuses: Collection[str] | None) -> list[JobDetail]:
+        """The rows in ``statuses`` (every row for None), in id order."""
+        qs = self._rows()
+        if statuses is not None:
+            qs = qs.filter(status__in=sorted(statuses))
+        return [_detail(r) for r in qs.order_by("pk").values_list(*self._fields)]
+
+    def describe(self, exc: BaseException) -> str:
+        """``database error on database 'alias': first line of the driver's message``."""
+        from django.db import connections
+
+        password = connections[self.using].settings_dict.get("PASSWORD") or None
+        return f"database error on database {self.using!r}: " + commands.db_reason(exc, password)
+
+
+def _detail(row: tuple[Any, ...]) -> JobDetail:
+    job_id, status, started, finished, beat, reason, error, *worker = row
+    value = worker[0] if worker else None
+    return JobDetail(
+        job_id,
+        str(getattr(status, "value", status)),
+        started,
+        finished,
+        beat,
+        reason,
+        error,
+        None if value is None else str(value),
+    )
 
 
 class Command(BaseCommand):  # type: ignore[misc]
-    """``dbcancel list [--all]``, ``dbcancel status ID``, ``dbcancel cancel ID --reason TEXT``,
-    ``dbcancel reap --stale-after SECONDS``."""
+    """``dbcancel list [--all | --status S]``, ``dbcancel status ID``,
+    ``dbcancel cancel ID [--reason TEXT]``, ``dbcancel reap --stale-after SECONDS``."""
 
-    help = "List, inspect, cancel and reap dbcancel jobs."
+    help = (
+        "List, inspect, cancel and reap dbcancel jobs. Exit status: 0 success, 1 cancel "
+        "refused (the job had already completed or failed), 2 usage error, unknown job or "
+        "model, or database error, 130 interrupted. Times are UTC."
+    )
+    prog = "manage.py dbcancel"
+    """The program name of error lines; ``run_from_argv`` sets it from the command line."""
 
     def add_arguments(self, parser: Any) -> None:
         """The four subcommands; ``--model`` and ``--database`` go before or after them."""
@@ -51,23 +173,18 @@ class Command(BaseCommand):  # type: ignore[misc]
         sub = parser.add_subparsers(
             dest="action", metavar="{list,status,cancel,reap}", required=True
         )
-        listing = sub.add_parser("list", help="list pending and running jobs (--all: every job)")
-        listing.add_argument("--all", action="store_true", help="list finished jobs too")
-        status = sub.add_parser("status", help="print a job's status")
-        status.add_argument("job_id", metavar="ID")
-        cancel = sub.add_parser(
-            "cancel", help="cancel a pending or running job (its worker stops at a checkpoint)"
+        listing = sub.add_parser("list", help=LIST_SUMMARY, description=LIST_HELP)
+        which = listing.add_mutually_exclusive_group()
+        which.add_argument("--all", action="store_true", help=ALL_HELP)
+        which.add_argument(
+            "--status", choices=[s.value for s in Status], metavar="S", help=STATUS_OPTION_HELP
         )
-        cancel.add_argument("job_id", metavar="ID")
-        cancel.add_argument("--reason", default=None, help="recorded in cancel_reason")
-        reap = sub.add_parser(
-            "reap",
-            help="stop jobs whose worker died (no heartbeat for --stale-after seconds)",
-            description="In-progress jobs with no heartbeat for --stale-after seconds become "
-            "failed, with the error 'worker lost'; cancelled jobs whose worker never stopped "
-            "get finished_at, so that wait() and delete flows stop waiting for them. "
-            "Heartbeats come from workers running with watch=True.",
-        )
+        status = sub.add_parser("status", help=STATUS_SUMMARY, description=STATUS_HELP)
+        status.add_argument("job_id", metavar="ID", help="the job's primary key")
+        cancel = sub.add_parser("cancel", help=CANCEL_SUMMARY, description=CANCEL_HELP)
+        cancel.add_argument("job_id", metavar="ID", help="the job's primary key")
+        cancel.add_argument("--reason", default=None, metavar="TEXT", help=REASON_HELP)
+        reap = sub.add_parser("reap", help=REAP_SUMMARY, description=REAP_HELP)
         add_stale_after(reap)
         for subparser in (listing, status, cancel, reap):
             self._common(subparser, argparse_default=False)
@@ -88,78 +205,56 @@ class Command(BaseCommand):  # type: ignore[misc]
             "--database", default=db_default, help='the database alias (default "default")'
         )
 
+    def run_from_argv(self, argv: list[str]) -> None:
+        """Run from ``manage.py``: error lines start with ``manage.py dbcancel:``."""
+        self.prog = f"{os.path.basename(argv[0])} {argv[1]}"
+        super().run_from_argv(argv)
+
     def handle(self, *args: Any, **options: Any) -> None:
-        """Run the subcommand named in ``options["action"]``."""
-        jobs = self._jobs(options.get("model"), options.get("database") or DEFAULT_DB_ALIAS)
+        """Run the subcommand named in ``options["action"]`` and print its outcome.
+
+        From the command line: its lines on stdout and stderr, and its exit status.
+        Through ``call_command``: its lines on ``stdout``, or :class:`CommandError` with
+        the exit status as ``returncode`` when it is not 0.
+        """
+        try:
+            self._finish(self._outcome(options))
+        except KeyboardInterrupt:
+            self._finish(commands.interrupted())
+
+    def _outcome(self, options: dict[str, Any]) -> Outcome:
+        try:
+            jobs = self._jobs(options.get("model"), options.get("database") or DEFAULT_DB_ALIAS)
+        except ValueError as exc:
+            return Outcome(EXIT_ERROR, err=f"error: {exc}")
+        rows = DjangoRows(jobs)
         action = options["action"]
         if action == "list":
-            self._list(jobs, every=bool(options.get("all")))
-        elif action == "status":
-            job_id = self._job_id(jobs, options["job_id"])
-            self.stdout.write(self._status(jobs, job_id).value)
-        elif action == "reap":
-            self._reap(jobs, options["stale_after"])
-        else:
-            self._cancel(jobs, self._job_id(jobs, options["job_id"]), options.get("reason"))
+            every = bool(options.get("all"))
+            return commands.list_jobs(rows, every=every, status=options.get("status"))
+        if action == "status":
+            return commands.status(jobs, rows, options["job_id"])
+        if action == "reap":
+            # --stale-after was checked by argparse, so reap() has nothing left to refuse.
+            return commands.reap(jobs, rows, options["stale_after"])
+        return commands.cancel(jobs, rows, options["job_id"], options.get("reason"))
 
-    # -- subcommands ------------------------------------------------------------------
-
-    def _list(self, jobs: DjangoJobs, *, every: bool) -> None:
-        qs = jobs.model._base_manager.using(jobs.using).order_by("pk")
-        what = "jobs"
-        if not every:
-            qs = qs.exclude(status__in=sorted(s.value for s in TERMINAL))
-            what = "pending or in_progress jobs"
-        rows = list(
-            qs.values_list(
-                "pk", "status", "started_at", "finished_at", "cancel_requested_at", "cancel_reason"
+    def _finish(self, outcome: Outcome) -> None:
+        if getattr(self, "_called_from_command_line", False):
+            status = commands.emit(
+                outcome, self.prog, stdout=self.stdout.write, stderr=self.stderr.write
             )
-        )
-        if not rows:
-            self.stdout.write(f"no {what} in {jobs.model._meta.label}")
+            if status:
+                sys.exit(status)
             return
-        self.stdout.write(
-            format_table(
-                ["id", "status", "started_at", "finished_at", "cancel_requested_at", "reason"],
-                [[str(r[0]), r[1], *(_when(v) for v in r[2:5]), _text(r[5])] for r in rows],
-                right="0",
-            )
-        )
-
-    def _status(self, jobs: DjangoJobs, job_id: Any) -> Status:
-        try:
-            return jobs.status(job_id)
-        except JobNotFound as exc:
-            raise CommandError(str(exc), returncode=_NOT_FOUND) from None
-
-    def _cancel(self, jobs: DjangoJobs, job_id: Any, reason: str | None) -> None:
-        label = f"{jobs.model_name} {job_id}"
-        # Read first only to word the answer; cancel() itself decides, atomically.
-        before = self._status(jobs, job_id)
-        try:
-            cancelled = jobs.cancel(job_id, reason=reason)
-        except JobNotFound as exc:
-            raise CommandError(str(exc), returncode=_NOT_FOUND) from None
-        if not cancelled:
-            after = self._status(jobs, job_id)
-            raise CommandError(f"{label}: not cancelled: it is {after.value}", returncode=_REFUSED)
-        if before is Status.CANCELLED:
-            self.stdout.write(f"{label}: already cancelled")
-        elif before is Status.IN_PROGRESS:
-            self.stdout.write(
-                f"{label}: cancelled (it was in progress: its worker stops at its next checkpoint)"
-            )
-        else:
-            self.stdout.write(f"{label}: cancelled")
-
-    def _reap(self, jobs: DjangoJobs, stale_after: float) -> None:
-        # --stale-after was checked by argparse, so reap() has nothing left to refuse.
-        count = jobs.reap(stale_after=stale_after)
-        self.stdout.write(reap_summary(count, jobs.model._meta.label, stale_after))
-
-    # -- arguments --------------------------------------------------------------------
+        if outcome.status:
+            message = outcome.err.removeprefix("error: ") or outcome.out
+            raise CommandError(message, returncode=outcome.status)
+        if outcome.out:
+            self.stdout.write(outcome.out)
 
     def _jobs(self, label: str | None, alias: str) -> DjangoJobs:
+        """The DjangoJobs of ``--model`` on ``--database``; ValueError saying what to fix."""
         label = label or getattr(settings, "DBCANCEL_DEFAULT_MODEL", None)
         try:
             if label:
@@ -168,37 +263,11 @@ class Command(BaseCommand):  # type: ignore[misc]
                 found = job_models()
                 if len(found) != 1:
                     names = ", ".join(m._meta.label for m in found) or "none"
-                    raise CommandError(
+                    raise ValueError(
                         "name the job model with --model app_label.ModelName (or set "
-                        f"DBCANCEL_DEFAULT_MODEL); job models installed: {names}",
-                        returncode=_NOT_FOUND,
+                        f"DBCANCEL_DEFAULT_MODEL); job models installed: {names}"
                     )
                 model = found[0]
             return DjangoJobs(model, using=alias)
-        except (TypeError, ValueError) as exc:
-            raise CommandError(str(exc), returncode=_NOT_FOUND) from None
-
-    def _job_id(self, jobs: DjangoJobs, text: str) -> Any:
-        pk = jobs.model._meta.pk
-        try:
-            return pk.to_python(text)
-        except ValidationError:
-            raise CommandError(
-                f"{jobs.model_name} ids are {pk.get_internal_type()} values; {text!r} is not one",
-                returncode=_NOT_FOUND,
-            ) from None
-
-
-def _when(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, dt.datetime) and value.tzinfo is not None:
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return str(value)
-
-
-def _text(value: Any, limit: int = 60) -> str:
-    if value is None:
-        return "-"
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
