@@ -192,12 +192,13 @@ REAP_SUMMARY = "stop jobs whose worker died (no heartbeat for --stale-after seco
 """One line on ``reap``."""
 REAP_HELP = (
     "For jobs whose worker died (a killed process, a lost machine): in-progress jobs "
-    "whose last heartbeat is older than --stale-after seconds become failed, with the "
+    "whose worker's last heartbeat is older than --stale-after seconds become failed, with the "
     "error 'worker lost', and cancelled jobs whose worker never stopped are marked "
     "stopped (finished_at), so that wait() and delete flows stop waiting for them. "
-    "Heartbeats come from workers running with watch=True, once per poll "
-    "interval; a job whose worker does not beat looks dead once it has run for "
-    "--stale-after seconds. Run it from cron or a scheduler."
+    "Every process running jobs beats its row of the worker table every heartbeat "
+    "period (10 s by default), on the database's clock; make --stale-after at least "
+    "three periods. A worker that was only stalled finds its jobs taken away and stops. "
+    "Run it from cron or a scheduler."
 )
 """The help of ``reap``."""
 
@@ -444,8 +445,8 @@ def add_stale_after(parser: argparse.ArgumentParser) -> None:
         type=positive_seconds,
         required=True,
         metavar="SECONDS",
-        help="reap jobs with no heartbeat for this many seconds; make it several poll "
-        "intervals, so that a slow poll does not look like a dead worker",
+        help="reap jobs whose worker has not beaten for this many seconds; make it at "
+        "least three heartbeat periods (30 s with the default period of 10 s)",
     )
 
 
@@ -486,16 +487,27 @@ class SQLAlchemyRows:
         return sqlalchemy_id(self.table, text)
 
     def _select(self) -> Any:
-        from sqlalchemy import literal, select
+        """The columns of a job, with its worker's last heartbeat (from the worker
+        table, where the job names one) in place of the row's own ``heartbeat_at``."""
+        from sqlalchemy import MetaData, func, inspect, literal, select
+
+        from .models import WORKER_TABLE, worker_table
 
         c = self.table.c
         worker = c[WORKER_COLUMN] if WORKER_COLUMN in c else literal(None)
+        beat: Any = c.heartbeat_at
+        if WORKER_COLUMN in c and inspect(self.engine).has_table(
+            WORKER_TABLE, schema=self.table.schema
+        ):
+            w = worker_table(MetaData(), self.table.schema).c
+            latest = select(w.heartbeat_at).where(w.id == c[WORKER_COLUMN]).scalar_subquery()
+            beat = func.coalesce(latest, c.heartbeat_at).label("heartbeat_at")
         return select(
             self._pk,
             c.status,
             c.started_at,
             c.finished_at,
-            c.heartbeat_at,
+            beat,
             c.cancel_reason,
             c.error,
             worker,

@@ -436,8 +436,8 @@ def cancel_command(job_id: str, reason: str | None) -> None:
     required=True,
     callback=_seconds,
     metavar="SECONDS",
-    help="Reap jobs with no heartbeat for this many seconds; make it several poll "
-    "intervals, so that a slow poll does not look like a dead worker.",
+    help="Reap jobs whose worker has not beaten for this many seconds; make it at least "
+    "three heartbeat periods (30 s with the default period of 10 s).",
 )
 def reap_command(stale_after: float) -> None:
     """``flask dbcancel reap --stale-after SECONDS``."""

@@ -33,7 +33,7 @@ def test_status(alias, add, jobs):
         )
     lines = run(alias, "status", str(job)).splitlines()
     assert lines[0] == f"testapp_analysis {job}: completed"
-    assert [line.split(":")[0] for line in lines[1:]] == ["  started", "  finished"]
+    assert [line.split(":")[0] for line in lines[1:]] == ["  started", "  finished", "  worker"]
 
 
 def test_cancel(alias, add, jobs, row):

@@ -89,11 +89,12 @@ class DjangoRows:
             "status",
             "started_at",
             "finished_at",
-            "heartbeat_at",
+            "beat",
             "cancel_reason",
             "error",
             *worker[:1],
         ]
+        self._worker_field = worker[0] if worker else None
 
     def parse_id(self, text: str) -> Any:
         """``text`` as a primary key value, converted as ``python -m dbcancel`` does."""
@@ -118,7 +119,22 @@ class DjangoRows:
             ) from None
 
     def _rows(self) -> Any:
-        return self.model._base_manager.using(self.using)
+        """The jobs, each with ``beat``: its worker's last heartbeat (from the worker
+        table, where the job names one), else the job row's own ``heartbeat_at``."""
+        from django.db import connections
+        from django.db.models import F, OuterRef, Subquery
+        from django.db.models.functions import Coalesce
+
+        from dbcancel.contrib.django.models import Worker
+        from dbcancel.models import WORKER_TABLE
+
+        qs = self.model._base_manager.using(self.using)
+        tables = connections[self.using].introspection.table_names()
+        if self._worker_field is None or WORKER_TABLE not in tables:
+            return qs.annotate(beat=F("heartbeat_at"))
+        workers = Worker.objects.using(self.using).filter(pk=OuterRef(self._worker_field))
+        beat = Subquery(workers.values("heartbeat_at")[:1])
+        return qs.annotate(beat=Coalesce(beat, F("heartbeat_at")))
 
     def one(self, job_id: Any) -> JobDetail | None:
         """The job's row, or None."""
