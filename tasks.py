@@ -151,6 +151,7 @@ def check(args: list[str]) -> int:
 def docs(args: list[str]) -> int:
     """Build the docs with mkdocs --strict and serve them; `docs --build` only builds."""
     _install("dev")
+    os.environ.setdefault("NO_MKDOCS_2_WARNING", "1")  # Material's banner about MkDocs 2
     if "--build" in args:
         with tempfile.TemporaryDirectory(prefix="dbcancel-site-") as site:
             return _run(PY, "-m", "mkdocs", "build", "--strict", "--site-dir", site)

@@ -64,7 +64,8 @@ def server_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 
 @pytest.mark.parametrize(
-    "snippet", [pytest.param(s, id=s.id, marks=_marks(s)) for s in ALL if s.kind not in ("skip", "part")]
+    "snippet",
+    [pytest.param(s, id=s.id, marks=_marks(s)) for s in ALL if s.kind not in ("skip", "part")],
 )
 def test_snippet_runs(snippet: Snippet, server_url: str | None, tmp_path: Path) -> None:
     snippets.run(snippet, tmp_path, url=server_url)
