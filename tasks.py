@@ -113,6 +113,21 @@ def test(args: list[str]) -> int:
     return _pytest(_install("dev"), args)
 
 
+def _find_python(version: str) -> str | None:
+    """An interpreter of ``version`` (``"3.12"``) that runs, or None.
+
+    ``python3.12`` on the PATH first; a pyenv shim is there even when that version is not
+    selected (and then fails), so pyenv's own folder of versions is the fallback.
+    """
+    candidates = [shutil.which(f"python{version}")]
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += [str(p) for p in sorted(root.glob(f"versions/{version}.*/bin/python{version}"))]
+    for candidate in candidates:
+        if candidate and subprocess.run([candidate, "-c", ""], capture_output=True).returncode == 0:
+            return candidate
+    return None
+
+
 def test_all(args: list[str]) -> int:
     """Run the suite on Python 3.11, 3.12 and 3.13, each in its own venv; fail if any fails."""
     results: list[tuple[str, int, float]] = []
@@ -120,7 +135,7 @@ def test_all(args: list[str]) -> int:
         if sys.version_info[:2] == tuple(int(p) for p in version.split(".")):
             base = sys.executable
         else:
-            found = shutil.which(f"python{version}")
+            found = _find_python(version)
             if found is None:
                 print(f"python{version} is not installed: that is a failure here", file=sys.stderr)
                 results.append((version, 1, 0.0))
@@ -128,7 +143,7 @@ def test_all(args: list[str]) -> int:
             base = found
         start = time.monotonic()
         print(f"=== Python {version} in {name}", flush=True)
-        py = _install("dev", ROOT / name, base if name != ".venv" else None)
+        py = _install("dev", ROOT / name, base)
         code = _pytest(py, args)
         results.append((version, code, time.monotonic() - start))
     print("=== summary", flush=True)
