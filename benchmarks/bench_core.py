@@ -60,7 +60,7 @@ DEFAULT_PG_URL = os.environ.get(
     os.environ.get("DBCANCEL_TEST_POSTGRESQL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
 )
 WORK_ITEM_SECONDS = 100e-6
-"""CPU time of one work item in the latency runs, as in PEERS.md."""
+"""CPU time of one work item in the latency runs: a CPU-bound worker that holds the GIL."""
 INTERVALS = (0.05, 0.5)
 """The checkpoint intervals the latency rows are measured at."""
 CHILD_FLAG = "--child-worker"
@@ -779,6 +779,27 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+EXIT_MISSED = 1
+"""The exit status of a run that measured everything but missed a target row."""
+
+
+def announce(quick: bool, full_minutes: str) -> None:
+    """Say up front, on stderr, how long the run will take."""
+    took = "under a minute" if quick else f"about {full_minutes} minutes"
+    mode = "quick (--quick)" if quick else "full (--quick takes under a minute)"
+    progress(f"a {mode} run: {took} on a 2-core machine; the table comes at the end")
+
+
+def finish(rendered: str) -> int:
+    """Print the report; return 0, or :data:`EXIT_MISSED` when a target row says MISSED."""
+    print(rendered, end="")
+    missed = [ln for ln in rendered.splitlines() if ln.startswith("| ") and "MISSED" in ln]
+    if missed:
+        progress(f"{len(missed)} target row(s) MISSED: exit status {EXIT_MISSED}")
+        return EXIT_MISSED
+    return 0
+
+
 def version(dist: str) -> str:
     """The installed version of ``dist``, or ``-``."""
     try:
@@ -914,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(Settings.make(args.quick, args.trials), seed)
+    announce(args.quick, "3-4")
     table_name = f"dbcancel_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
     fingerprint = source_fingerprint()
@@ -941,8 +963,7 @@ def main(argv: list[str] | None = None) -> int:
         report.warnings.append(
             "dbcancel's source files changed during this run: the numbers may mix versions."
         )
-    print(render(report), end="")
-    return 0
+    return finish(render(report))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,8 @@ import sqlalchemy
 from bench_core import (
     Database,
     add_job,
+    announce,
+    finish,
     fmt_ms,
     git_state,
     load_average,
@@ -1042,6 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(Settings.make(args.quick, args.trials), seed)
+    announce(args.quick, "4")
     report.sample_load()
     table_name = f"dbcancel_bench_media_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
@@ -1075,8 +1078,7 @@ def main(argv: list[str] | None = None) -> int:
             "source files changed during this run, the numbers may mix versions: "
             + ", ".join(f"`{name}`" for name in changed)
         )
-    print(render(report), end="")
-    return 0
+    return finish(render(report))
 
 
 if __name__ == "__main__":

@@ -48,9 +48,11 @@ from bench_core import (
     Database,
     Timing,
     add_job,
+    announce,
     busy,
     calibrate_work,
     describe,
+    finish,
     fmt_ms,
     fmt_ratio,
     fmt_time,
@@ -837,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     report = Report(Settings.make(args.quick, args.trials), seed)
+    announce(args.quick, "3")
     table_name = f"dbcancel_bench_watch_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     started = time.monotonic()
     fingerprint = source_fingerprint()
@@ -868,8 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         report.warnings.append(
             "dbcancel's source files changed during this run: the numbers may mix versions."
         )
-    print(render(report), end="")
-    return 0
+    return finish(render(report))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ most once per interval and is flipped at once by a cancel issued in the same pro
 """
 
 import logging
+from importlib.metadata import PackageNotFoundError, version
 
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound
@@ -46,7 +47,11 @@ __all__ = [
     "current",
 ]
 
-__version__ = "0.1.0"
+try:
+    __version__: str = version("dbcancel")
+    """The installed distribution's version; ``setup.cfg`` is its one source."""
+except PackageNotFoundError:  # pragma: no cover - imported from a source tree, not installed
+    __version__ = "0+unknown"
 
 # A library's loggers stay silent until the application configures logging.
 logging.getLogger("dbcancel").addHandler(logging.NullHandler())

@@ -488,25 +488,25 @@ def _delete_session(
     jobs: Jobs, engine: Engine, models: _Models, victim: _Progress, display: _Display
 ) -> _Deletion:
     """What the app's "delete session" request does: cancel, wait, then delete."""
+    sid = victim.session_id
     display.say(
-        f"user deletes session {victim.session_id} "
-        f"(job {victim.job_id} at {_percent(victim)}% of its frames)"
+        f"user deletes session {sid} (job {victim.job_id} at {_percent(victim)}% of its "
+        f"frames): cancel, wait, then delete"
     )
     t_call = time.perf_counter()
     cancelled = jobs.cancel(victim.job_id, reason=CANCEL_REASON)
     t_returned = time.perf_counter()
-    display.say(
-        f"  jobs.cancel({victim.job_id}) -> {cancelled}, committed in {_ms(t_returned - t_call)}"
-    )
+    display.say(f"  jobs.cancel({victim.job_id}) -> {cancelled}: the cancel is committed")
     try:
         status = jobs.wait(victim.job_id, timeout=_WAIT_TIMEOUT)
     except TimeoutError as exc:
         # The whole point: never delete files under a worker that may still read them.
         raise DemoError(f"{exc}; the session's files were not deleted") from None
     t_stopped = time.perf_counter()
+    display.say(f"  jobs.wait({victim.job_id}) -> {status.value}: its worker has stopped")
     display.say(
-        f"  jobs.wait({victim.job_id}) -> {status.value} after "
-        f"{_ms(t_stopped - t_returned)}: its worker has stopped"
+        f"  the delete waited {_ms(t_stopped - t_call)} for that: the cancel's commit, "
+        f"then the worker's current frame"
     )
     delete_started = time.perf_counter()
     for path in victim.files:
@@ -516,8 +516,11 @@ def _delete_session(
     with engine.begin() as conn:
         uploads = conn.execute(delete(Upload).where(Upload.session_id == victim.session_id))
         analyses = conn.execute(delete(Analysis).where(Analysis.id == victim.job_id))
-        rows = int(uploads.rowcount) + int(analyses.rowcount)
-    display.say(f"  deleted its {len(victim.files)} clips and {rows} rows")
+        n_uploads, n_analyses = int(uploads.rowcount), int(analyses.rowcount)
+    display.say(
+        f"  deleted session {sid}: its {len(victim.files)} clip files, their {n_uploads} "
+        f"upload rows and its {n_analyses} analysis row"
+    )
     return _Deletion(cancelled, status, t_returned, delete_started)
 
 
@@ -566,7 +569,7 @@ def _report(
 
     display.say()
     table = format_table(
-        ["job", "session", "status", "frames", "clips", "cancel latency"],
+        ["job", "session", "status", "frames", "clips"],
         [
             [
                 str(r.job_id),
@@ -574,11 +577,10 @@ def _report(
                 r.status.value,
                 f"{r.frames}/{r.total_frames}",
                 f"{r.files_opened}/{r.total_files}",
-                "-" if r.cancel_latency_ms is None else _ms(r.cancel_latency_ms / 1000),
             ]
             for r in rows
         ],
-        right="0345",
+        right="034",
     )
     for line in table.splitlines():
         display.say(line)

@@ -1,6 +1,8 @@
-"""The benchmarks still run: each ``bench_*.py --quick --sqlite-only`` exits 0 with its table.
+"""The benchmarks still run: each ``bench_*.py --quick --sqlite-only`` prints its table.
 
 No timing is asserted here: speed claims live in the benchmarks' own reports, not in tests.
+A run exits 0 when every target row was met and 1 when one says MISSED (a quick run on a
+busy machine may miss one), so the test checks that the exit status agrees with the table.
 """
 
 from __future__ import annotations
@@ -66,8 +68,10 @@ def test_quick_benchmark_prints_its_table(
         timeout=timeout,
         check=False,
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     out = result.stdout
+    missed = [ln for ln in out.splitlines() if ln.startswith("| ") and "MISSED" in ln]
+    assert result.returncode == (1 if missed else 0), result.stderr[-4000:]
+    assert "[bench] a quick (--quick) run: under a minute" in result.stderr.splitlines()[0]
     assert out.startswith(f"# dbcancel {title} benchmark"), out[:2000]
     assert "| row | measured | target | verdict |" in out
     for row in rows:

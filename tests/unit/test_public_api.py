@@ -87,7 +87,7 @@ def test_module_all_is_sorted(module):
 
 
 def test_core_names_are_exported():
-    # The names API.md sections 1-4 promise at the top level.
+    # The names the documentation promises at the top level.
     promised = {
         "Status",
         "CancellableMixin",
