@@ -173,11 +173,11 @@ def docs(args: list[str]) -> int:
     return _run(PY, "-m", "mkdocs", "serve", "--strict", *args)
 
 
-BENCHMARKS = ("core", "media", "watch")
+BENCHMARKS = ("core", "media", "watch", "liveness")
 
 
 def bench(args: list[str]) -> int:
-    """Install .[dev] and print a benchmark table: core (default), media or watch."""
+    """Install .[dev] and print a benchmark table: core (default), media, watch or liveness."""
     name = args[0] if args and args[0] in BENCHMARKS else "core"
     rest = args[1:] if args and args[0] in BENCHMARKS else args
     _install("dev")

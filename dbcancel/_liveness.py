@@ -67,14 +67,20 @@ class Heartbeat:
         self.beats = 0
         self.errors = 0
 
-    def join(self, period: float) -> str:
+    def join(self, period: float, backend: Backend | None = None) -> str:
         """Count a job that is about to start; return the worker id it runs under.
 
         The first job of an idle process beats at once, in the caller's thread, so the
         job never names a worker row that is missing or stale (a reap may have removed
         it while the process had nothing to run). Later jobs join without a query.
+        ``backend`` (the job's) is the one the beats go through from now on: every
+        backend of one worker key reaches the same database.
         """
         with self._cond:
+            if backend is not None:
+                # The newest job's: an engine of the app's that is surely in use, not one
+                # a finished part of the program may have disposed of.
+                self._backend = backend
             self._periods[period] += 1
             fresh = time.monotonic() - self._beaten < period
             if self._thread is None or not self._thread.is_alive():

@@ -426,7 +426,7 @@ class Jobs:
         # Before the job names this process as its worker, the process's row must be
         # there and fresh; the job leaves the heartbeat once it has stopped.
         heartbeat = heartbeat_for(b, b.label)
-        worker = heartbeat.join(self._heartbeat_period)
+        worker = heartbeat.join(self._heartbeat_period, b)
         try:
             if not b.apply(start_change(worker), job_id=job_id, filters=where):
                 started = False

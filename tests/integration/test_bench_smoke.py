@@ -52,6 +52,16 @@ CASES = [
         150,
         id="watch",
     ),
+    pytest.param(
+        "bench_liveness.py",
+        "liveness",
+        (
+            "(j) heartbeat row writes, 1,000 jobs in 1 process, SQLite",
+            "(j) heartbeat row writes, 1,000 jobs in 10 processes, SQLite",
+        ),
+        150,
+        id="liveness",
+    ),
 ]
 
 
