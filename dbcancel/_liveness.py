@@ -104,12 +104,6 @@ class Heartbeat:
             if self._periods[period] <= 0:
                 del self._periods[period]
 
-    @property
-    def running_jobs(self) -> int:
-        """How many jobs of this database run in this process now."""
-        with self._cond:
-            return sum(self._periods.values())
-
     def _beat(self, *, fresh_within: float | None = None) -> None:
         # One beat at a time: jobs starting together in an idle process beat once, and
         # never race each other to insert the row.
