@@ -720,9 +720,13 @@ def test_100_streams_cancelled_at_random_moments_leave_nothing_behind(db):
     assert not jobs.active()
 
 
-def test_event_loop_stall_p99_under_10ms_with_50_streams(db):
+def test_event_loop_stall_p99_under_25ms_with_50_streams(db):
     """The loop stays responsive while 50 streams run, the poller polls every 20 ms and
-    another process cancels half of them: a 5 ms ticker is late by < 10 ms at p99.
+    another process cancels half of them: a 5 ms ticker is late by < 25 ms at p99.
+
+    Measured at 2-17 ms on a shared 2-core machine (above 10 ms under load, so a 10 ms
+    bound failed CI runs); a database round trip per stream on the loop, the breakage
+    this guards against, stalls it for 50 round trips every 20 ms.
 
     The server is a child process, so its work is not this loop's. The window opens once
     every stream has its first result (the steady state, not the 50 connects) and closes
@@ -794,7 +798,7 @@ def test_event_loop_stall_p99_under_10ms_with_50_streams(db):
         f"p99 {p99 * 1e3:.2f} ms, max {samples[-1] * 1e3:.2f} ms"
     )
     assert len(samples) >= 100
-    assert p99 < 0.010
+    assert p99 < 0.025
 
 
 # -- faults -----------------------------------------------------------------------------
