@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import secrets
 import socket
 import threading
@@ -27,6 +26,7 @@ from collections import Counter
 from collections.abc import Hashable
 
 from ._backend import Backend
+from ._random import rng
 
 __all__ = ["DEFAULT_HEARTBEAT", "Heartbeat", "heartbeat_for", "worker_id"]
 
@@ -128,7 +128,7 @@ class Heartbeat:
                 # last beat (at most one write per period, however many jobs start), and
                 # jittered so that processes started together do not beat in lockstep.
                 # A job with a shorter period that joins meanwhile shortens the wait.
-                factor = random.uniform(1.0, 1.0 + _JITTER)
+                factor = rng.uniform(1.0, 1.0 + _JITTER)
                 while self._periods:
                     due = self._tried + min(self._periods) * factor
                     if (remaining := due - time.monotonic()) <= 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import random
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
@@ -50,6 +49,7 @@ from ._backend import (
     integer_bounds,
     utcnow,
 )
+from ._random import rng
 from .errors import DbcancelError
 from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status, UTCDateTime, worker_table
 
@@ -532,7 +532,7 @@ class SQLAlchemyBackend:
                 if attempt >= _RETRIES - 1 or not _is_transient(err):
                     raise
                 log.info("dbcancel: %s on %s, retrying", err.orig, self.model_name)
-                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+                time.sleep(rng.uniform(0.001, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")
 
 

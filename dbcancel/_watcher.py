@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import threading
 import time
 from collections.abc import Hashable
 
 from ._backend import Backend, Listener, read_cancel_payload, row_text
 from ._health import Health
+from ._random import rng
 from .checkpoint import MAX_BACKOFF, Checkpoint
 
 __all__ = ["Watcher", "watcher_for"]
@@ -121,7 +121,7 @@ class Watcher:
 
     def _next_delay(self, interval: float) -> float:
         if not self._failures:
-            return interval * random.uniform(1 - JITTER, 1 + JITTER)
+            return interval * rng.uniform(1 - JITTER, 1 + JITTER)
         backoff = min(interval * 2.0 ** (self._failures - 1), max(interval, MAX_BACKOFF))
         with self._cond:
             stale_in = min((cp._stale_in() for cp in self._watched), default=math.inf)

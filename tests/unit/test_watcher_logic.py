@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 import statistics
 import time
 from typing import Any
@@ -47,6 +49,32 @@ def test_waits_carry_jitter_around_the_interval():
     assert max(delays) <= 2.0 * (1 + JITTER)
     assert statistics.pstdev(delays) > 0.05  # not lockstep
     assert abs(statistics.fmean(delays) - 2.0) < 0.02  # one poll per interval on average
+
+
+def test_jitter_leaves_the_global_random_state_alone():
+    """The watcher and heartbeat threads draw while the application runs: a seeded
+    global ``random`` (an app's, or hypothesis generating data) must not move."""
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    random.seed(1234)
+    before = random.getstate()
+    for _ in range(100):
+        watcher._next_delay(2.0)
+    assert random.getstate() == before
+
+
+def test_a_forked_child_jitters_differently():
+    from dbcancel._random import rng
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, repr(rng.random()).encode())
+        os._exit(0)
+    os.close(write)
+    child = float(os.read(read, 100).decode())
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child != rng.random()
 
 
 def test_failing_polls_back_off_up_to_the_cap():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import logging
-import random
 import threading
 import time
 import uuid
@@ -44,6 +43,7 @@ from dbcancel._backend import (
     check_filter_keys,
     check_id_type,
 )
+from dbcancel._random import rng
 from dbcancel.errors import DbcancelError
 from dbcancel.models import ERROR_LENGTH, WORKER_TABLE, Status
 
@@ -485,7 +485,7 @@ class DjangoBackend:
                 if not _is_transient(err):
                     raise
                 log.info("dbcancel: %s on %s, retrying", err, self.model_name)
-                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+                time.sleep(rng.uniform(0.001, 0.01) * (attempt + 1))
         raise AssertionError("unreachable")
 
     def _read(self, query: Callable[[], _T]) -> _T:
