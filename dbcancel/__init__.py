@@ -21,12 +21,16 @@ most once per interval and is flipped at once by a cancel issued in the same pro
 
 import logging
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound
 from .jobs import JobRun, Jobs, JobsStats
-from .models import TERMINAL, TRANSITIONS, CancellableMixin, Status
+from .models import TERMINAL, TRANSITIONS, Status
 from .registry import ActiveJob
+
+if TYPE_CHECKING:
+    from ._mixin import CancellableMixin
 
 __all__ = [
     "TERMINAL",
@@ -52,6 +56,17 @@ try:
     """The installed distribution's version; ``setup.cfg`` is its one source."""
 except PackageNotFoundError:  # pragma: no cover - imported from a source tree, not installed
     __version__ = "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    # The SQLAlchemy mixin is imported when it is asked for: ``import dbcancel`` imports
+    # no ORM, so a Django project needs no SQLAlchemy.
+    if name == "CancellableMixin":
+        from ._mixin import CancellableMixin
+
+        return CancellableMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # A library's loggers stay silent until the application configures logging.
 logging.getLogger("dbcancel").addHandler(logging.NullHandler())

@@ -491,7 +491,8 @@ class SQLAlchemyRows:
         table, where the job names one) in place of the row's own ``heartbeat_at``."""
         from sqlalchemy import MetaData, func, inspect, literal, select
 
-        from .models import WORKER_TABLE, worker_table
+        from ._mixin import worker_table
+        from .models import WORKER_TABLE
 
         c = self.table.c
         worker = c[WORKER_COLUMN] if WORKER_COLUMN in c else literal(None)

@@ -9,34 +9,41 @@ import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    Column,
-    Connection,
-    Dialect,
-    Engine,
-    Enum,
-    Integer,
-    MetaData,
-    SmallInteger,
-    String,
-    Table,
-    TypeDecorator,
-    and_,
-    bindparam,
-    case,
-    func,
-    inspect,
-    literal,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.compiler import compiles
-from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.functions import FunctionElement
+try:
+    from sqlalchemy import (
+        BigInteger,
+        Column,
+        Connection,
+        Dialect,
+        Engine,
+        Enum,
+        Integer,
+        MetaData,
+        SmallInteger,
+        String,
+        Table,
+        TypeDecorator,
+        and_,
+        bindparam,
+        case,
+        func,
+        inspect,
+        literal,
+        or_,
+        select,
+        update,
+    )
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.ext.compiler import compiles
+    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.sql.compiler import SQLCompiler
+    from sqlalchemy.sql.functions import FunctionElement
+except ImportError as err:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "Jobs(engine, Model) runs on SQLAlchemy, which is not installed: "
+        "pip install 'dbcancel[sqlalchemy]' (a Django project uses "
+        "dbcancel.contrib.django.DjangoJobs, which needs no SQLAlchemy)"
+    ) from err
 
 from ._backend import (
     Change,
@@ -49,9 +56,10 @@ from ._backend import (
     integer_bounds,
     utcnow,
 )
+from ._mixin import UTCDateTime, worker_table
 from ._random import rng
 from .errors import DbcancelError
-from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status, UTCDateTime, worker_table
+from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status
 
 _T = TypeVar("_T")
 

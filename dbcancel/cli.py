@@ -20,15 +20,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import Engine, MetaData, Table, create_engine, inspect
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DBAPIError,
-    InvalidRequestError,
-    NoSuchModuleError,
-    SQLAlchemyError,
-)
+try:
+    from sqlalchemy import Engine, MetaData, Table, create_engine, inspect
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import (
+        ArgumentError,
+        DBAPIError,
+        InvalidRequestError,
+        NoSuchModuleError,
+        SQLAlchemyError,
+    )
+except ImportError as err:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "python -m dbcancel reflects tables through SQLAlchemy, which is not installed: "
+        "pip install 'dbcancel[sqlalchemy]' (a Django project has manage.py dbcancel)"
+    ) from err
 
 from . import __version__
 from . import _commands as commands

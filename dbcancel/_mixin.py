@@ -1,0 +1,203 @@
+"""The SQLAlchemy side of :mod:`dbcancel.models`: the mixin and its column types.
+
+Imported only when one of these names is asked for (``from dbcancel import
+CancellableMixin``, ``Jobs(engine, Model)``), so the core imports no SQLAlchemy.
+:mod:`dbcancel.models` re-exports every public name here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+try:
+    from sqlalchemy import (
+        CheckConstraint,
+        Column,
+        DateTime,
+        Dialect,
+        MetaData,
+        PrimaryKeyConstraint,
+        String,
+        Table,
+        Text,
+        TypeDecorator,
+        event,
+    )
+    from sqlalchemy.dialects import mysql
+    from sqlalchemy.orm import Mapped, declared_attr, mapped_column
+    from sqlalchemy.sql.naming import conv
+except ImportError as err:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "dbcancel's CancellableMixin and Jobs(engine, Model) need SQLAlchemy, which is not "
+        "installed: pip install 'dbcancel[sqlalchemy]' (Django projects use "
+        "dbcancel.contrib.django instead)"
+    ) from err
+
+from .models import (
+    CANCEL_REASON_LENGTH,
+    WORKER_ID_LENGTH,
+    WORKER_TABLE,
+    Status,
+    status_check_name,
+    status_check_sql,
+)
+
+__all__ = ["CancellableMixin", "StatusType", "UTCDateTime", "worker_table"]
+
+# The mixin's columns come after the model's own (id first) in CREATE TABLE.
+_LAST = 1000
+
+
+class StatusType(TypeDecorator[Status]):
+    """A ``VARCHAR(16)`` that reads back as :class:`Status` and refuses unknown values."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        try:
+            return Status(value).value
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a job status; use one of {[s.value for s in Status]}"
+            ) from None
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Status | None:
+        return None if value is None else Status(value)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC timestamp with microseconds on every supported database.
+
+    PostgreSQL stores ``timestamptz``; SQLite and MySQL/MariaDB, which keep no zone, store
+    UTC and read back as aware UTC datetimes. Naive datetimes are refused rather than
+    guessed at.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime) or value.tzinfo is None:
+            raise ValueError(f"expected a timezone-aware datetime, got {value!r}")
+        utc: dt.datetime = value.astimezone(dt.UTC)
+        return utc if dialect.name == "postgresql" else utc.replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            return value.replace(tzinfo=dt.UTC)
+        assert isinstance(value, dt.datetime)
+        return value
+
+
+def worker_table(metadata: MetaData, schema: str | None = None) -> Table:
+    """The :data:`WORKER_TABLE` in ``metadata`` (in ``schema``), added if it is missing.
+
+    ``id`` names the process (``host:pid:token``, the value a job's ``worker_id``
+    holds), ``started_at`` when it first ran a job, ``heartbeat_at`` when it last
+    showed it was alive, on the database's clock. The mixin adds it to the metadata of
+    every model that uses it, so ``metadata.create_all()`` and Alembic's autogenerate
+    see it.
+    """
+    key = WORKER_TABLE if schema is None else f"{schema}.{WORKER_TABLE}"
+    existing = metadata.tables.get(key)
+    if existing is not None:
+        return existing
+    return Table(
+        WORKER_TABLE,
+        metadata,
+        Column("id", String(WORKER_ID_LENGTH)),
+        Column("started_at", UTCDateTime(), nullable=False),
+        Column("heartbeat_at", UTCDateTime(), nullable=False),
+        # Named, so that every metadata and every migration makes the same table.
+        PrimaryKeyConstraint("id", name=conv(f"pk_{WORKER_TABLE}")),
+        schema=schema,
+    )
+
+
+def _add_status_check(column: Column[Any], table: Table) -> None:
+    table.append_constraint(
+        CheckConstraint(status_check_sql(column.name), name=conv(status_check_name(table.name)))
+    )
+    worker_table(table.metadata, table.schema)
+
+
+class CancellableMixin:
+    """Adds the columns of a cancellable job to a declarative model.
+
+    ::
+
+        class Analysis(CancellableMixin, Base):
+            __tablename__ = "analysis"
+            id: Mapped[int] = mapped_column(primary_key=True)
+
+    Columns: ``status`` (not null, default ``pending``, indexed, with a CHECK constraint
+    named ``ck_<table>_status``), ``cancel_requested_at``, ``cancel_reason``,
+    ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at`` (aware UTC
+    datetimes, null), ``error`` (the text of the exception that failed the job) and
+    ``worker_id`` (the process running it). "Stopped" means ``finished_at IS NOT
+    NULL``. Change ``status`` only through :class:`dbcancel.Jobs`. The model's metadata
+    also gets the :data:`WORKER_TABLE`, where each worker process beats.
+    """
+
+    @declared_attr
+    def status(cls) -> Mapped[Status]:
+        """The job's state; see :class:`Status` and :data:`TRANSITIONS`."""
+        column = mapped_column(
+            StatusType(),
+            nullable=False,
+            default=Status.PENDING,
+            server_default=Status.PENDING.value,
+            index=True,
+            sort_order=_LAST,
+        )
+        # A table-level constraint (MariaDB refuses named column-level CHECKs), named
+        # after the table, which is known only once the column joins it.
+        event.listen(column.column, "after_parent_attach", _add_status_check)
+        return column
+
+    cancel_requested_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """When the first cancel was requested."""
+    cancel_reason: Mapped[str | None] = mapped_column(
+        String(CANCEL_REASON_LENGTH), default=None, sort_order=_LAST
+    )
+    """The reason given to the first cancel (at most 255 characters)."""
+    cancel_observed_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """When a worker of the job first observed the cancel (stamped when it stops)."""
+    started_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """When a worker moved the job to ``in_progress``."""
+    finished_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """When the job really stopped; null while a worker may still be running it."""
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(
+        UTCDateTime(), default=None, sort_order=_LAST
+    )
+    """Kept for rows started by dbcancel 0.1, whose workers beat each job's row;
+    ``jobs.reap()`` reads it for rows without a ``worker_id``. Workers now beat their
+    row in the worker table instead."""
+    error: Mapped[str | None] = mapped_column(Text(), default=None, sort_order=_LAST)
+    """The text of the exception that failed the job."""
+    worker_id: Mapped[str | None] = mapped_column(
+        String(WORKER_ID_LENGTH), default=None, sort_order=_LAST
+    )
+    """The process running (or that ran) the job, ``host:pid:token``: its row in the
+    worker table (:data:`WORKER_TABLE`) says whether it is still alive."""
