@@ -25,8 +25,8 @@ import time
 from collections import Counter
 from collections.abc import Hashable
 
-from ._backend import Backend
 from ._random import rng
+from .backend import Backend
 
 __all__ = ["DEFAULT_HEARTBEAT", "Heartbeat", "heartbeat_for", "worker_id"]
 

@@ -1,11 +1,9 @@
-"""The SQLAlchemy implementation of :class:`dbcancel._backend.Backend`."""
+"""The SQLAlchemy implementation of :class:`dbcancel.backend.Backend`."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import logging
-import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
 
@@ -45,8 +43,11 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "dbcancel.contrib.django.DjangoJobs, which needs no SQLAlchemy)"
     ) from err
 
-from ._backend import (
+from ._mixin import UTCDateTime, worker_table
+from .backend import (
+    RETRIES,
     Change,
+    Faults,
     FilterRule,
     JobRow,
     Listener,
@@ -54,10 +55,10 @@ from ._backend import (
     check_filter_keys,
     check_id_type,
     integer_bounds,
+    is_transient_error,
+    run_retried,
     utcnow,
 )
-from ._mixin import UTCDateTime, worker_table
-from ._random import rng
 from .errors import DbcancelError
 from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status
 
@@ -72,8 +73,6 @@ __all__ = [
     "resolve_table",
     "server_now",
 ]
-
-log = logging.getLogger("dbcancel")
 
 
 def resolve_engine(bind: Any) -> Engine:
@@ -319,7 +318,7 @@ class SQLAlchemyBackend:
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters with keys that are not column names, or values of the wrong
-        type for their column (see :class:`dbcancel._backend.FilterRule`)."""
+        type for their column (see :class:`dbcancel.backend.FilterRule`)."""
         if filters is None:
             return
         check_filter_keys(self.model_name, filters, self._rules, ", ".join(self.table.c.keys()))
@@ -427,17 +426,14 @@ class SQLAlchemyBackend:
         SELECT, ROLLBACK); psycopg switches autocommit without a round trip. Elsewhere a
         plain connection: MySQL drivers switch isolation with an extra statement.
         """
-        for attempt in range(2):
-            try:
-                with self.engine.connect() as conn:
-                    if self._autocommit_reads:
-                        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                    return work(conn)
-            except DBAPIError as err:
-                if attempt or not err.connection_invalidated:
-                    raise
-                log.info("dbcancel: %s on %s, reading again", err.orig, self.model_name)
-        raise AssertionError("unreachable")
+
+        def read() -> _T:
+            with self.engine.connect() as conn:
+                if self._autocommit_reads:
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                return work(conn)
+
+        return run_retried(read, _FAULTS, label=self.model_name, write=False)
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp ``finished_at`` where it is still null (and ``cancel_observed_at``)."""
@@ -510,38 +506,17 @@ class SQLAlchemyBackend:
 
         return self._transaction(work)
 
-    def _transaction(self, work: Callable[[Connection], _T], *, autocommit: bool = False) -> _T:
-        """Run ``work`` in its own transaction, and again when running it again is safe.
+    def _transaction(self, work: Callable[[Connection], _T]) -> _T:
+        """Run ``work`` in its own transaction, and again when running it again is safe
+        (see :func:`dbcancel.backend.run_retried`): after a deadlock or lock timeout, up
+        to five tries, and after a connection found dead (SQLAlchemy has then emptied
+        the pool, so the second try opens a fresh connection), once."""
 
-        Every write dbcancel makes is conditional (``WHERE status IN ...``, ``WHERE
-        finished_at IS NULL``), so a second run cannot apply a change twice: it finds
-        the row already changed and counts 0. Retried: a deadlock or lock timeout (the
-        database rolled the transaction back), up to five times with a short random
-        pause; and a connection found dead (the server restarted, or killed it, while it
-        sat in the pool), once: SQLAlchemy has then emptied the pool, so the second try
-        opens a fresh connection. ``autocommit``: ``work`` is one statement, run in
-        autocommit mode.
-        """
-        reconnected = False
-        for attempt in range(_RETRIES + 1):
-            try:
-                if autocommit:
-                    with self.engine.connect().execution_options(
-                        isolation_level="AUTOCOMMIT"
-                    ) as conn:
-                        return work(conn)
-                with self.engine.begin() as conn:
-                    return work(conn)
-            except DBAPIError as err:
-                if err.connection_invalidated and not reconnected:
-                    reconnected = True
-                    log.info("dbcancel: %s on %s, reconnecting", err.orig, self.model_name)
-                    continue
-                if attempt >= _RETRIES - 1 or not _is_transient(err):
-                    raise
-                log.info("dbcancel: %s on %s, retrying", err.orig, self.model_name)
-                time.sleep(rng.uniform(0.001, 0.01) * (attempt + 1))
-        raise AssertionError("unreachable")
+        def transaction() -> _T:
+            with self.engine.begin() as conn:
+                return work(conn)
+
+        return run_retried(transaction, _FAULTS, label=self.model_name, retries=_RETRIES)
 
 
 def _by_id(rows: Any) -> dict[Any, JobRow]:
@@ -549,17 +524,18 @@ def _by_id(rows: Any) -> dict[Any, JobRow]:
     return {r[0]: JobRow(Status(r[1]), r[2], r[3], r[4]) for r in rows}
 
 
-_RETRIES = 5
-# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. PostgreSQL: 40P01 deadlock,
-# 40001 serialization failure.
-_MYSQL_TRANSIENT = frozenset({1213, 1205})
-_PG_TRANSIENT = frozenset({"40P01", "40001"})
+_RETRIES = RETRIES
 
 
-def _is_transient(err: DBAPIError) -> bool:
-    orig = err.orig
-    sqlstate = getattr(orig, "sqlstate", None)
-    if sqlstate in _PG_TRANSIENT:
-        return True
-    args: Any = getattr(orig, "args", ())
-    return bool(args) and args[0] in _MYSQL_TRANSIENT
+def _orig(err: BaseException) -> BaseException | None:
+    """The driver's exception inside SQLAlchemy's wrapper."""
+    orig = getattr(err, "orig", None)
+    return orig if isinstance(orig, BaseException) else None
+
+
+_FAULTS = Faults(
+    errors=(DBAPIError,),
+    is_dead=lambda err: bool(getattr(err, "connection_invalidated", False)),
+    is_transient=lambda err: is_transient_error(_orig(err)),
+    describe=lambda err: _orig(err) or err,
+)

@@ -21,9 +21,9 @@ import threading
 import time
 from collections.abc import Hashable
 
-from ._backend import Backend, Listener, read_cancel_payload, row_text
 from ._health import Health
 from ._random import rng
+from .backend import Backend, Listener, read_cancel_payload, row_text
 from .checkpoint import MAX_BACKOFF, Checkpoint
 
 __all__ = ["Watcher", "watcher_for"]

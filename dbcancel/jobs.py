@@ -13,13 +13,17 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from numbers import Real
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
-from ._backend import (
+from ._health import health_for
+from ._liveness import DEFAULT_HEARTBEAT, heartbeat_for
+from ._watcher import Watcher, existing_watcher, watcher_for
+from .backend import (
     WORKER_LOST,
     Backend,
     JobRow,
     cancel_change,
+    check_backend,
     complete_change,
     cut_reason,
     fail_change,
@@ -27,9 +31,6 @@ from ._backend import (
     start_change,
     utcnow,
 )
-from ._health import health_for
-from ._liveness import DEFAULT_HEARTBEAT, heartbeat_for
-from ._watcher import Watcher, existing_watcher, watcher_for
 from .checkpoint import Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition, JobNotFound
 from .models import Status
@@ -144,7 +145,7 @@ class Jobs:
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
-        from ._sqla import SQLAlchemyBackend
+        from ._sqla import SQLAlchemyBackend  # raises naming the extra when it is missing
 
         self._setup(
             SQLAlchemyBackend(bind, model),
@@ -154,6 +155,40 @@ class Jobs:
             max_staleness=max_staleness,
             heartbeat=heartbeat,
         )
+
+    @classmethod
+    def from_backend(
+        cls,
+        backend: Backend,
+        *,
+        interval: float = 0.5,
+        clock: Callable[[], float] | None = None,
+        watch: bool = False,
+        max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+    ) -> Self:
+        """A ``Jobs`` on ``backend``, an implementation of :class:`dbcancel.backend.Backend`.
+
+        ::
+
+            jobs = Jobs.from_backend(MyBackend(connection_factory, "analysis"))
+
+        For an ORM or driver dbcancel does not ship a backend for; the options are those
+        of :class:`Jobs`, and every method works as it does there. ``Jobs(engine,
+        Model)`` is ``Jobs.from_backend`` on dbcancel's SQLAlchemy backend, and
+        :class:`~dbcancel.contrib.django.DjangoJobs` on its Django one. Raises
+        :class:`TypeError` naming the members ``backend`` lacks.
+        """
+        jobs = cls.__new__(cls)
+        jobs._setup(
+            backend,
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+            heartbeat=heartbeat,
+        )
+        return jobs
 
     def _setup(
         self,
@@ -165,6 +200,8 @@ class Jobs:
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
+        """What every way of building a ``Jobs`` shares: check the options, keep the backend."""
+        check_backend(backend)
         self._interval, self._max_staleness = check_options(
             interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
         )

@@ -31,9 +31,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from dbcancel import Cancelled, Jobs, Status
-from dbcancel._backend import cancel_payload
 from dbcancel._liveness import worker_id
 from dbcancel._watcher import _watchers, existing_watcher
+from dbcancel.backend import cancel_payload
 from dbcancel.models import worker_table
 from tests.models import Analysis, Base
 

@@ -19,7 +19,7 @@ import pytest
 
 import dbcancel
 
-PUBLIC_MODULES = ["models", "checkpoint", "errors", "jobs", "registry", "testing"]
+PUBLIC_MODULES = ["models", "backend", "checkpoint", "errors", "jobs", "registry", "testing"]
 OPTIONAL_PACKAGES = [
     "sqlalchemy",
     "websockets",

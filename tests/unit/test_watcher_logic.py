@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from dbcancel._backend import JobRow, cancel_payload
 from dbcancel._health import Health
 from dbcancel._watcher import JITTER, Watcher
+from dbcancel.backend import JobRow, cancel_payload
 from dbcancel.checkpoint import MAX_BACKOFF, Checkpoint
 from dbcancel.models import Status
 

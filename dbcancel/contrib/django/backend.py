@@ -2,7 +2,7 @@
 
 :class:`DjangoBackend` does for :class:`~dbcancel.contrib.django.DjangoJobs` what
 ``dbcancel._sqla.SQLAlchemyBackend`` does for :class:`dbcancel.Jobs`: read one or many
-jobs, turn one :class:`dbcancel._backend.Change` into ONE conditional
+jobs, turn one :class:`dbcancel.backend.Change` into ONE conditional
 ``filter(...).update(...)``, stamp stops and heartbeats, and stop the jobs of dead
 workers. Checkpoints, the registry and the run/cancel/wait logic are the core's,
 unchanged.
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Collection, Hashable, Mapping
 from contextlib import nullcontext
@@ -35,15 +33,18 @@ from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
-from dbcancel._backend import (
+from dbcancel.backend import (
+    RETRIES,
     Change,
+    Faults,
     FilterRule,
     JobRow,
     Listener,
     check_filter_keys,
     check_id_type,
+    is_transient_error,
+    run_retried,
 )
-from dbcancel._random import rng
 from dbcancel.errors import DbcancelError
 from dbcancel.models import ERROR_LENGTH, WORKER_TABLE, Status
 
@@ -51,13 +52,7 @@ from .models import Worker, _missing_fields, _wrong_fields
 
 __all__ = ["DjangoBackend", "resolve_model"]
 
-log = logging.getLogger("dbcancel")
-
-_RETRIES = 5
-# MySQL/MariaDB: 1213 deadlock, 1205 lock wait timeout. PostgreSQL: 40P01 deadlock,
-# 40001 serialization failure. The same list as the SQLAlchemy backend's.
-_MYSQL_TRANSIENT = frozenset({1213, 1205})
-_PG_TRANSIENT = frozenset({"40P01", "40001"})
+_RETRIES = RETRIES
 
 _T = TypeVar("_T")
 
@@ -155,14 +150,11 @@ class _ExactText(Func):  # type: ignore[misc]
         return self.as_sql(compiler, connection, template=template, **extra)
 
 
-def _is_transient(err: OperationalError) -> bool:
-    """True for a deadlock or serialization failure, after which the statement may rerun."""
-    orig = err.__cause__ if err.__cause__ is not None else err
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if sqlstate in _PG_TRANSIENT:
-        return True
-    args: Any = getattr(orig, "args", ())
-    return bool(args) and args[0] in _MYSQL_TRANSIENT
+def _is_transient(err: BaseException) -> bool:
+    """True for a deadlock or lock timeout, after which the write may run again."""
+    if not isinstance(err, OperationalError):
+        return False
+    return is_transient_error(err.__cause__ if err.__cause__ is not None else err)
 
 
 class DjangoBackend:
@@ -230,7 +222,7 @@ class DjangoBackend:
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters that name no field of the model (lookups such as
         ``user__name`` included), or whose values have the wrong type for their field
-        (see :class:`dbcancel._backend.FilterRule`). A relation's name (``user``) also
+        (see :class:`dbcancel.backend.FilterRule`). A relation's name (``user``) also
         takes a saved instance of the related model."""
         if filters is None:
             return
@@ -462,42 +454,36 @@ class DjangoBackend:
     # -- internals --------------------------------------------------------------------
 
     def _write(self, update: Callable[[], _T]) -> _T:
-        """Run one write in its own committed transaction, and again when that is safe.
+        """Run one write in its own committed transaction, and again when that is safe
+        (see :func:`dbcancel.backend.run_retried`): after a deadlock or lock timeout,
+        up to five tries, and after a dead connection (the server restarted, or killed
+        it, since this thread last used it), once, on a fresh connection."""
 
-        Every write is conditional, so a second run cannot apply a change twice.
-        Retried: a deadlock or lock timeout (rolled back whole by the database), up to
-        five times; and a dead connection (the server restarted, or killed it, since
-        this thread last used it), once, on a fresh connection.
-        """
-        reconnected = False
-        for attempt in range(_RETRIES + 1):
-            before = connections[self.alias].connection
-            try:
-                with self._own_transaction():
-                    return update()
-            except (OperationalError, InterfaceError) as err:
-                if not reconnected and self._drop_if_dead(before):
-                    reconnected = True
-                    log.info("dbcancel: %s on %s, reconnecting", err, self.model_name)
-                    continue
-                if attempt >= _RETRIES - 1 or not isinstance(err, OperationalError):
-                    raise
-                if not _is_transient(err):
-                    raise
-                log.info("dbcancel: %s on %s, retrying", err, self.model_name)
-                time.sleep(rng.uniform(0.001, 0.01) * (attempt + 1))
-        raise AssertionError("unreachable")
+        def write() -> _T:
+            with self._own_transaction():
+                return update()
+
+        return self._retried(write, write=True)
 
     def _read(self, query: Callable[[], _T]) -> _T:
         """Run one read, once more on a fresh connection if this thread's was dead."""
-        before = connections[self.alias].connection
-        try:
-            return query()
-        except (OperationalError, InterfaceError) as err:
-            if not self._drop_if_dead(before):
-                raise
-            log.info("dbcancel: %s on %s, reading again", err, self.model_name)
-            return query()
+        return self._retried(query, write=False)
+
+    def _retried(self, work: Callable[[], _T], *, write: bool) -> _T:
+        # Whether a failure came from a dead connection depends on the connection the
+        # failed try began with, so each try notes it first.
+        began: list[Any] = [None]
+
+        def attempt() -> _T:
+            began[0] = connections[self.alias].connection
+            return work()
+
+        faults = Faults(
+            errors=(OperationalError, InterfaceError),
+            is_dead=lambda err: self._drop_if_dead(began[0]),
+            is_transient=_is_transient,
+        )
+        return run_retried(attempt, faults, label=self.model_name, write=write, retries=_RETRIES)
 
     def _drop_if_dead(self, before: Any) -> bool:
         """After a failed query: True when it failed because the connection ``before``

@@ -63,15 +63,24 @@ class DjangoJobs(Jobs):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
-        self._django = DjangoBackend(model, using)
         self._setup(
-            self._django,
+            DjangoBackend(model, using),
             interval=interval,
             clock=clock,
             watch=False,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
         )
+
+    @property
+    def _django(self) -> DjangoBackend:
+        backend = self._backend
+        if not isinstance(backend, DjangoBackend):
+            raise TypeError(
+                f"this DjangoJobs was built on {type(backend).__name__}, not on a Django "
+                "model; build it with DjangoJobs(Model, using=...)"
+            )
+        return backend
 
     @property
     def model(self) -> Any:

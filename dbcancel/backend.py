@@ -1,9 +1,15 @@
-"""The narrow seam between dbcancel's logic and an ORM.
+"""The seam between dbcancel's logic and an ORM: what a backend implements.
 
-Checkpoints, the registry and :class:`dbcancel.Jobs` speak only to a :class:`Backend`:
-read one or many jobs, apply one :class:`Change` as a single conditional UPDATE, stamp a
-job as stopped. The SQLAlchemy implementation lives in :mod:`dbcancel._sqla`; another ORM
-implements the same few methods.
+Checkpoints, the registry, heartbeats, the watcher and :class:`dbcancel.Jobs` speak
+only to a :class:`Backend`: read one or many jobs, apply one :class:`Change` as a single
+conditional UPDATE, stamp a job as stopped, beat the worker row, reap the jobs of dead
+workers. dbcancel ships two: SQLAlchemy's (what ``Jobs(engine, Model)`` builds) and
+Django's (what :class:`dbcancel.contrib.django.DjangoJobs` builds). Another ORM, or a
+plain DB-API driver, implements the same few methods and hands its backend to
+:meth:`dbcancel.Jobs.from_backend`; the helpers here (the change constructors, the id and
+filter checks, the notification payloads, :func:`run_retried`) are what both shipped
+backends are written with. The docs' "Writing a backend" section says what each method
+must guarantee.
 """
 
 from __future__ import annotations
@@ -11,32 +17,45 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
-from collections.abc import Collection, Hashable, Mapping
+import logging
+import time
+from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, TypeVar
 
+from ._random import rng
 from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 
 __all__ = [
+    "BACKEND_MEMBERS",
+    "RETRIES",
     "WORKER_LOST",
     "Backend",
     "Change",
+    "Faults",
     "FilterRule",
     "JobRow",
     "Listener",
     "cancel_change",
     "cancel_payload",
+    "check_backend",
     "check_filter_keys",
     "check_id_type",
     "complete_change",
     "cut_reason",
     "fail_change",
     "integer_bounds",
+    "is_transient_error",
     "read_cancel_payload",
     "row_text",
+    "run_retried",
     "start_change",
     "utcnow",
 ]
+
+log = logging.getLogger("dbcancel")
+
+_T = TypeVar("_T")
 
 
 WORKER_LOST = "worker lost"
@@ -354,3 +373,137 @@ class Backend(Protocol):
     def listener(self) -> Listener | None:
         """A new listener for this table's cancel notifications; None when the database
         has no push (only PostgreSQL has)."""
+
+
+BACKEND_MEMBERS: tuple[str, ...] = (
+    "key",
+    "worker_key",
+    "model_name",
+    "label",
+    "check_id",
+    "check_filters",
+    "apply",
+    "read",
+    "read_many",
+    "mark_stopped",
+    "beat_worker",
+    "reap",
+    "release",
+    "listener",
+)
+"""The attributes and methods of :class:`Backend`, which :func:`check_backend` looks for."""
+
+
+def check_backend(backend: Any) -> None:
+    """Raise :class:`TypeError` naming what ``backend`` lacks of :class:`Backend`.
+
+    :meth:`dbcancel.Jobs.from_backend` calls it, so that a half-written backend fails
+    when the ``Jobs`` is built, not at the first cancel.
+    """
+    missing = [name for name in BACKEND_MEMBERS if not hasattr(backend, name)]
+    if missing:
+        raise TypeError(
+            f"{type(backend).__name__} is not a dbcancel backend: it lacks "
+            f"{', '.join(missing)}; implement every member of dbcancel.backend.Backend"
+        )
+    for name in ("key", "worker_key"):
+        value = getattr(backend, name)
+        try:
+            hash(value)
+        except TypeError:
+            raise TypeError(
+                f"{type(backend).__name__}.{name} must be hashable (a tuple of strings, "
+                f"say), got {value!r}"
+            ) from None
+
+
+# -- one retry policy ---------------------------------------------------------------------
+
+RETRIES = 5
+"""How many times a write is tried in all while the database reports a deadlock or a
+lock timeout (a dead connection costs one of them)."""
+
+# PostgreSQL: 40P01 deadlock, 40001 serialization failure. MySQL/MariaDB: 1213 deadlock,
+# 1205 lock wait timeout.
+_PG_TRANSIENT = frozenset({"40P01", "40001"})
+_MYSQL_TRANSIENT = frozenset({1213, 1205})
+
+
+def is_transient_error(driver_error: BaseException | None) -> bool:
+    """True when ``driver_error``, an exception of a DB-API driver, reports a deadlock or
+    serialization failure (PostgreSQL's SQLSTATE 40P01 and 40001, read from psycopg's
+    ``sqlstate`` or psycopg2's ``pgcode``) or a deadlock or lock wait timeout
+    (MySQL/MariaDB's error 1213 and 1205, the first of its ``args``).
+
+    The database has then rolled the transaction back whole, so running it again is safe.
+    """
+    if driver_error is None:
+        return False
+    sqlstate = getattr(driver_error, "sqlstate", None) or getattr(driver_error, "pgcode", None)
+    if sqlstate in _PG_TRANSIENT:
+        return True
+    args: Any = getattr(driver_error, "args", ())
+    return bool(args) and args[0] in _MYSQL_TRANSIENT
+
+
+def _no(error: BaseException) -> bool:
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    """How :func:`run_retried` tells a backend's errors apart.
+
+    ``errors``: the exception types worth a look (any other propagates at once).
+    ``is_dead(err)``: True when ``err`` came from a connection found dead (the server
+    restarted, or killed it, while it sat idle); it may close that connection, so that
+    the next try opens a fresh one. It is asked once per call at most, before a retry on
+    a fresh connection. ``is_transient(err)``: True for a deadlock or lock timeout, after
+    which the database has rolled the transaction back (see :func:`is_transient_error`).
+    ``describe(err)``: what the log line shows of ``err``.
+    """
+
+    errors: tuple[type[BaseException], ...]
+    is_dead: Callable[[BaseException], bool]
+    is_transient: Callable[[BaseException], bool] = _no
+    describe: Callable[[BaseException], object] = str
+
+
+def run_retried(
+    work: Callable[[], _T],
+    faults: Faults,
+    *,
+    label: str,
+    write: bool = True,
+    retries: int = RETRIES,
+) -> _T:
+    """Run ``work`` (one transaction of its own), and again when running it again is safe.
+
+    A write (``write=True``) is retried after a deadlock or lock timeout up to
+    ``retries`` tries in all, with a short random pause that grows with each try, and
+    once after a dead connection. That is safe because every write dbcancel makes is
+    conditional (``WHERE status IN ...``, ``WHERE finished_at IS NULL``): a second run
+    finds the row already changed and counts 0. A read (``write=False``) is retried only
+    after a dead connection, once. The last error propagates. ``label`` names the table
+    in the log lines (``INFO`` on the ``dbcancel`` logger).
+
+    ``work`` must open and commit its own transaction each time it is called: the retry
+    runs it whole. It never runs inside a caller's transaction (``apply(..., using=)``
+    runs its statement directly, unretried).
+    """
+    reconnected = False
+    attempts = retries + 1 if write else 2
+    for attempt in range(attempts):
+        try:
+            return work()
+        except faults.errors as err:
+            if not reconnected and faults.is_dead(err):
+                reconnected = True
+                verb = "reconnecting" if write else "reading again"
+                log.info("dbcancel: %s on %s, %s", faults.describe(err), label, verb)
+                continue
+            if not write or attempt >= retries - 1 or not faults.is_transient(err):
+                raise
+            log.info("dbcancel: %s on %s, retrying", faults.describe(err), label)
+            time.sleep(rng.uniform(0.001, 0.01) * (attempt + 1))
+    raise AssertionError("unreachable")
