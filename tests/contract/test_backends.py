@@ -1,20 +1,26 @@
-"""The shared contract: the same tests against ``Jobs`` (SQLAlchemy) and ``DjangoJobs``.
+"""The shared contract: the same tests against every backend of ``Jobs``.
 
 Every test here takes the ``backend`` fixture, parametrized over (backend x database):
-SQLAlchemy ``Jobs`` and ``DjangoJobs``, each on SQLite, PostgreSQL and MariaDB. Both work
-in pytest-django's test database of that server, each on its own tables (the SQLAlchemy
+SQLAlchemy ``Jobs`` and ``DjangoJobs``, each on SQLite, PostgreSQL and MariaDB, and
+``Jobs.from_backend`` on the standard library's sqlite3 (``sqlite3_backend.py``, written
+against the public seam of ``dbcancel.backend`` alone), on SQLite. The first two work in
+pytest-django's test database of that server, each on its own tables (the SQLAlchemy
 models of ``tests/models.py``, the Django ones of the test app), so the contract tests
-leave the rest of the suite's databases alone. A test states the contract once, through
-:class:`Backend`, which hides only how rows are inserted, read and changed behind
-dbcancel's back; everything under test is ``Jobs``' public API.
+leave the rest of the suite's databases alone; the sqlite3 one in a file of its own. A
+test states the contract once, through :class:`Backend`, which hides only how rows are
+inserted, read and changed behind dbcancel's back; everything under test is ``Jobs``'
+public API.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +29,10 @@ from sqlalchemy.orm import sessionmaker
 
 from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, JobNotFound, Jobs, Status
 from dbcancel._liveness import worker_id
+from dbcancel.backend import WORKER_LOST
+from dbcancel.models import WORKER_TABLE, worker_table
 from dbcancel.testing import FakeClock
+from tests.contract import sqlite3_backend
 from tests.contrib.django import settings as django_settings
 from tests.models import Analysis as SqlAnalysis
 from tests.models import Base
@@ -31,15 +40,21 @@ from tests.models import Result as SqlResult
 
 DATABASES = ("sqlite", "postgresql", "mariadb")
 KINDS = ("sqlalchemy", "django")
+"""The backends dbcancel ships, each run on every database."""
 INTERVAL = 0.05
 SLACK = dt.timedelta(seconds=2)
 JOIN_TIMEOUT = 60
 TABLE = SqlAnalysis.__table__
+WORKERS = worker_table(Base.metadata)
+OTHER = "other-host:"
+"""How the worker rows of other (made-up) processes that a test inserts begin."""
 
 
 def case(kind: str, name: str) -> Any:
     marks: list[Any] = [getattr(pytest.mark, name)]
-    if django_settings.unreachable(name) is None:
+    if kind == "sqlite3":
+        pass  # a file of its own: no Django database involved
+    elif django_settings.unreachable(name) is None:
         # Django creates the test database both backends use; workers run in other
         # threads, which only see committed rows.
         alias = django_settings.ALIASES[name]
@@ -47,7 +62,8 @@ def case(kind: str, name: str) -> Any:
     return pytest.param((kind, name), marks=marks, id=f"{kind}-{name}")
 
 
-CASES = [case(kind, name) for kind in KINDS for name in DATABASES]
+# The sqlite3 backend of the tests speaks SQLite only.
+CASES = [case(kind, name) for kind in KINDS for name in DATABASES] + [case("sqlite3", "sqlite")]
 
 
 def check_reachable(name: str) -> None:
@@ -124,6 +140,14 @@ class Backend:
     def results(self, job_id: Any) -> list[str]:
         raise NotImplementedError
 
+    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+        """Insert a row in the worker table, as another process's heartbeat would."""
+        raise NotImplementedError
+
+    def heartbeat(self, worker: str) -> dt.datetime | None:
+        """The ``heartbeat_at`` of a worker row; None when there is no such row."""
+        raise NotImplementedError
+
     def clear(self) -> None:
         """Empty the tables after a test."""
 
@@ -197,10 +221,24 @@ class SQLAlchemyBackend(Backend):
             stmt = select(SqlResult.value).where(SqlResult.analysis_id == job_id)
             return list(conn.execute(stmt).scalars())
 
+    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                WORKERS.insert().values(
+                    id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+                )
+            )
+
+    def heartbeat(self, worker: str) -> dt.datetime | None:
+        with self.engine.connect() as conn:
+            stmt = select(WORKERS.c.heartbeat_at).where(WORKERS.c.id == worker)
+            return conn.execute(stmt).scalar()
+
     def clear(self) -> None:
         with self.engine.begin() as conn:
             conn.execute(delete(SqlResult))
             conn.execute(delete(TABLE))
+            conn.execute(delete(WORKERS).where(WORKERS.c.id.like(f"{OTHER}%")))
 
 
 class DjangoBackend(Backend):
@@ -249,6 +287,117 @@ class DjangoBackend(Backend):
     def results(self, job_id: Any) -> list[str]:
         return list(self.result_rows.filter(analysis_id=job_id).values_list("value", flat=True))
 
+    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+        from dbcancel.contrib.django.models import Worker
+
+        Worker.objects.using(self.alias).create(
+            id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+        )
+
+    def heartbeat(self, worker: str) -> dt.datetime | None:
+        from dbcancel.contrib.django.models import Worker
+
+        row = Worker.objects.using(self.alias).filter(pk=worker).first()
+        return None if row is None else row.heartbeat_at
+
+
+class Sqlite3Backend(Backend):
+    """``Jobs.from_backend`` on the sqlite3 backend of ``sqlite3_backend.py``."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = "sqlite"
+        self.path = path
+
+    def connect(self) -> Any:
+        return closing(sqlite3.connect(self.path, timeout=30))
+
+    def jobs(self, **kwargs: Any) -> Jobs:
+        kwargs.setdefault("interval", INTERVAL)
+        return sqlite3_backend.jobs(self.path, **kwargs)
+
+    def add(self, **values: Any) -> Any:
+        names = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        sql = (
+            f"INSERT INTO analysis ({names}) VALUES ({marks})"
+            if values
+            else ("INSERT INTO analysis DEFAULT VALUES")
+        )
+        with self.connect() as conn, conn:
+            cursor = conn.execute(sql, [sqlite3_backend.to_db(v) for v in values.values()])
+            return cursor.lastrowid
+
+    def row(self, job_id: Any) -> dict[str, Any] | None:
+        with self.connect() as conn:
+            found = conn.execute(
+                f"SELECT {', '.join(COLUMNS)} FROM analysis WHERE id = ?", [job_id]
+            ).fetchone()
+        if found is None:
+            return None
+        row = dict(zip(COLUMNS, found, strict=True))
+        row["status"] = Status(row["status"])
+        for name in sqlite3_backend.TIMESTAMPS:
+            row[name] = sqlite3_backend.from_db(row[name])
+        return row
+
+    def force(self, job_id: Any, **values: Any) -> None:
+        sets = ", ".join(f"{name} = ?" for name in values)
+        params = [sqlite3_backend.to_db(v) for v in values.values()]
+        with self.connect() as conn, conn:
+            conn.execute(f"UPDATE analysis SET {sets} WHERE id = ?", [*params, job_id])
+
+    def delete(self, job_id: Any) -> None:
+        with self.connect() as conn, conn:
+            conn.execute("DELETE FROM analysis WHERE id = ?", [job_id])
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Any, Callable[[Any, str], None]]]:
+        with sqlite3_backend.transaction(self.path) as conn:
+
+            def write(job_id: Any, value: str) -> None:
+                conn.execute(
+                    "INSERT INTO analysis_result (analysis_id, value) VALUES (?, ?)",
+                    [job_id, value],
+                )
+
+            yield conn, write
+
+    def results(self, job_id: Any) -> list[str]:
+        with self.connect() as conn:
+            rows = conn.execute(
+                "SELECT value FROM analysis_result WHERE analysis_id = ?", [job_id]
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+        stamp = sqlite3_backend.to_db(heartbeat_at)
+        with self.connect() as conn, conn:
+            conn.execute(
+                f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at) VALUES (?, ?, ?)",
+                [worker, stamp, stamp],
+            )
+
+    def heartbeat(self, worker: str) -> dt.datetime | None:
+        with self.connect() as conn:
+            found = conn.execute(
+                f"SELECT heartbeat_at FROM {WORKER_TABLE} WHERE id = ?", [worker]
+            ).fetchone()
+        return None if found is None else sqlite3_backend.from_db(found[0])
+
+    def clear(self) -> None:
+        with self.connect() as conn, conn:
+            conn.execute("DELETE FROM analysis_result")
+            conn.execute("DELETE FROM analysis")
+            conn.execute(f"DELETE FROM {WORKER_TABLE} WHERE id LIKE ?", [f"{OTHER}%"])
+
+
+@pytest.fixture(scope="session")
+def sqlite3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The SQLite file of the sqlite3 backend, its tables made."""
+    path = tmp_path_factory.mktemp("sqlite3_backend") / "jobs.sqlite3"
+    sqlite3_backend.create_tables(path)
+    return path
+
 
 @pytest.fixture(params=CASES)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
@@ -258,12 +407,15 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     b: Backend
     if kind == "sqlalchemy":
         b = SQLAlchemyBackend(name, request.getfixturevalue("sqlalchemy_engines"))
+    elif kind == "sqlite3":
+        b = Sqlite3Backend(request.getfixturevalue("sqlite3_path"))
     else:
         b = DjangoBackend(name)
     try:
         yield b
     finally:
-        # Django's transactional test case empties the Django tables itself.
+        # Django's transactional test case empties the Django tables itself (the worker
+        # table included).
         b.clear()
 
 
@@ -675,3 +827,62 @@ def test_bad_input_changes_nothing(backend):
     with pytest.raises(ValueError):
         backend.jobs(interval=0)
     assert backend.row(job) == before
+
+
+# -- liveness ------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_a_running_job_beats_its_worker_row_on_the_database_clock(backend):
+    jobs = backend.jobs(heartbeat=0.05)
+    job = backend.add()
+    # Longer than the period since any earlier beat: the job beats before it starts.
+    time.sleep(0.1)
+    t0 = now()
+    with jobs.run(job):
+        first = backend.heartbeat(worker_id())  # beaten before the job started
+        assert_between(first, t0, now())
+        assert backend.row(job)["worker_id"] == worker_id()
+        wait_until(lambda: backend.heartbeat(worker_id()) > first, JOIN_TIMEOUT, "a beat")
+        assert jobs.stats().heartbeats >= 2
+    assert_between(backend.heartbeat(worker_id()), t0, now())
+
+
+def test_reap_stops_the_jobs_of_dead_workers_only(backend):
+    jobs = backend.jobs()
+    fresh, dead, stale = f"{OTHER}1:alive", f"{OTHER}2:gone", f"{OTHER}3:stale"
+    started = now() - dt.timedelta(hours=1)
+    backend.add_worker(fresh, now())
+    backend.add_worker(stale, started)
+    alive = backend.add(status=Status.IN_PROGRESS, worker_id=fresh, started_at=started)
+    lost = backend.add(status=Status.IN_PROGRESS, worker_id=dead, started_at=started)
+    cancelled = backend.add(
+        status=Status.CANCELLED, worker_id=stale, started_at=started, cancel_reason="asked"
+    )
+    legacy = backend.add(status=Status.IN_PROGRESS, started_at=started)  # no worker_id
+    pending = backend.add()
+    before = {j: backend.row(j) for j in (alive, pending)}
+    t0 = now()
+    assert jobs.reap(60) == 3
+    t1 = now()
+    for job in (lost, legacy):
+        row = backend.row(job)
+        assert (row["status"], row["error"]) == (Status.FAILED, WORKER_LOST)
+        assert_between(row["finished_at"], t0, t1)
+    row = backend.row(cancelled)
+    assert (row["status"], row["cancel_reason"]) == (Status.CANCELLED, "asked")
+    assert_between(row["finished_at"], t0, t1)
+    assert jobs.wait(cancelled, timeout=5) is Status.CANCELLED
+    assert {j: backend.row(j) for j in (alive, pending)} == before
+    # The stale worker row named no unfinished job any more: forgotten. The fresh one stays.
+    assert backend.heartbeat(stale) is None
+    assert backend.heartbeat(fresh) is not None
+    assert jobs.reap(60) == 0
+    with pytest.raises(ValueError):
+        jobs.reap(0)
