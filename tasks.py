@@ -64,13 +64,13 @@ def _install(extra: str | None, venv_dir: Path = VENV, base: str | None = None) 
             venv.EnvBuilder(with_pip=True).create(venv_dir)
         elif _run(base, "-m", "venv", venv_dir) != 0:
             sys.exit(f"{base} could not create {venv_dir}")
-    # One stamp line per extra installed from the current files; `demo` (no extra) needs
-    # no install after `test`, since .[dev] includes the package itself.
+    # One stamp line per extra installed from the current files; `demo` (.[sqlalchemy])
+    # needs no install after `test`, since .[dev] includes the package and SQLAlchemy.
     stamp_file = venv_dir / ".dbcancel-install-stamp"
     have = stamp_file.read_text().split() if stamp_file.exists() else []
     interpreter = str(base or sys.executable)
     want = _stamp_of(extra, interpreter)
-    if want in have or (extra is None and _stamp_of("dev", interpreter) in have):
+    if want in have or (extra in (None, "sqlalchemy") and _stamp_of("dev", interpreter) in have):
         return py
     target = f".[{extra}]" if extra else "."
     if _run(py, "-m", "pip", "install", "--quiet", "--upgrade", "pip") != 0:
@@ -83,12 +83,12 @@ def _install(extra: str | None, venv_dir: Path = VENV, base: str | None = None) 
     return py
 
 
-_EXTRAS = (None, "dev", "docs")
+_EXTRAS = (None, "sqlalchemy", "dev", "docs")
 
 
 def demo(args: list[str]) -> int:
-    """Run the demo on an embedded SQLite database."""
-    _install(None)
+    """Run the demo on an embedded SQLite database (through SQLAlchemy)."""
+    _install("sqlalchemy")
     return _run(PY, "-m", "dbcancel", "demo", *args)
 
 

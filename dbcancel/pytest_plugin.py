@@ -80,7 +80,13 @@ def dbcancel_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def dbcancel_engine(dbcancel_url: str) -> Iterator[Engine]:
     """A SQLAlchemy Engine on ``dbcancel_url``; create your tables on it in the test."""
-    from sqlalchemy import create_engine
+    try:
+        from sqlalchemy import create_engine
+    except ImportError as err:  # pragma: no cover - exercised in a subprocess
+        raise ImportError(
+            "the dbcancel_engine fixture needs SQLAlchemy, which is not installed: "
+            "pip install 'dbcancel[sqlalchemy]'"
+        ) from err
 
     engine = create_engine(dbcancel_url)
     try:

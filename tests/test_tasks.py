@@ -50,6 +50,7 @@ def test_a_second_install_of_the_same_extra_runs_nothing(tasks, tmp_path: Path) 
     tasks.ran.clear()
     tasks._install("dev", venv)
     tasks._install(None, venv)  # .[dev] includes the package itself
+    tasks._install("sqlalchemy", venv)  # ... and SQLAlchemy, which the demo needs
     assert tasks.ran == []
 
 
