@@ -220,13 +220,13 @@ class Sqlite3Backend:
             params.append(to_db(value))
         sets.append("status = ?")
         params.append(change.to.value)
-        sources = sorted(change.sources)
+        leaving = sorted(change.sources)
         where, where_params = self._where(job_id, filters)
         sql = (
             f"UPDATE {self.table} SET {', '.join(sets)} "
-            f"WHERE status IN ({', '.join('?' for _ in sources)}) AND {where}"
+            f"WHERE status IN ({', '.join('?' for _ in leaving)}) AND {where}"
         )
-        params += [s.value for s in sources] + where_params
+        params += [s.value for s in leaving] + where_params
         if using is not None:
             if not isinstance(using, sqlite3.Connection) or not using.in_transaction:
                 raise ValueError(

@@ -16,7 +16,8 @@ cancel is refused because the job had already completed or failed, 2 for an unkn
 or model, a usage error (such as a bad ``--stale-after``) or a database error, 130 when
 interrupted. Through ``call_command`` a failure raises :class:`CommandError` with that
 status as its ``returncode``. Neither this module nor :mod:`dbcancel._commands` imports
-SQLAlchemy itself (``import dbcancel`` still does, through :mod:`dbcancel.models`).
+SQLAlchemy, and neither does ``import dbcancel``: the command runs where it is not
+installed.
 """
 
 from __future__ import annotations
