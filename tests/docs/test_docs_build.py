@@ -31,7 +31,13 @@ def test_the_docs_build_strictly(tmp_path: Path) -> None:
     proc = build(ROOT, tmp_path / "site")
     assert proc.returncode == 0, proc.stderr[-5000:]
     reference = (tmp_path / "site" / "reference" / "index.html").read_text(encoding="utf-8")
-    for name in ("dbcancel.Jobs.cancel", "dbcancel.checkpoint.checkpoint", "DBCancel.submit"):
+    for name in (
+        "dbcancel.Jobs.cancel",
+        "dbcancel.Jobs.from_backend",
+        "dbcancel.backend.Backend",
+        "dbcancel.checkpoint.checkpoint",
+        "DBCancel.submit",
+    ):
         assert name in reference, name
     changelog = (tmp_path / "site" / "changelog" / "index.html").read_text(encoding="utf-8")
     assert "0.1.0" in changelog
