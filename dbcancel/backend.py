@@ -289,7 +289,11 @@ class Listener(Protocol):
 
 class Backend(Protocol):
     """What dbcancel needs from an ORM. Every method that touches the database runs at
-    most one transaction of its own (or joins the caller's, for ``using``)."""
+    most one transaction of its own (or joins the caller's, for ``using``).
+
+    Hand an implementation to :meth:`dbcancel.Jobs.from_backend`. Writes and reads go
+    through :func:`run_retried`, the one retry policy the shipped backends share.
+    """
 
     key: Hashable
     """Identifies the database and table, so that jobs of one table are found in-process."""
@@ -324,8 +328,10 @@ class Backend(Protocol):
         ``job_id=None`` applies it to every row matching ``filters``. ``using`` is a
         caller's open transaction (session or connection) to run in, uncommitted. An id
         or filter value outside its column's range matches nothing: 0, with no query.
-        A write whose connection turns out dead is run once more on a fresh one (it is
-        a conditional UPDATE: running it again cannot apply it twice).
+        A write whose connection turns out dead is run once more on a fresh one, and
+        one the database rolled back for a deadlock or a lock timeout again, a few times
+        (it is a conditional UPDATE: running it again cannot apply it twice; see
+        :func:`run_retried`).
         """
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
