@@ -54,6 +54,7 @@ from typing import Any, Concatenate, Generic, Literal, NoReturn, ParamSpec, Prot
 
 try:
     from celery import signals
+    from celery.backends.base import DisabledBackend
     from celery.exceptions import Ignore
 except ImportError as err:  # pragma: no cover - exercised in a subprocess
     raise ImportError(
@@ -232,6 +233,8 @@ class CeleryJobs:
                     return self._run(task, job_id, functools.partial(call, task), args, kwargs)
                 return self._run(task, job_id, call, args, kwargs)
 
+            if not run.__name__.isidentifier():  # a lambda: Celery compiles a def of it
+                run.__name__ = run.__qualname__ = "cancellable_task"
             created: Any = self._app.task(bind=True, **options)(run)
             self._task_names.add(created.name)
             result: CancellableTask[P, R] = created
@@ -288,7 +291,8 @@ class CeleryJobs:
     def _revoked(self, task: Any, job_id: Any, reason: str | None) -> NoReturn:
         request = task.request
         text = f"{self._model_name(job_id)} was cancelled" + (f": {reason}" if reason else "")
-        task.backend.mark_as_revoked(request.id, text, request=request)
+        if _records(task):
+            task.backend.mark_as_revoked(request.id, text, request=request)
         raise Ignore(text)
 
     def _not_runnable(self, task: Any, jobs: Jobs, job_id: Any, status: str) -> NoReturn:
@@ -297,7 +301,8 @@ class CeleryJobs:
         request = task.request
         if status != Status.IN_PROGRESS.value:
             exc = JobNotRunnable(jobs.model_name, job_id, status)
-            task.backend.mark_as_failure(request.id, exc, request=request)
+            if _records(task):
+                task.backend.mark_as_failure(request.id, exc, request=request)
             raise Ignore(str(exc))
         log.warning(
             "dbcancel: task %s (%s) for %s %r found it %s: the body did not run again",
@@ -369,3 +374,8 @@ class CeleryJobs:
                     jobs.model_name,
                     job_id,
                 )
+
+
+def _records(task: Any) -> bool:
+    """Whether the task's results are stored: a result backend, and no ``ignore_result``."""
+    return not (task.ignore_result or isinstance(task.backend, DisabledBackend))

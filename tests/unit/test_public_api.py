@@ -20,7 +20,16 @@ import pytest
 import dbcancel
 
 PUBLIC_MODULES = ["models", "checkpoint", "errors", "jobs", "registry", "testing"]
-OPTIONAL_PACKAGES = ["websockets", "flask", "django", "psycopg", "pymysql", "alembic"]
+OPTIONAL_PACKAGES = [
+    "websockets",
+    "flask",
+    "django",
+    "psycopg",
+    "pymysql",
+    "alembic",
+    "celery",
+    "kombu",
+]
 ROOT = Path(dbcancel.__file__).resolve().parent
 
 

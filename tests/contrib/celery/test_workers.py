@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,7 +32,7 @@ from tests.conftest import IN_CI, Database
 from tests.models import Analysis
 
 from .worker_app import client
-from .workers import BACKEND, BROKER, Node
+from .workers import BACKEND, BROKER, ROOT, Node
 
 ANALYSE = "dbcancel_test.analyse"
 FRAGILE = "dbcancel_test.fragile"
@@ -400,3 +403,59 @@ def test_warm_shutdown_with_wait_finishes_the_running_job(db: Database, cluster:
     assert node.terminate(timeout=30) == 0, node.tail()
     assert cluster.jobs.status(job_id) is Status.COMPLETED
     assert cluster.state(result, celery_states.READY_STATES) == celery_states.SUCCESS
+
+
+def test_the_example_app(services: None, tmp_path: Path) -> None:
+    queue = f"dbcancel-example-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'analysis.db'}",
+        "BROKER_URL": BROKER,
+        "RESULT_BACKEND": BACKEND,
+        "QUEUE": queue,
+    }
+    folder = ROOT / "examples" / "celery_app"
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "tasks",
+            "worker",
+            "-c",
+            "2",
+            "-n",
+            f"example-{queue}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "tasks.py"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+        app = client(BROKER, BACKEND)
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        app.close()
+    assert out.splitlines() == ["stopped: cancelled", "celery: REVOKED", "kept: completed 5"]
