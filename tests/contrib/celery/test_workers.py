@@ -459,3 +459,14 @@ def test_the_example_app(services: None, tmp_path: Path) -> None:
             conn.default_channel.queue_delete(queue)
         app.close()
     assert out.splitlines() == ["stopped: cancelled", "celery: REVOKED", "kept: completed 5"]
+
+
+@POSTGRESQL
+def test_the_benchmark_runs(services: None, database: Database) -> None:
+    """A smoke run of benchmarks/bench_celery.py; it asserts nothing about speed."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_celery.py"), "--quick", "--trials", "2"],
+        capture_output=True, text=True, timeout=180, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr
+    assert "| (a) `is_aborted()` ÷ `cp()`" in done.stdout, done.stdout + done.stderr
