@@ -31,8 +31,8 @@ What each delivery of a task does, by the state of the job's row:
   ``completed`` and Celery records SUCCESS with the body's return value. It raises: the
   job is ``failed`` and the exception goes to Celery as usual (FAILURE, or a retry).
 * ``cancelled`` (before or while the body ran, including an exception the body raised
-  after the cancel): Celery records REVOKED (the result raises ``TaskRevokedError`` with
-  the cancel reason) and the task neither succeeds nor retries.
+  after the cancel), or deleted: Celery records REVOKED (the result raises
+  ``TaskRevokedError`` with the cancel reason) and the task neither succeeds nor retries.
 * ``failed`` (a retry of an attempt whose body raised) or ``completed`` (a duplicate
   delivery): the body does not run; Celery records FAILURE with :class:`JobNotRunnable`
   for this delivery. A job's body runs at most once.
@@ -64,7 +64,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from sqlalchemy import Engine
 
-from dbcancel import Checkpoint, DbcancelError, InvalidTransition, Jobs, Status
+from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Jobs, Status
 
 __all__ = ["SHUTDOWN_REASON", "CancellableTask", "CeleryJobs", "JobNotRunnable"]
 
@@ -261,6 +261,16 @@ class CeleryJobs:
             cp = run.__enter__()
         except InvalidTransition as err:
             self._not_runnable(task, jobs, job_id, err.current)
+        except JobNotFound:
+            # Cancelled and then deleted while the message was queued, most likely.
+            log.warning(
+                "dbcancel: task %s (%s) found no %s %r: nothing ran",
+                task.name,
+                task.request.id,
+                jobs.model_name,
+                job_id,
+            )
+            self._revoked(task, job_id, "deleted")
         if cp.cancelled:
             # Cancelled before this delivery: run() wrote nothing; neither shall we.
             run.__exit__(None, None, None)
@@ -278,15 +288,22 @@ class CeleryJobs:
             if cp.cancelled:
                 # An error raised because of the cancel (a socket closed by on_cancel,
                 # say): the cancel wins, and no retry runs the job again.
-                self._revoked(task, job_id, cp.reason)
+                self._stopped(task, jobs, job_id, cp)
             raise
         if cp.cancelled:
-            status = jobs.status(job_id)
-            if status is Status.CANCELLED:
-                self._revoked(task, job_id, cp.reason)
-            # Reaped or changed by hand while it ran: the row says failed.
-            self._not_runnable(task, jobs, job_id, status.value)
+            self._stopped(task, jobs, job_id, cp)
         return value
+
+    def _stopped(self, task: Any, jobs: Jobs, job_id: Any, cp: Checkpoint) -> NoReturn:
+        """Record a run that stopped on its checkpoint, by what the row says now."""
+        try:
+            status = jobs.status(job_id)
+        except JobNotFound:  # cancelled, stopped, then deleted: the cancel-then-delete flow
+            self._revoked(task, job_id, cp.reason or "deleted")
+        if status is Status.CANCELLED:
+            self._revoked(task, job_id, cp.reason)
+        # Reaped or changed by hand while it ran: the row says failed.
+        self._not_runnable(task, jobs, job_id, status.value)
 
     def _revoked(self, task: Any, job_id: Any, reason: str | None) -> NoReturn:
         request = task.request

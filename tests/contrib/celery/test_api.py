@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 from celery import Celery, signals
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, delete
 
 from dbcancel import Checkpoint, Status
 from dbcancel.contrib.celery import SHUTDOWN_REASON, CeleryJobs, JobNotRunnable
@@ -88,3 +88,19 @@ def test_job_not_runnable_survives_celery_serialisation() -> None:
     rebuilt = JobNotRunnable(*exc.args)
     assert (rebuilt.model, rebuilt.job_id, rebuilt.status) == ("Analysis", 7, "failed")
     assert "runs at most once" in str(rebuilt)
+
+
+def test_a_row_deleted_after_the_cancel_is_revoked_not_failed(db: Database) -> None:
+    app = Celery("deleted")
+    cj = CeleryJobs(app, db.engine, Analysis, interval=0.05)
+
+    @cj.task(name="deleted.analyse")
+    def analyse(cp: Checkpoint, job_id: int) -> None:
+        cj.jobs.cancel(job_id, reason="user deleted it")
+        with db.engine.begin() as conn:  # the request deletes as soon as the job stops
+            conn.execute(delete(Analysis).where(Analysis.id == job_id))
+        cp()
+
+    job_id = db.add()
+    assert analyse.apply((job_id,)).state == "IGNORED"
+    assert analyse.apply((job_id,)).state == "IGNORED"  # a delivery of a deleted job
