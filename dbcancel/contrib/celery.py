@@ -23,7 +23,9 @@ Building a :class:`CeleryJobs` connects its Celery signal handlers (once per ins
 whatever the number of tasks): ``worker_process_init`` disposes of the engine that a
 prefork child inherited (``engine.dispose(close=False)``) and makes the child build its
 own :class:`dbcancel.Jobs`; ``worker_shutting_down`` cancels the jobs this worker node is
-running, with the reason :data:`SHUTDOWN_REASON`, unless ``on_shutdown="wait"``.
+running, with the reason :data:`SHUTDOWN_REASON`, unless ``on_shutdown="wait"``;
+``task_revoked`` cancels the job of a task Celery revoked or let expire, so that its row
+does not stay pending (:data:`REVOKED_REASON`, :data:`EXPIRED_REASON`).
 
 What each delivery of a task does, by the state of the job's row:
 
@@ -66,7 +68,14 @@ from sqlalchemy import Engine
 
 from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Jobs, Status
 
-__all__ = ["SHUTDOWN_REASON", "CancellableTask", "CeleryJobs", "JobNotRunnable"]
+__all__ = [
+    "EXPIRED_REASON",
+    "REVOKED_REASON",
+    "SHUTDOWN_REASON",
+    "CancellableTask",
+    "CeleryJobs",
+    "JobNotRunnable",
+]
 
 log = logging.getLogger("dbcancel")
 
@@ -75,6 +84,12 @@ R = TypeVar("R", covariant=True)
 
 SHUTDOWN_REASON = "worker shutdown"
 """The cancel reason of the jobs a warm shutdown stops (``on_shutdown="cancel"``)."""
+
+REVOKED_REASON = "revoked in Celery"
+"""The cancel reason of a job whose task Celery revoked (``AsyncResult.revoke()``)."""
+
+EXPIRED_REASON = "expired in Celery"
+"""The cancel reason of a job whose task expired before it ran (``expires=``)."""
 
 OnShutdown = Literal["cancel", "wait"]
 
@@ -345,6 +360,7 @@ class CeleryJobs:
         signals.worker_shutting_down.connect(
             self._on_shutting_down, weak=False, dispatch_uid=f"{uid}:shutdown"
         )
+        signals.task_revoked.connect(self._on_revoked, weak=False, dispatch_uid=f"{uid}:revoked")
 
     def _after_fork(self) -> None:
         # The pool's connections belong to the parent: forget them without closing them.
@@ -379,17 +395,33 @@ class CeleryJobs:
         )
         thread.start()
 
-    def _cancel_all(self, ids: list[Any]) -> None:
+    def _on_revoked(
+        self, sender: Any = None, request: Any = None, expired: bool = False, **_: Any
+    ) -> None:
+        # Celery dropped the message (revoke(), or expires=): the job would stay pending.
+        if getattr(sender, "name", None) not in self._task_names:
+            return
+        args = getattr(request, "args", None)
+        if not args:
+            return
+        reason = REVOKED_REASON if not expired else EXPIRED_REASON
+        thread = threading.Thread(
+            target=self._cancel_all, args=([args[0]], reason), name="dbcancel-celery-revoked"
+        )
+        thread.start()
+
+    def _cancel_all(self, ids: list[Any], reason: str = SHUTDOWN_REASON) -> None:
         jobs = self.jobs
         for job_id in ids:
             try:
-                jobs.cancel(job_id, reason=SHUTDOWN_REASON)
+                jobs.cancel(job_id, reason=reason)
             except Exception:
                 log.exception(
-                    "dbcancel: could not cancel %s %r at worker shutdown; it runs on until "
-                    "it ends, or reap() settles it",
+                    "dbcancel: could not cancel %s %r (%s); it runs on until it ends, or "
+                    "reap() settles it",
                     jobs.model_name,
                     job_id,
+                    reason,
                 )
 
 

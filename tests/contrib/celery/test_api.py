@@ -51,11 +51,13 @@ def test_it_checks_its_arguments() -> None:
 def test_signals_are_connected_once_per_instance() -> None:
     before = len(signals.worker_process_init.receivers)
     before_down = len(signals.worker_shutting_down.receivers)
+    before_revoked = len(signals.task_revoked.receivers)
     cj = CeleryJobs(Celery("signals"), create_engine("sqlite://"), Analysis)
     for name in ("one", "two", "three"):
         cj.task(name=f"signals.{name}")(lambda cp, job_id: None)
     assert len(signals.worker_process_init.receivers) == before + 1
     assert len(signals.worker_shutting_down.receivers) == before_down + 1
+    assert len(signals.task_revoked.receivers) == before_revoked + 1
     assert cj.task_names == {"signals.one", "signals.two", "signals.three"}
     assert cj.on_shutdown == "cancel"
     assert SHUTDOWN_REASON == "worker shutdown"

@@ -24,10 +24,10 @@ import pytest
 import redis
 from celery import Celery
 from celery import states as celery_states
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from dbcancel import Jobs, Status
-from dbcancel.contrib.celery import SHUTDOWN_REASON
+from dbcancel.contrib.celery import REVOKED_REASON, SHUTDOWN_REASON
 from tests.conftest import IN_CI, Database
 from tests.models import Analysis
 
@@ -201,12 +201,18 @@ def cluster(nodes: Cluster, db: Database) -> Cluster:
 
 def test_cancel_before_pickup_never_runs_the_body(db: Database, cluster: Cluster) -> None:
     later = f"{cluster.queue}.later.{uuid.uuid4().hex[:6]}"
-    cancelled, control, bound = db.add(), db.add(), db.add()
+    cancelled, control, bound, revoked, deleted = (db.add() for _ in range(5))
     # Queued where no node consumes yet: the messages wait in RabbitMQ.
     r_cancelled = cluster.send(ANALYSE, cancelled, 5, 0.01, queue=later)
     r_control = cluster.send(ANALYSE, control, 5, 0.01, queue=later)
     r_bound = cluster.send(BOUND, bound, queue=later)
+    r_revoked = cluster.send(ANALYSE, revoked, 5, 0.01, queue=later)
+    r_deleted = cluster.send(ANALYSE, deleted, 5, 0.01, queue=later)
     assert cluster.jobs.cancel(cancelled, reason="user deleted it") is True
+    assert cluster.jobs.cancel(deleted, reason="user deleted it") is True
+    with db.engine.begin() as conn:
+        conn.execute(delete(Analysis).where(Analysis.id == deleted))
+    r_revoked.revoke()  # Celery's own revoke: the worker drops the message
     replies = cluster.app.control.add_consumer(
         later, destination=[n.hostname for n in cluster.nodes.values()], reply=True, timeout=10
     )
@@ -218,7 +224,16 @@ def test_cancel_before_pickup_never_runs_the_body(db: Database, cluster: Cluster
     assert r_bound.result == r_bound.id  # the bound body got its task
     assert cluster.state(r_cancelled, celery_states.READY_STATES) == celery_states.REVOKED
     assert "user deleted it" in str(r_cancelled.result)
+    assert cluster.state(r_deleted, celery_states.READY_STATES) == celery_states.REVOKED
+    assert "deleted" in str(r_deleted.result)
+    assert cluster.state(r_revoked, celery_states.READY_STATES) == celery_states.REVOKED
+    until(lambda: cluster.jobs.status(revoked) is Status.CANCELLED, what="the revoked job")
+    revoked_row = db.row(revoked)
+    assert revoked_row is not None
+    assert revoked_row.cancel_reason == REVOKED_REASON
     assert cluster.ran(cancelled) == []
+    assert cluster.ran(revoked) == []
+    assert cluster.ran(deleted) == []
     assert len(cluster.ran(control)) == 1
     row = db.row(cancelled)
     assert row is not None
