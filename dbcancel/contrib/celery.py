@@ -42,6 +42,9 @@ What each delivery of a task does, by the state of the job's row:
   worker died and that ``reap()`` will settle): the body does not run, a warning is
   logged, and nothing is recorded: the running attempt records its own result.
 
+Results go to whatever result backend the app has; with none, or ``ignore_result=True``,
+nothing is recorded and such deliveries end as Celery's ``Ignore`` does.
+
 Importing this module needs Celery: ``pip install 'dbcancel[celery]'``.
 """
 
@@ -98,9 +101,10 @@ class JobNotRunnable(DbcancelError):
     """A delivery of a cancellable task found its job failed or completed: nothing ran.
 
     Celery records it as the FAILURE of that delivery when a retry (``autoretry_for``,
-    ``self.retry()``) or a second message arrives for a job whose body already ran.
-    ``status`` is the row's status (``"failed"`` or ``"completed"``), ``job_id`` the
-    job's id and ``model`` the name of the job model.
+    ``self.retry()``) or a second message arrives for a job whose body already ran, and
+    when a job was reaped or failed by hand while its body ran. ``status`` is the row's
+    status (``"failed"`` or ``"completed"``), ``job_id`` the job's id and ``model`` the
+    name of the job model.
     """
 
     def __init__(self, model: str, job_id: Any, status: str) -> None:
@@ -129,6 +133,11 @@ class CancellableTask(Protocol, Generic[P, R]):
 
     name: str
     """The task's registered name."""
+
+    def __call__(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task here, now, as Celery does for a direct call; a job that is not
+        pending, or is cancelled meanwhile, raises ``celery.exceptions.Ignore``."""
+        ...
 
     def delay(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Send the task for job ``job_id``; returns Celery's ``AsyncResult``."""

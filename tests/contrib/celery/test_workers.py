@@ -35,6 +35,7 @@ from .worker_app import client
 from .workers import BACKEND, BROKER, ROOT, Node
 
 ANALYSE = "dbcancel_test.analyse"
+ANALYSE_LATE = "dbcancel_test.analyse_late"
 FRAGILE = "dbcancel_test.fragile"
 BOUND = "dbcancel_test.bound"
 TIMEOUT = 60.0
@@ -354,8 +355,8 @@ def test_sigkill_of_a_node_is_reaped_and_others_keep_working(
     killed = cluster.own_node("k", "prefork", 2)
     lost = [db.add(), db.add()]
     survivor = db.add()
-    for job_id in lost:
-        cluster.send(ANALYSE, job_id, 3000, 0.02, queue=cluster.queue_of("k"))
+    cluster.send(ANALYSE, lost[0], 3000, 0.02, queue=cluster.queue_of("k"))
+    r_late = cluster.send(ANALYSE_LATE, lost[1], 3000, 0.02, queue=cluster.queue_of("k"))
     r_survivor = cluster.send(ANALYSE, survivor, 150, 0.02, queue=cluster.queue_of("a"))
     cluster.in_progress(*lost, survivor)
 
@@ -374,6 +375,14 @@ def test_sigkill_of_a_node_is_reaped_and_others_keep_working(
         assert row is not None
         assert row.error == "worker lost"
     assert reaped == 2  # the survivor beats: never reaped
+    # The acks_late message of the killed run goes to node a once it consumes k's queue:
+    # the job is failed (reaped), so nothing runs and Celery records JobNotRunnable.
+    cluster.app.control.add_consumer(
+        cluster.queue_of("k"), destination=[cluster.nodes["a"].hostname], reply=True, timeout=10
+    )
+    assert cluster.state(r_late, celery_states.READY_STATES) == celery_states.FAILURE
+    assert type(r_late.result).__name__ == "JobNotRunnable", repr(r_late.result)
+    assert [line.split()[0] for line in cluster.ran(lost[1])] == ["k"]
     assert cluster.jobs.wait(survivor, timeout=TIMEOUT) is Status.COMPLETED
     assert cluster.state(r_survivor, celery_states.READY_STATES) == celery_states.SUCCESS
     after = db.add()

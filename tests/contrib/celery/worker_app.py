@@ -71,14 +71,20 @@ def _ready(**_: Any) -> None:
     (MARKS / f"ready-{NODE}").write_text(str(os.getpid()), encoding="utf-8")
 
 
-@cancellable.task(name="dbcancel_test.analyse")
-def analyse(cp: Checkpoint, job_id: int, steps: int, step_seconds: float) -> int:
+def loop(cp: Checkpoint, job_id: int, steps: int, step_seconds: float) -> int:
     """A worker loop: ``steps`` items of ``step_seconds`` each, one checkpoint per item."""
     mark(job_id)
     for _ in range(steps):
         cp()
         time.sleep(step_seconds)  # the work of one item
     return steps
+
+
+analyse = cancellable.task(name="dbcancel_test.analyse")(loop)
+
+
+# Acknowledged after it ran: the message of a killed worker is delivered again.
+analyse_late = cancellable.task(name="dbcancel_test.analyse_late", acks_late=True)(loop)
 
 
 @cancellable.task(
