@@ -173,11 +173,11 @@ def docs(args: list[str]) -> int:
     return _run(PY, "-m", "mkdocs", "serve", "--strict", *args)
 
 
-BENCHMARKS = ("core", "media", "watch", "liveness")
+BENCHMARKS = ("core", "media", "watch", "liveness", "celery")
 
 
 def bench(args: list[str]) -> int:
-    """Install .[dev] and print a benchmark table: core (default), media, watch or liveness."""
+    """Install .[dev] and print a benchmark table: core (default), media, watch, liveness, celery"""
     name = args[0] if args and args[0] in BENCHMARKS else "core"
     rest = args[1:] if args and args[0] in BENCHMARKS else args
     _install("dev")

@@ -28,6 +28,8 @@ OPTIONAL_PACKAGES = [
     "psycopg",
     "pymysql",
     "alembic",
+    "celery",
+    "kombu",
 ]
 ROOT = Path(dbcancel.__file__).resolve().parent
 
