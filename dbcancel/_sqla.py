@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping
@@ -49,6 +48,7 @@ from ._backend import (
     integer_bounds,
     utcnow,
 )
+from ._pg import channel_name  # importable from here too, where it used to live
 from ._random import rng
 from .errors import DbcancelError
 from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status, UTCDateTime, worker_table
@@ -90,14 +90,6 @@ def resolve_table(model: Any) -> tuple[Table, str]:
     if isinstance(model, type) and isinstance(table, Table):
         return table, model.__name__
     raise TypeError(f"expected a mapped model class or a Table, got {model!r}")
-
-
-def channel_name(table: str) -> str:
-    """The PostgreSQL notification channel of a table's cancels (at most 63 bytes)."""
-    name = f"dbcancel:{table}"
-    if len(name.encode()) <= 63:
-        return name
-    return "dbcancel:" + hashlib.sha256(table.encode()).hexdigest()[:40]
 
 
 class exact_text(FunctionElement[str]):
@@ -483,9 +475,9 @@ class SQLAlchemyBackend:
                 f"but this engine uses {self.engine.dialect.driver}; use a "
                 "postgresql+psycopg:// URL (pip install 'dbcancel[postgres]')"
             )
-        from ._pg import PgListener
+        from ._pg import PgListener, connect_from_engine
 
-        return PgListener(self.engine, self.channel)
+        return PgListener(connect_from_engine(self.engine), self.channel)
 
     def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
         """Run one write in its own transaction (retried after a deadlock); the row count.

@@ -1,10 +1,13 @@
-"""One background watcher per process and job table (``Jobs(watch=True)``).
+"""One background watcher per process and job table (the default, watched mode).
 
 The watcher polls every job of its table running in this process with ONE statement per
-interval, which also stamps their heartbeats, and feeds the rows to their checkpoints:
-flags flip and ``on_cancel`` callbacks run in the watcher's thread, even while the
-workers are blocked in I/O. On PostgreSQL it waits between polls on a LISTEN connection
-and polls at once when a cancel of one of its jobs is announced.
+interval, through the same poll step as a threadless checkpoint
+(:func:`dbcancel.checkpoint.poll_step`), and feeds the rows to their checkpoints: flags
+flip and ``on_cancel`` callbacks run in the watcher's thread, even while the workers are
+blocked in I/O. It also polls the threadless checkpoints that asyncio code registers for
+the length of a block (``dbcancel.media``), so that no event loop waits on the database.
+On PostgreSQL it waits between polls on a LISTEN connection and polls at once when a
+cancel of one of its jobs is announced.
 
 The thread starts with the first watched job, idles (no queries, and after a grace
 period no listener connection) while none run, is a daemon (it never keeps the
@@ -19,12 +22,13 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
+from typing import Any
 
 from ._backend import Backend, Listener, read_cancel_payload, row_text
 from ._health import Health
 from ._random import rng
-from .checkpoint import MAX_BACKOFF, Checkpoint
+from .checkpoint import MAX_BACKOFF, Checkpoint, Rows, backoff, poll_step
 
 __all__ = ["Watcher", "watcher_for"]
 
@@ -45,9 +49,11 @@ class Watcher:
         self._backend = backend
         self._health = health
         self._cond = threading.Condition()
-        self._watched: set[Checkpoint] = set()
+        # Each checkpoint with the number of holders that asked for it (a run, and an
+        # asyncio block inside it, say): it is polled until the last one leaves.
+        self._watched: dict[Checkpoint, int] = {}
         self._thread: threading.Thread | None = None
-        self._listener: Listener | None = backend.listener()
+        self._listener: Listener | None = _listener_of(backend)
         self._listener_failing = False
         self._reconnect_at = 0.0
         self._listen_failures = 0
@@ -64,7 +70,7 @@ class Watcher:
         up to one of their intervals late. A cancel issued in this process needs no poll.
         """
         with self._cond:
-            self._watched.add(cp)
+            self._watched[cp] = self._watched.get(cp, 0) + 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run,
@@ -75,9 +81,14 @@ class Watcher:
             self._cond.notify_all()
 
     def remove(self, cp: Checkpoint) -> None:
-        """Stop watching ``cp``; harmless when it is not watched."""
+        """Drop one hold on ``cp``; it stops being polled when the last one is dropped.
+
+        Harmless when it is not watched.
+        """
         with self._cond:
-            self._watched.discard(cp)
+            count = self._watched.pop(cp, 0) - 1
+            if count > 0:
+                self._watched[cp] = count
 
     def poll_soon(self) -> None:
         """Make the thread poll now instead of at the end of its current wait."""
@@ -117,15 +128,14 @@ class Watcher:
                 if not self._watched and self._listener is not None:
                     self._listener.close()
                 self._cond.wait_for(lambda: bool(self._watched))
-            return min(cp._interval for cp in self._watched)
+            return min(cp.interval for cp in self._watched)
 
     def _next_delay(self, interval: float) -> float:
         if not self._failures:
             return interval * rng.uniform(1 - JITTER, 1 + JITTER)
-        backoff = min(interval * 2.0 ** (self._failures - 1), max(interval, MAX_BACKOFF))
         with self._cond:
             stale_in = min((cp._stale_in() for cp in self._watched), default=math.inf)
-        return max(0.0, min(backoff, stale_in))
+        return max(0.0, min(backoff(interval, self._failures), stale_in))
 
     def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less when a cancel of a watched job is announced.
@@ -228,26 +238,35 @@ class Watcher:
         if not cps:
             return
         try:
-            rows = self._backend.read_many({cp.job_id for cp in cps})
+            poll_step(self._read, self._health, cps, still_polled=self._still_watched)
         except Exception:
             self._failures += 1
-            self._health.failed()
-            for cp in cps:
-                if not cp.cancelled:
-                    cp._poll_failed()
             return
         self._failures = 0
-        self._health.succeeded()
-        for cp in cps:
-            with self._cond:
-                # A job that left meanwhile may have had its row deleted since.
-                current = cp in self._watched
-            if current and not cp.cancelled:
-                row = rows.get(cp.job_id)
-                if row is None:
-                    cp._apply_row(None, None)
-                else:
-                    cp._apply_row(row.status, row_text(row))
+
+    def _read(self, job_ids: Collection[Any]) -> Rows:
+        # The thread keeps its connection between polls (the Django backend's one
+        # connection of this thread): a dead one is replaced by the backend's read.
+        rows = self._backend.read_many(job_ids)
+        return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
+
+    def _still_watched(self, cp: Checkpoint) -> bool:
+        # A job that left meanwhile may have had its row deleted since.
+        with self._cond:
+            return cp in self._watched
+
+
+def _listener_of(backend: Backend) -> Listener | None:
+    """The backend's listener; None (poll only) when its driver cannot listen.
+
+    ``Jobs(watch=True)`` asks the backend first and so refuses such an engine; the
+    default watched mode polls it without complaint.
+    """
+    try:
+        return backend.listener()
+    except TypeError:
+        log.debug("dbcancel: %s cannot listen for cancels; polling only", backend.label)
+        return None
 
 
 _lock = threading.Lock()

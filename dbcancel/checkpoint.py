@@ -8,12 +8,13 @@ waiting for a poll. Cancellation is sticky: once observed, every later call rais
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -47,6 +48,53 @@ DELETED = "deleted"
 # seconds (or the interval, when that is longer).
 MAX_BACKOFF = 5.0
 
+
+def backoff(interval: float, failures: int) -> float:
+    """Seconds to wait before the next poll after ``failures`` failed polls in a row.
+
+    The one backoff rule of every poller: ``interval * 2**(failures - 1)``, at most
+    :data:`MAX_BACKOFF` seconds (or the interval, when that is longer).
+    """
+    return min(interval * 2.0 ** (failures - 1), max(interval, MAX_BACKOFF))
+
+
+Rows = Mapping[Any, tuple[Status, str | None]]
+"""What a poll reads: the status and row text of those job ids that still exist."""
+
+
+def poll_step(
+    read: Callable[[Collection[Any]], Rows],
+    health: Health,
+    checkpoints: Sequence[Checkpoint],
+    *,
+    still_polled: Callable[[Checkpoint], bool] | None = None,
+) -> Rows:
+    """Poll ``checkpoints`` (of one table) with ONE read; the only poll of dbcancel.
+
+    The threadless checkpoint polls itself through this (a batch of one); the watcher
+    thread polls every job it watches through it. On success the table's health is
+    told, and each checkpoint takes in its row (a missing row: deleted) unless it is
+    cancelled already or ``still_polled`` says it left meanwhile. On failure the health
+    is told, each checkpoint backs off (or, past ``max_staleness``, is cancelled
+    locally), and the error propagates for the caller to log or swallow.
+    """
+    try:
+        rows = read({cp.job_id for cp in checkpoints})
+    except Exception:
+        health.failed(checkpoints[0].job_id if len(checkpoints) == 1 else None)
+        for cp in checkpoints:
+            if not cp._cancelled:
+                cp._poll_failed()
+        raise
+    health.succeeded()
+    for cp in checkpoints:
+        if cp._cancelled or (still_polled is not None and not still_polled(cp)):
+            continue
+        status, text = rows.get(cp.job_id, (None, None))
+        cp._apply_row(status, text)
+    return rows
+
+
 _RUNNING = "running"
 
 
@@ -71,9 +119,9 @@ class _Flag(dict[str, None]):
 class _Source(Protocol):
     """What a checkpoint needs from the object that created it (a ``Jobs``)."""
 
-    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]: ...
+    def _poll_rows(self, job_ids: Collection[Any]) -> Rows: ...
 
-    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]: ...
+    def _watcher(self) -> Any: ...
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None: ...
 
@@ -241,10 +289,8 @@ class Checkpoint(functools.partial[None]):
         A failed poll must not kill the job: the database may be back soon. The table's
         :class:`Health` logs the outage once, not once per call or per job.
         """
-        try:
+        with contextlib.suppress(Exception):
             self.poll()
-        except Exception:
-            self._poll_failed()
 
     def _poll_failed(self) -> None:
         """Take in a failed poll: cancel locally when stale, else back off."""
@@ -258,10 +304,7 @@ class Checkpoint(functools.partial[None]):
                 local=True,
             )
             return
-        backoff = min(
-            self._interval * 2.0 ** (self._failures - 1), max(self._interval, MAX_BACKOFF)
-        )
-        self._schedule_next_poll(min(now + backoff, stale_at))
+        self._schedule_next_poll(min(now + backoff(self._interval, self._failures), stale_at))
 
     def _stale_in(self) -> float:
         """Seconds of the clock until a failing job is cancelled locally (inf: never)."""
@@ -312,15 +355,11 @@ class Checkpoint(functools.partial[None]):
         """Re-read the row now and return its status (``cancelled`` when it was deleted).
 
         Observes a cancellation (flag, callbacks) but does not raise :class:`Cancelled`;
-        database errors propagate.
+        database errors propagate (and count as a failed poll: the next one backs off).
         """
-        try:
-            status, reason = self._source._poll_row(self.job_id)
-        except Exception:
-            self._health.failed(self.job_id)
-            raise
-        self._health.succeeded()
-        return self._apply_row(status, reason)
+        rows = poll_step(self._source._poll_rows, self._health, (self,))
+        row = rows.get(self.job_id)
+        return Status.CANCELLED if row is None else row[0]
 
     def _apply_row(self, status: Status | None, text: str | None) -> Status:
         """Take in a freshly read row and schedule the next poll.
@@ -433,6 +472,11 @@ class Checkpoint(functools.partial[None]):
             callbacks, self._callbacks = self._callbacks, None
         for handle in callbacks or ():
             _run_callback(self.job_id, handle)
+
+    def _watcher(self) -> Any:
+        """The watcher thread of this checkpoint's table in this process (a
+        :class:`dbcancel._watcher.Watcher`), created on first use."""
+        return self._source._watcher()
 
     def _remove_callback(self, handle: CallbackHandle) -> None:
         with self._lock:
