@@ -41,6 +41,10 @@ that processes started together do not poll in lockstep."""
 IDLE_GRACE = 5.0
 """Seconds without watched jobs after which the listener connection is closed."""
 
+LISTEN_SLICE = 0.5
+"""Longest single wait on the listener connection: between two, the thread checks
+whether a job with a shorter interval than the current wait's has arrived."""
+
 
 class Watcher:
     """Polls (and heartbeats) the watched checkpoints of one table in this process."""
@@ -59,18 +63,25 @@ class Watcher:
         self._listen_failures = 0
         self._failures = 0
         self._kick = False
+        # The interval the current wait was planned for, and whether a job with a
+        # shorter one has arrived since (the wait is then cut to that interval).
+        self._planned = math.inf
+        self._shorter = False
 
     # -- used by JobRun ---------------------------------------------------------------
 
     def add(self, cp: Checkpoint) -> None:
         """Watch ``cp`` from the next poll on; starts the thread if it is not running.
 
-        The next poll comes at the end of the current wait, which was chosen for the jobs
-        watched before: a job with a shorter interval than theirs may get its first poll
-        up to one of their intervals late. A cancel issued in this process needs no poll.
+        The next poll comes at the end of the current wait, cut short to ``cp``'s
+        interval when that is shorter than the one the wait was planned for (within
+        :data:`LISTEN_SLICE` while listening). A cancel issued in this process needs no
+        poll.
         """
         with self._cond:
             self._watched[cp] = self._watched.get(cp, 0) + 1
+            if cp.interval < self._planned:
+                self._shorter = True
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run,
@@ -128,7 +139,9 @@ class Watcher:
                 if not self._watched and self._listener is not None:
                     self._listener.close()
                 self._cond.wait_for(lambda: bool(self._watched))
-            return min(cp.interval for cp in self._watched)
+            self._planned = min(cp.interval for cp in self._watched)
+            self._shorter = False
+            return self._planned
 
     def _next_delay(self, interval: float) -> float:
         if not self._failures:
@@ -143,14 +156,19 @@ class Watcher:
         With a listener, the wait is on its connection; while that is down, on the
         condition, waking to reconnect when the next attempt is due.
         """
-        deadline = time.monotonic() + delay
+        started = time.monotonic()
+        deadline = started + delay
         listener = self._listener
         while (remaining := deadline - time.monotonic()) > 0:
+            shorter = self._take_shorter()
+            if shorter is not None:
+                deadline = min(deadline, started + shorter)
+                continue
             if listener is not None and self._listen(listener):
                 if self._take_kick():
                     return
                 try:
-                    payloads = listener.wait(remaining)
+                    payloads = listener.wait(min(remaining, LISTEN_SLICE))
                 except Exception:
                     self._listen_failed(listener)
                     continue
@@ -161,9 +179,22 @@ class Watcher:
                 continue
             until = deadline if listener is None else min(deadline, self._reconnect_at)
             with self._cond:
-                self._cond.wait_for(lambda: self._kick, timeout=max(0.0, until - time.monotonic()))
+                self._cond.wait_for(
+                    lambda: self._kick or self._shorter,
+                    timeout=max(0.0, until - time.monotonic()),
+                )
             if self._take_kick():
                 return
+
+    def _take_shorter(self) -> float | None:
+        """The shortest interval watched, when a job with a shorter interval than the
+        current wait's has arrived since the last look; else None."""
+        with self._cond:
+            if not self._shorter:
+                return None
+            self._shorter = False
+            self._planned = min((cp.interval for cp in self._watched), default=math.inf)
+            return self._planned
 
     def _take_kick(self) -> bool:
         with self._cond:

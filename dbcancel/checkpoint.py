@@ -172,6 +172,7 @@ class Checkpoint(functools.partial[None]):
     # time.monotonic() loop (benchmarks/bench_core.py, row (a)).
     __slots__ = (
         "_callbacks",
+        "_calling",
         "_cancelled",
         "_clock",
         "_completed",
@@ -196,6 +197,7 @@ class Checkpoint(functools.partial[None]):
     job_id: Any
     """The id of the job this checkpoint watches."""
     _callbacks: list[CallbackHandle] | None
+    _calling: tuple[threading.Thread, threading.Event] | None
     _cancelled: bool
     _clock: Callable[[], float]
     _completed: bool
@@ -258,6 +260,7 @@ class Checkpoint(functools.partial[None]):
         self._max_staleness = max_staleness
         self._lock = threading.Lock()
         self._callbacks = []
+        self._calling = None
         self._cancelled = False
         self._completed = False
         self._fenced = False
@@ -403,9 +406,12 @@ class Checkpoint(functools.partial[None]):
     def on_cancel(self, fn: Callable[[], object]) -> CallbackHandle:
         """Run ``fn()`` once when cancellation is observed; at once if it already was.
 
-        Callbacks run in the thread that observes the cancellation: the worker's own
-        thread after a poll, or the thread calling ``jobs.cancel()`` in this process, so
-        they can close a socket the worker is blocked on. An exception in one callback
+        Callbacks run in the thread that observes the cancellation first: the worker's
+        own thread after a poll, the watcher's thread (its poll, or on PostgreSQL the
+        cancel's notification), or the thread calling ``jobs.cancel()`` in this process,
+        so they can close a socket the worker is blocked on. Either way they have run
+        when a ``jobs.cancel()`` of the job in this process returns. An exception in one
+        callback
         is logged and does not stop the others. Returns a handle whose ``remove()`` (or
         ``with`` block) unregisters ``fn``.
         """
@@ -459,6 +465,7 @@ class Checkpoint(functools.partial[None]):
         ``max_staleness``); the row is then told when the job stops. ``fenced``: the row
         left ``in_progress`` by another hand; it is not told anything.
         """
+        me = threading.current_thread()
         with self._lock:
             if not self._cancelled:
                 self._reason = reason
@@ -470,8 +477,21 @@ class Checkpoint(functools.partial[None]):
                 if self._flag is not None:
                     self._flag.clear()
             callbacks, self._callbacks = self._callbacks, None
-        for handle in callbacks or ():
-            _run_callback(self.job_id, handle)
+            calling = self._calling
+            if callbacks:
+                calling = self._calling = (me, threading.Event())
+        if not callbacks:
+            # Observed first in another thread: its callbacks are done before this
+            # observer (a jobs.cancel(), say) goes on, unless they are what called it.
+            if calling is not None and calling[0] is not me:
+                calling[1].wait()
+            return
+        try:
+            for handle in callbacks:
+                _run_callback(self.job_id, handle)
+        finally:
+            assert calling is not None
+            calling[1].set()
 
     def _watcher(self) -> Any:
         """The watcher thread of this checkpoint's table in this process (a

@@ -260,7 +260,7 @@ def test_stats_count_polls_and_show_the_watcher(db):
 def test_watch_refuses_a_custom_clock(db):
     with pytest.raises(ValueError, match="real time"):
         db.jobs(watch=True, clock=time.monotonic)
-    with pytest.raises(TypeError, match="watch must be True or False"):
+    with pytest.raises(TypeError, match="watch must be None, True or False"):
         db.jobs(watch="yes")
 
 
