@@ -67,6 +67,9 @@ class Watcher:
         # shorter one has arrived since (the wait is then cut to that interval).
         self._planned = math.inf
         self._shorter = False
+        # Set by close_idle(): an idle thread closes its connections now, not after
+        # the grace period, and clears it.
+        self._closing = False
 
     # -- used by JobRun ---------------------------------------------------------------
 
@@ -100,6 +103,25 @@ class Watcher:
             count = self._watched.pop(cp, 0) - 1
             if count > 0:
                 self._watched[cp] = count
+            elif not self._watched:
+                # The last job left: end the wait, so that the thread idles (and gives
+                # back its database connection) now rather than at the end of it.
+                self._kick = True
+                self._cond.notify_all()
+
+    def close_idle(self, timeout: float) -> bool:
+        """Make the thread close its connections now if it watches nothing; True once
+        it has (or when it is not running), False when jobs are watched or ``timeout``
+        seconds pass first."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return True
+            if self._watched:
+                return False
+            self._closing = True
+            self._cond.notify_all()
+            done = self._cond.wait_for(lambda: not self._closing or bool(self._watched), timeout)
+            return done and not self._watched
 
     def poll_soon(self) -> None:
         """Make the thread poll now instead of at the end of its current wait."""
@@ -132,16 +154,43 @@ class Watcher:
                 time.sleep(1.0)
 
     def _wait_for_jobs(self) -> float:
-        """Block while nothing is watched; return the smallest interval of those that are."""
+        """Block while nothing is watched; return the smallest interval of those that are.
+
+        Idle, the thread gives back its database connection at once and closes its
+        listener after :data:`IDLE_GRACE` seconds (at once when :meth:`close_idle` asks).
+        """
         with self._cond:
-            if not self._watched:
-                self._cond.wait_for(lambda: bool(self._watched), timeout=IDLE_GRACE)
-                if not self._watched and self._listener is not None:
-                    self._listener.close()
-                self._cond.wait_for(lambda: bool(self._watched))
+            grace = True
+            while not self._watched:
+                if grace:
+                    self._release()
+                    self._cond.wait_for(
+                        lambda: bool(self._watched) or self._closing, timeout=IDLE_GRACE
+                    )
+                    grace = False
+                else:
+                    self._cond.wait_for(lambda: bool(self._watched) or self._closing)
+                if not self._watched:
+                    self._idle()
+                    self._closing = False
+                    self._cond.notify_all()
             self._planned = min(cp.interval for cp in self._watched)
             self._shorter = False
             return self._planned
+
+    def _idle(self) -> None:
+        """Give back what the thread holds while no job runs: the listener connection,
+        and its own connection to the database (the Django backend's; SQLAlchemy's
+        return to the pool after each poll). The next watched job reopens them."""
+        if self._listener is not None:
+            self._listener.close()
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            self._backend.release()
+        except Exception:  # a broken connection is as good as closed
+            log.debug("dbcancel: closing the watcher's connection failed", exc_info=True)
 
     def _next_delay(self, interval: float) -> float:
         if not self._failures:
@@ -315,6 +364,17 @@ def watcher_for(key: Hashable, backend: Backend, health: Health) -> Watcher:
         if watcher is None:
             watcher = _watchers[key] = Watcher(backend, health)
         return watcher
+
+
+def close_idle_watchers(timeout: float) -> list[str]:
+    """Make every idle watcher of this process close its connections now; the labels
+    of those that still watch jobs, or did not manage within ``timeout`` seconds."""
+    with _lock:
+        watchers = list(_watchers.values())
+    deadline = time.monotonic() + timeout
+    return [
+        w._health.label for w in watchers if not w.close_idle(max(0.0, deadline - time.monotonic()))
+    ]
 
 
 def existing_watcher(key: Hashable) -> Watcher | None:
