@@ -174,3 +174,38 @@ def test_a_notification_naming_the_job_cancels_it_without_a_poll():
     assert (five.cancelled, five.reason) == (True, "user left")
     assert not six.cancelled
     assert backend.batches == []
+
+
+class NoListenBackend(FakeBackend):
+    """A PostgreSQL engine whose driver cannot LISTEN: its listener() refuses."""
+
+    def listener(self) -> None:
+        raise TypeError("this driver cannot listen")
+
+
+def test_a_backend_that_cannot_listen_is_polled_without_a_listener():
+    watcher = Watcher(NoListenBackend(), Health("t"))  # type: ignore[arg-type]
+    assert watcher._listener is None
+    assert watcher.listening is False
+
+
+def test_the_threadless_and_watched_polls_share_one_backoff_rule():
+    from dbcancel.checkpoint import backoff
+
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    for failures in range(1, 8):
+        watcher._failures = failures
+        assert watcher._next_delay(0.5) == backoff(0.5, failures)
+
+
+def test_a_job_with_a_shorter_interval_cuts_the_planned_wait():
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    long = Checkpoint(None, 1, interval=60.0, clock=time.monotonic, watched=True)  # type: ignore[arg-type]
+    short = Checkpoint(None, 2, interval=0.05, clock=time.monotonic, watched=True)  # type: ignore[arg-type]
+    watcher._watched[long] = 1
+    assert watcher._wait_for_jobs() == 60.0
+    watcher._watched[short] = 1
+    watcher._shorter = True  # what add() sets for a shorter interval than the plan's
+    started = time.monotonic()
+    watcher._wait(60.0)
+    assert time.monotonic() - started < 5.0  # cut to about 0.05 s, bound generous
