@@ -493,6 +493,28 @@ class Checkpoint(functools.partial[None]):
             assert calling is not None
             calling[1].set()
 
+    # -- the interface of Jobs, JobRun and the watcher ---------------------------------
+
+    @property
+    def _decided_here(self) -> bool:
+        """True when the cancel was decided in this process (``max_staleness``), not
+        read from the database: the row is told when the job stops."""
+        return self._local
+
+    def _seen_at(self) -> dt.datetime | None:
+        """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced
+        job, which was not cancelled but taken away by another hand."""
+        return None if self._fenced else self._observed_at
+
+    def _ended(self) -> None:
+        """The job's run() has recorded how it ended: wake those waiting for it."""
+        self._stopped.set()
+
+    def _wait_ended(self, timeout: float) -> bool:
+        """Block until the job's run() has recorded how it ended, at most ``timeout``
+        seconds; True when it has."""
+        return self._stopped.wait(timeout)
+
     def _watcher(self) -> Any:
         """The watcher thread of this checkpoint's table in this process (a
         :class:`dbcancel._watcher.Watcher`), created on first use."""

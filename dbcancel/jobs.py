@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
 import logging
 import math
@@ -303,7 +302,7 @@ class Jobs:
             local = registry.checkpoints(b.key, job_id)
             if local:
                 # Running here: its run() sets this event after recording how it ended.
-                local[0]._stopped.wait(min(remaining, self._interval))
+                local[0]._wait_ended(min(remaining, self._interval))
             else:
                 time.sleep(min(remaining, delay))
                 delay = min(delay * 2, self._interval)
@@ -502,11 +501,11 @@ class Jobs:
             # deleted meanwhile, or fenced (reaped, changed by hand). Never completed
             # after any of those; the checkpoint takes note of which it was.
             cp._apply_row(*self._poll_row(job_id))
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
             return False
         if own_cancel:
             assert isinstance(exc, Cancelled)
-            if cp._local:
+            if cp._decided_here:
                 self._finish_local_cancel(cp)
                 return True
             if not cp.cancelled:
@@ -514,11 +513,11 @@ class Jobs:
                 reason = cut_reason(exc.reason)
                 b.apply(cancel_change(reason), job_id=job_id)
                 cp._observe(reason)
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
             return True
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not b.apply(fail_change(text), job_id=job_id):
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
         return False
 
     def _finish_local_cancel(self, cp: Checkpoint) -> None:
@@ -531,7 +530,7 @@ class Jobs:
         b = self._backend
         try:
             b.apply(cancel_change(cp.reason), job_id=cp.job_id)
-            b.mark_stopped(cp.job_id, _cancel_seen_at(cp))
+            b.mark_stopped(cp.job_id, cp._seen_at())
         except Exception:
             log.error(
                 "dbcancel: %s %r stopped after %s, but its row could not be updated; "
@@ -542,12 +541,6 @@ class Jobs:
                 Status.IN_PROGRESS.value,
                 exc_info=True,
             )
-
-
-def _cancel_seen_at(cp: Checkpoint) -> dt.datetime | None:
-    """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced job,
-    which was not cancelled but taken away by another hand."""
-    return None if cp._fenced else cp.observed_at
 
 
 def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
@@ -598,7 +591,7 @@ class JobRun:
         _pop(self._cp)
         self._unwatch()
         registry.remove(self._jobs._backend.key, self._entry)
-        self._cp._stopped.set()
+        self._cp._ended()
 
     def __enter__(self) -> Checkpoint:
         if self._cp is not None:
