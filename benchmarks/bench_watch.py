@@ -535,7 +535,7 @@ def measure_hot_path(report: Report, dbs: list[Database], rng: random.Random) ->
                 variants[DIAG_GETITEM] = timeit_loop(
                     "f(k)", "f = the_func; k = the_key", the_func=cp.func, the_key=cp.args[0]
                 )
-            inline_jobs = Jobs(db.engine, db.model, interval=NO_POLL_INTERVAL)
+            inline_jobs = Jobs(db.engine, db.model, interval=NO_POLL_INTERVAL, watch=False)
             inline_cp = stack.enter_context(inline_jobs.run(add_job(db.engine, db.model)))
             variants[inline_cp_label(db.name)] = timeit_loop(
                 "cp()", "cp = the_checkpoint", the_checkpoint=inline_cp

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, TypeVar
 
@@ -44,6 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
     ) from err
 
 from ._mixin import UTCDateTime, worker_table
+from ._pg import channel_name  # importable from here too, where it used to live
 from .backend import (
     RETRIES,
     Change,
@@ -97,14 +97,6 @@ def resolve_table(model: Any) -> tuple[Table, str]:
     if isinstance(model, type) and isinstance(table, Table):
         return table, model.__name__
     raise TypeError(f"expected a mapped model class or a Table, got {model!r}")
-
-
-def channel_name(table: str) -> str:
-    """The PostgreSQL notification channel of a table's cancels (at most 63 bytes)."""
-    name = f"dbcancel:{table}"
-    if len(name.encode()) <= 63:
-        return name
-    return "dbcancel:" + hashlib.sha256(table.encode()).hexdigest()[:40]
 
 
 class exact_text(FunctionElement[str]):
@@ -487,9 +479,9 @@ class SQLAlchemyBackend:
                 f"but this engine uses {self.engine.dialect.driver}; use a "
                 "postgresql+psycopg:// URL (pip install 'dbcancel[postgres]')"
             )
-        from ._pg import PgListener
+        from ._pg import PgListener, connect_from_engine
 
-        return PgListener(self.engine, self.channel)
+        return PgListener(connect_from_engine(self.engine), self.channel)
 
     def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
         """Run one write in its own transaction (retried after a deadlock); the row count.

@@ -1,10 +1,13 @@
-"""One background watcher per process and job table (``Jobs(watch=True)``).
+"""One background watcher per process and job table (the default, watched mode).
 
 The watcher polls every job of its table running in this process with ONE statement per
-interval, which also stamps their heartbeats, and feeds the rows to their checkpoints:
-flags flip and ``on_cancel`` callbacks run in the watcher's thread, even while the
-workers are blocked in I/O. On PostgreSQL it waits between polls on a LISTEN connection
-and polls at once when a cancel of one of its jobs is announced.
+interval, through the same poll step as a threadless checkpoint
+(:func:`dbcancel.checkpoint.poll_step`), and feeds the rows to their checkpoints: flags
+flip and ``on_cancel`` callbacks run in the watcher's thread, even while the workers are
+blocked in I/O. It also polls the threadless checkpoints that asyncio code registers for
+the length of a block (``dbcancel.media``), so that no event loop waits on the database.
+On PostgreSQL it waits between polls on a LISTEN connection and polls at once when a
+cancel of one of its jobs is announced.
 
 The thread starts with the first watched job, idles (no queries, and after a grace
 period no listener connection) while none run, is a daemon (it never keeps the
@@ -19,12 +22,13 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Collection, Hashable
+from typing import Any
 
 from ._health import Health
 from ._random import rng
 from .backend import Backend, Listener, read_cancel_payload, row_text
-from .checkpoint import MAX_BACKOFF, Checkpoint
+from .checkpoint import MAX_BACKOFF, Checkpoint, Rows, backoff, poll_step
 
 __all__ = ["Watcher", "watcher_for"]
 
@@ -37,6 +41,10 @@ that processes started together do not poll in lockstep."""
 IDLE_GRACE = 5.0
 """Seconds without watched jobs after which the listener connection is closed."""
 
+LISTEN_SLICE = 0.5
+"""Longest single wait on the listener connection: between two, the thread checks
+whether a job with a shorter interval than the current wait's has arrived."""
+
 
 class Watcher:
     """Polls (and heartbeats) the watched checkpoints of one table in this process."""
@@ -45,26 +53,38 @@ class Watcher:
         self._backend = backend
         self._health = health
         self._cond = threading.Condition()
-        self._watched: set[Checkpoint] = set()
+        # Each checkpoint with the number of holders that asked for it (a run, and an
+        # asyncio block inside it, say): it is polled until the last one leaves.
+        self._watched: dict[Checkpoint, int] = {}
         self._thread: threading.Thread | None = None
-        self._listener: Listener | None = backend.listener()
+        self._listener: Listener | None = _listener_of(backend)
         self._listener_failing = False
         self._reconnect_at = 0.0
         self._listen_failures = 0
         self._failures = 0
         self._kick = False
+        # The interval the current wait was planned for, and whether a job with a
+        # shorter one has arrived since (the wait is then cut to that interval).
+        self._planned = math.inf
+        self._shorter = False
+        # Set by close_idle(): an idle thread closes its connections now, not after
+        # the grace period, and clears it.
+        self._closing = False
 
     # -- used by JobRun ---------------------------------------------------------------
 
     def add(self, cp: Checkpoint) -> None:
         """Watch ``cp`` from the next poll on; starts the thread if it is not running.
 
-        The next poll comes at the end of the current wait, which was chosen for the jobs
-        watched before: a job with a shorter interval than theirs may get its first poll
-        up to one of their intervals late. A cancel issued in this process needs no poll.
+        The next poll comes at the end of the current wait, cut short to ``cp``'s
+        interval when that is shorter than the one the wait was planned for (within
+        :data:`LISTEN_SLICE` while listening). A cancel issued in this process needs no
+        poll.
         """
         with self._cond:
-            self._watched.add(cp)
+            self._watched[cp] = self._watched.get(cp, 0) + 1
+            if cp.interval < self._planned:
+                self._shorter = True
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run,
@@ -75,9 +95,33 @@ class Watcher:
             self._cond.notify_all()
 
     def remove(self, cp: Checkpoint) -> None:
-        """Stop watching ``cp``; harmless when it is not watched."""
+        """Drop one hold on ``cp``; it stops being polled when the last one is dropped.
+
+        Harmless when it is not watched.
+        """
         with self._cond:
-            self._watched.discard(cp)
+            count = self._watched.pop(cp, 0) - 1
+            if count > 0:
+                self._watched[cp] = count
+            elif not self._watched:
+                # The last job left: end the wait, so that the thread idles (and gives
+                # back its database connection) now rather than at the end of it.
+                self._kick = True
+                self._cond.notify_all()
+
+    def close_idle(self, timeout: float) -> bool:
+        """Make the thread close its connections now if it watches nothing; True once
+        it has (or when it is not running), False when jobs are watched or ``timeout``
+        seconds pass first."""
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                return True
+            if self._watched:
+                return False
+            self._closing = True
+            self._cond.notify_all()
+            done = self._cond.wait_for(lambda: not self._closing or bool(self._watched), timeout)
+            return done and not self._watched
 
     def poll_soon(self) -> None:
         """Make the thread poll now instead of at the end of its current wait."""
@@ -110,22 +154,50 @@ class Watcher:
                 time.sleep(1.0)
 
     def _wait_for_jobs(self) -> float:
-        """Block while nothing is watched; return the smallest interval of those that are."""
+        """Block while nothing is watched; return the smallest interval of those that are.
+
+        Idle, the thread gives back its database connection at once and closes its
+        listener after :data:`IDLE_GRACE` seconds (at once when :meth:`close_idle` asks).
+        """
         with self._cond:
-            if not self._watched:
-                self._cond.wait_for(lambda: bool(self._watched), timeout=IDLE_GRACE)
-                if not self._watched and self._listener is not None:
-                    self._listener.close()
-                self._cond.wait_for(lambda: bool(self._watched))
-            return min(cp._interval for cp in self._watched)
+            grace = True
+            while not self._watched:
+                if grace:
+                    self._release()
+                    self._cond.wait_for(
+                        lambda: bool(self._watched) or self._closing, timeout=IDLE_GRACE
+                    )
+                    grace = False
+                else:
+                    self._cond.wait_for(lambda: bool(self._watched) or self._closing)
+                if not self._watched:
+                    self._idle()
+                    self._closing = False
+                    self._cond.notify_all()
+            self._planned = min(cp.interval for cp in self._watched)
+            self._shorter = False
+            return self._planned
+
+    def _idle(self) -> None:
+        """Give back what the thread holds while no job runs: the listener connection,
+        and its own connection to the database (the Django backend's; SQLAlchemy's
+        return to the pool after each poll). The next watched job reopens them."""
+        if self._listener is not None:
+            self._listener.close()
+        self._release()
+
+    def _release(self) -> None:
+        try:
+            self._backend.release()
+        except Exception:  # a broken connection is as good as closed
+            log.debug("dbcancel: closing the watcher's connection failed", exc_info=True)
 
     def _next_delay(self, interval: float) -> float:
         if not self._failures:
             return interval * rng.uniform(1 - JITTER, 1 + JITTER)
-        backoff = min(interval * 2.0 ** (self._failures - 1), max(interval, MAX_BACKOFF))
         with self._cond:
             stale_in = min((cp._stale_in() for cp in self._watched), default=math.inf)
-        return max(0.0, min(backoff, stale_in))
+        return max(0.0, min(backoff(interval, self._failures), stale_in))
 
     def _wait(self, delay: float) -> None:
         """Sleep ``delay`` seconds, or less when a cancel of a watched job is announced.
@@ -133,14 +205,19 @@ class Watcher:
         With a listener, the wait is on its connection; while that is down, on the
         condition, waking to reconnect when the next attempt is due.
         """
-        deadline = time.monotonic() + delay
+        started = time.monotonic()
+        deadline = started + delay
         listener = self._listener
         while (remaining := deadline - time.monotonic()) > 0:
+            shorter = self._take_shorter()
+            if shorter is not None:
+                deadline = min(deadline, started + shorter)
+                continue
             if listener is not None and self._listen(listener):
                 if self._take_kick():
                     return
                 try:
-                    payloads = listener.wait(remaining)
+                    payloads = listener.wait(min(remaining, LISTEN_SLICE))
                 except Exception:
                     self._listen_failed(listener)
                     continue
@@ -151,9 +228,22 @@ class Watcher:
                 continue
             until = deadline if listener is None else min(deadline, self._reconnect_at)
             with self._cond:
-                self._cond.wait_for(lambda: self._kick, timeout=max(0.0, until - time.monotonic()))
+                self._cond.wait_for(
+                    lambda: self._kick or self._shorter,
+                    timeout=max(0.0, until - time.monotonic()),
+                )
             if self._take_kick():
                 return
+
+    def _take_shorter(self) -> float | None:
+        """The shortest interval watched, when a job with a shorter interval than the
+        current wait's has arrived since the last look; else None."""
+        with self._cond:
+            if not self._shorter:
+                return None
+            self._shorter = False
+            self._planned = min((cp.interval for cp in self._watched), default=math.inf)
+            return self._planned
 
     def _take_kick(self) -> bool:
         with self._cond:
@@ -228,26 +318,35 @@ class Watcher:
         if not cps:
             return
         try:
-            rows = self._backend.read_many({cp.job_id for cp in cps})
+            poll_step(self._read, self._health, cps, still_polled=self._still_watched)
         except Exception:
             self._failures += 1
-            self._health.failed()
-            for cp in cps:
-                if not cp.cancelled:
-                    cp._poll_failed()
             return
         self._failures = 0
-        self._health.succeeded()
-        for cp in cps:
-            with self._cond:
-                # A job that left meanwhile may have had its row deleted since.
-                current = cp in self._watched
-            if current and not cp.cancelled:
-                row = rows.get(cp.job_id)
-                if row is None:
-                    cp._apply_row(None, None)
-                else:
-                    cp._apply_row(row.status, row_text(row))
+
+    def _read(self, job_ids: Collection[Any]) -> Rows:
+        # The thread keeps its connection between polls (the Django backend's one
+        # connection of this thread): a dead one is replaced by the backend's read.
+        rows = self._backend.read_many(job_ids)
+        return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
+
+    def _still_watched(self, cp: Checkpoint) -> bool:
+        # A job that left meanwhile may have had its row deleted since.
+        with self._cond:
+            return cp in self._watched
+
+
+def _listener_of(backend: Backend) -> Listener | None:
+    """The backend's listener; None (poll only) when its driver cannot listen.
+
+    ``Jobs(watch=True)`` asks the backend first and so refuses such an engine; the
+    default watched mode polls it without complaint.
+    """
+    try:
+        return backend.listener()
+    except TypeError:
+        log.debug("dbcancel: %s cannot listen for cancels; polling only", backend.label)
+        return None
 
 
 _lock = threading.Lock()
@@ -265,6 +364,17 @@ def watcher_for(key: Hashable, backend: Backend, health: Health) -> Watcher:
         if watcher is None:
             watcher = _watchers[key] = Watcher(backend, health)
         return watcher
+
+
+def close_idle_watchers(timeout: float) -> list[str]:
+    """Make every idle watcher of this process close its connections now; the labels
+    of those that still watch jobs, or did not manage within ``timeout`` seconds."""
+    with _lock:
+        watchers = list(_watchers.values())
+    deadline = time.monotonic() + timeout
+    return [
+        w._health.label for w in watchers if not w.close_idle(max(0.0, deadline - time.monotonic()))
+    ]
 
 
 def existing_watcher(key: Hashable) -> Watcher | None:

@@ -8,12 +8,13 @@ waiting for a poll. Cancellation is sticky: once observed, every later call rais
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import logging
 import math
 import threading
-from collections.abc import Callable, Collection, Hashable
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -47,6 +48,53 @@ DELETED = "deleted"
 # seconds (or the interval, when that is longer).
 MAX_BACKOFF = 5.0
 
+
+def backoff(interval: float, failures: int) -> float:
+    """Seconds to wait before the next poll after ``failures`` failed polls in a row.
+
+    The one backoff rule of every poller: ``interval * 2**(failures - 1)``, at most
+    :data:`MAX_BACKOFF` seconds (or the interval, when that is longer).
+    """
+    return min(interval * 2.0 ** (failures - 1), max(interval, MAX_BACKOFF))
+
+
+Rows = Mapping[Any, tuple[Status, str | None]]
+"""What a poll reads: the status and row text of those job ids that still exist."""
+
+
+def poll_step(
+    read: Callable[[Collection[Any]], Rows],
+    health: Health,
+    checkpoints: Sequence[Checkpoint],
+    *,
+    still_polled: Callable[[Checkpoint], bool] | None = None,
+) -> Rows:
+    """Poll ``checkpoints`` (of one table) with ONE read; the only poll of dbcancel.
+
+    The threadless checkpoint polls itself through this (a batch of one); the watcher
+    thread polls every job it watches through it. On success the table's health is
+    told, and each checkpoint takes in its row (a missing row: deleted) unless it is
+    cancelled already or ``still_polled`` says it left meanwhile. On failure the health
+    is told, each checkpoint backs off (or, past ``max_staleness``, is cancelled
+    locally), and the error propagates for the caller to log or swallow.
+    """
+    try:
+        rows = read({cp.job_id for cp in checkpoints})
+    except Exception:
+        health.failed(checkpoints[0].job_id if len(checkpoints) == 1 else None)
+        for cp in checkpoints:
+            if not cp._cancelled:
+                cp._poll_failed()
+        raise
+    health.succeeded()
+    for cp in checkpoints:
+        if cp._cancelled or (still_polled is not None and not still_polled(cp)):
+            continue
+        status, text = rows.get(cp.job_id, (None, None))
+        cp._apply_row(status, text)
+    return rows
+
+
 _RUNNING = "running"
 
 
@@ -71,9 +119,9 @@ class _Flag(dict[str, None]):
 class _Source(Protocol):
     """What a checkpoint needs from the object that created it (a ``Jobs``)."""
 
-    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]: ...
+    def _poll_rows(self, job_ids: Collection[Any]) -> Rows: ...
 
-    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]: ...
+    def _watcher(self) -> Any: ...
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None: ...
 
@@ -124,6 +172,7 @@ class Checkpoint(functools.partial[None]):
     # time.monotonic() loop (benchmarks/bench_core.py, row (a)).
     __slots__ = (
         "_callbacks",
+        "_calling",
         "_cancelled",
         "_clock",
         "_completed",
@@ -148,6 +197,7 @@ class Checkpoint(functools.partial[None]):
     job_id: Any
     """The id of the job this checkpoint watches."""
     _callbacks: list[CallbackHandle] | None
+    _calling: tuple[threading.Thread, threading.Event] | None
     _cancelled: bool
     _clock: Callable[[], float]
     _completed: bool
@@ -210,6 +260,7 @@ class Checkpoint(functools.partial[None]):
         self._max_staleness = max_staleness
         self._lock = threading.Lock()
         self._callbacks = []
+        self._calling = None
         self._cancelled = False
         self._completed = False
         self._fenced = False
@@ -241,10 +292,8 @@ class Checkpoint(functools.partial[None]):
         A failed poll must not kill the job: the database may be back soon. The table's
         :class:`Health` logs the outage once, not once per call or per job.
         """
-        try:
+        with contextlib.suppress(Exception):
             self.poll()
-        except Exception:
-            self._poll_failed()
 
     def _poll_failed(self) -> None:
         """Take in a failed poll: cancel locally when stale, else back off."""
@@ -258,10 +307,7 @@ class Checkpoint(functools.partial[None]):
                 local=True,
             )
             return
-        backoff = min(
-            self._interval * 2.0 ** (self._failures - 1), max(self._interval, MAX_BACKOFF)
-        )
-        self._schedule_next_poll(min(now + backoff, stale_at))
+        self._schedule_next_poll(min(now + backoff(self._interval, self._failures), stale_at))
 
     def _stale_in(self) -> float:
         """Seconds of the clock until a failing job is cancelled locally (inf: never)."""
@@ -312,15 +358,11 @@ class Checkpoint(functools.partial[None]):
         """Re-read the row now and return its status (``cancelled`` when it was deleted).
 
         Observes a cancellation (flag, callbacks) but does not raise :class:`Cancelled`;
-        database errors propagate.
+        database errors propagate (and count as a failed poll: the next one backs off).
         """
-        try:
-            status, reason = self._source._poll_row(self.job_id)
-        except Exception:
-            self._health.failed(self.job_id)
-            raise
-        self._health.succeeded()
-        return self._apply_row(status, reason)
+        rows = poll_step(self._source._poll_rows, self._health, (self,))
+        row = rows.get(self.job_id)
+        return Status.CANCELLED if row is None else row[0]
 
     def _apply_row(self, status: Status | None, text: str | None) -> Status:
         """Take in a freshly read row and schedule the next poll.
@@ -364,9 +406,12 @@ class Checkpoint(functools.partial[None]):
     def on_cancel(self, fn: Callable[[], object]) -> CallbackHandle:
         """Run ``fn()`` once when cancellation is observed; at once if it already was.
 
-        Callbacks run in the thread that observes the cancellation: the worker's own
-        thread after a poll, or the thread calling ``jobs.cancel()`` in this process, so
-        they can close a socket the worker is blocked on. An exception in one callback
+        Callbacks run in the thread that observes the cancellation first: the worker's
+        own thread after a poll, the watcher's thread (its poll, or on PostgreSQL the
+        cancel's notification), or the thread calling ``jobs.cancel()`` in this process,
+        so they can close a socket the worker is blocked on. Either way they have run
+        when a ``jobs.cancel()`` of the job in this process returns. An exception in one
+        callback
         is logged and does not stop the others. Returns a handle whose ``remove()`` (or
         ``with`` block) unregisters ``fn``.
         """
@@ -420,6 +465,7 @@ class Checkpoint(functools.partial[None]):
         ``max_staleness``); the row is then told when the job stops. ``fenced``: the row
         left ``in_progress`` by another hand; it is not told anything.
         """
+        me = threading.current_thread()
         with self._lock:
             if not self._cancelled:
                 self._reason = reason
@@ -431,8 +477,48 @@ class Checkpoint(functools.partial[None]):
                 if self._flag is not None:
                     self._flag.clear()
             callbacks, self._callbacks = self._callbacks, None
-        for handle in callbacks or ():
-            _run_callback(self.job_id, handle)
+            calling = self._calling
+            if callbacks:
+                calling = self._calling = (me, threading.Event())
+        if not callbacks:
+            # Observed first in another thread: its callbacks are done before this
+            # observer (a jobs.cancel(), say) goes on, unless they are what called it.
+            if calling is not None and calling[0] is not me:
+                calling[1].wait()
+            return
+        try:
+            for handle in callbacks:
+                _run_callback(self.job_id, handle)
+        finally:
+            assert calling is not None
+            calling[1].set()
+
+    # -- the interface of Jobs, JobRun and the watcher ---------------------------------
+
+    @property
+    def _decided_here(self) -> bool:
+        """True when the cancel was decided in this process (``max_staleness``), not
+        read from the database: the row is told when the job stops."""
+        return self._local
+
+    def _seen_at(self) -> dt.datetime | None:
+        """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced
+        job, which was not cancelled but taken away by another hand."""
+        return None if self._fenced else self._observed_at
+
+    def _ended(self) -> None:
+        """The job's run() has recorded how it ended: wake those waiting for it."""
+        self._stopped.set()
+
+    def _wait_ended(self, timeout: float) -> bool:
+        """Block until the job's run() has recorded how it ended, at most ``timeout``
+        seconds; True when it has."""
+        return self._stopped.wait(timeout)
+
+    def _watcher(self) -> Any:
+        """The watcher thread of this checkpoint's table in this process (a
+        :class:`dbcancel._watcher.Watcher`), created on first use."""
+        return self._source._watcher()
 
     def _remove_callback(self, handle: CallbackHandle) -> None:
         with self._lock:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
 import logging
 import math
@@ -62,16 +61,22 @@ def check_options(
     seconds = _check_seconds("interval", interval)
     if clock is not None and not callable(clock):
         raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
-    if not isinstance(watch, bool):
-        raise TypeError(f"watch must be True or False, got {watch!r}")
+    if watch is not None and not isinstance(watch, bool):
+        raise TypeError(f"watch must be None, True or False, got {watch!r}")
     if watch and clock is not None:
         raise ValueError(
             "Jobs(watch=True) polls from a background thread on real time; a custom "
-            "clock applies only to watch=False (use watch=False in tests that drive "
-            "the clock)"
+            "clock applies only to watch=False (use watch=False, or leave watch out, in "
+            "tests that drive the clock)"
         )
     staleness = None if max_staleness is None else _check_seconds("max_staleness", max_staleness)
     return seconds, staleness
+
+
+def watched_mode(watch: bool | None, clock: Callable[[], float] | None) -> bool:
+    """The mode ``watch`` stands for: None is watched unless a custom clock is given
+    (a clock the caller drives cannot drive a background thread)."""
+    return clock is None if watch is None else watch
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +131,14 @@ class Jobs:
     of a running job's row. Every status change is one conditional UPDATE, committed
     before the method returns.
 
-    ``watch=True``: one background watcher per process and table polls every running job
-    of the table in one statement per interval (stamping their ``heartbeat_at``), listens
-    for cancel notifications on PostgreSQL, and ``cp()`` only reads a flag. ``watch``
-    polls on real time, so it takes no custom ``clock``. ``max_staleness``: seconds
+    The watched mode (the default): one background watcher per process and table polls
+    every running job of the table in one statement per interval, listens for cancel
+    notifications on PostgreSQL (with psycopg 3; other drivers are polled), and ``cp()``
+    only reads a flag. It polls on real time, so a custom ``clock`` makes the default
+    threadless. ``watch=False``, the threadless mode: each ``cp()`` reads the clock and
+    polls its own row when a poll is due (for tests driven by a fake clock, and servers
+    that forbid threads). ``watch=True`` insists on the watched mode: it refuses a custom
+    clock, and a PostgreSQL engine it cannot listen through. ``max_staleness``: seconds
     without a successful poll after which a running job is cancelled locally (fail
     closed); by default a database outage never stops a job (fail open).
     """
@@ -141,7 +150,7 @@ class Jobs:
         *,
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
-        watch: bool = False,
+        watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
@@ -196,7 +205,7 @@ class Jobs:
         *,
         interval: float,
         clock: Callable[[], float] | None,
-        watch: bool,
+        watch: bool | None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
@@ -208,7 +217,7 @@ class Jobs:
         self._heartbeat_period = _check_seconds("heartbeat", heartbeat)
         if watch:
             backend.listener()  # refuses a PostgreSQL engine it could not listen through
-        self._watch = watch
+        self._watch = watched_mode(watch, clock)
         self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._backend = backend
         self._health = health_for(backend.key, backend.label)
@@ -222,7 +231,8 @@ class Jobs:
 
     @property
     def watch(self) -> bool:
-        """True when a shared background watcher polls the running jobs."""
+        """The mode in effect: True when a shared background watcher polls the running
+        jobs (the default), False when each checkpoint polls its own row."""
         return self._watch
 
     @property
@@ -242,7 +252,7 @@ class Jobs:
         return self._backend.model_name
 
     def __repr__(self) -> str:
-        watch = " watch=True" if self._watch else ""
+        watch = "" if self._watch else " watch=False"
         return f"<Jobs {self.model_name} interval={self._interval}{watch}>"
 
     # -- requesting -------------------------------------------------------------------
@@ -329,7 +339,7 @@ class Jobs:
             local = registry.checkpoints(b.key, job_id)
             if local:
                 # Running here: its run() sets this event after recording how it ended.
-                local[0]._stopped.wait(min(remaining, self._interval))
+                local[0]._wait_ended(min(remaining, self._interval))
             else:
                 time.sleep(min(remaining, delay))
                 delay = min(delay * 2, self._interval)
@@ -421,14 +431,9 @@ class Jobs:
         return (None, None) if row is None else (row.status, row_text(row))
 
     def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]:
-        """The status and cancel reason of those jobs that still exist, in one query.
-
-        Called by the asyncio poller from an executor thread, which then releases.
-        """
-        try:
-            rows = self._backend.read_many(job_ids)
-        finally:
-            self._backend.release()
+        """The status and row text of those jobs that still exist, in one query: what
+        a threadless checkpoint's poll reads, in the worker's thread."""
+        rows = self._backend.read_many(job_ids)
         return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
@@ -533,11 +538,11 @@ class Jobs:
             # deleted meanwhile, or fenced (reaped, changed by hand). Never completed
             # after any of those; the checkpoint takes note of which it was.
             cp._apply_row(*self._poll_row(job_id))
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
             return False
         if own_cancel:
             assert isinstance(exc, Cancelled)
-            if cp._local:
+            if cp._decided_here:
                 self._finish_local_cancel(cp)
                 return True
             if not cp.cancelled:
@@ -545,11 +550,11 @@ class Jobs:
                 reason = cut_reason(exc.reason)
                 b.apply(cancel_change(reason), job_id=job_id)
                 cp._observe(reason)
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
             return True
         text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not b.apply(fail_change(text), job_id=job_id):
-            b.mark_stopped(job_id, _cancel_seen_at(cp))
+            b.mark_stopped(job_id, cp._seen_at())
         return False
 
     def _finish_local_cancel(self, cp: Checkpoint) -> None:
@@ -562,7 +567,7 @@ class Jobs:
         b = self._backend
         try:
             b.apply(cancel_change(cp.reason), job_id=cp.job_id)
-            b.mark_stopped(cp.job_id, _cancel_seen_at(cp))
+            b.mark_stopped(cp.job_id, cp._seen_at())
         except Exception:
             log.error(
                 "dbcancel: %s %r stopped after %s, but its row could not be updated; "
@@ -573,12 +578,6 @@ class Jobs:
                 Status.IN_PROGRESS.value,
                 exc_info=True,
             )
-
-
-def _cancel_seen_at(cp: Checkpoint) -> dt.datetime | None:
-    """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced job,
-    which was not cancelled but taken away by another hand."""
-    return None if cp._fenced else cp.observed_at
 
 
 def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
@@ -629,7 +628,7 @@ class JobRun:
         _pop(self._cp)
         self._unwatch()
         registry.remove(self._jobs._backend.key, self._entry)
-        self._cp._stopped.set()
+        self._cp._ended()
 
     def __enter__(self) -> Checkpoint:
         if self._cp is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["FakeClock"]
+__all__ = ["FakeClock", "close_watchers"]
 
 
 class FakeClock:
@@ -33,3 +33,29 @@ class FakeClock:
         with self._lock:
             self._now += seconds
             return self._now
+
+
+def close_watchers(timeout: float = 10.0) -> None:
+    """Make the idle watcher threads of this process close their database connections now.
+
+    A watcher thread (the default, watched mode) keeps its connection to the database,
+    and on PostgreSQL a LISTEN connection, open for a few seconds after its last job
+    ends. A test suite that drops its test database right after the last test (Django's
+    test runner and pytest-django on PostgreSQL do) calls this first, once no job runs::
+
+        @pytest.fixture(scope="session", autouse=True)
+        def _dbcancel_watchers_closed(django_db_setup):
+            yield
+            dbcancel.testing.close_watchers()
+
+    The next watched job reopens them. Raises :class:`TimeoutError` when a watcher still
+    has running jobs, or has not closed them within ``timeout`` seconds.
+    """
+    from ._watcher import close_idle_watchers
+
+    busy = close_idle_watchers(timeout)
+    if busy:
+        raise TimeoutError(
+            f"the watcher(s) of {', '.join(busy)} did not close their connections within "
+            f"{timeout}s: jobs of those tables still run in this process; let them end first"
+        )

@@ -116,7 +116,7 @@ class DBCancel:
         engine: Any = None,
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
-        watch: bool = False,
+        watch: bool | None = None,
         max_staleness: float | None = None,
     ) -> None:
         if (db is None) == (engine is None):
@@ -146,7 +146,9 @@ class DBCancel:
         self.max_staleness = max_staleness
         """Seconds without a successful poll before jobs are cancelled locally, or None."""
         self.watch = watch
-        """True for one shared watcher per process (see :class:`dbcancel.Jobs`)."""
+        """The ``watch`` option given to :class:`dbcancel.Jobs`: None (the default) for
+        the watched mode unless a ``clock`` is given, True or False to insist; the app's
+        ``jobs.watch`` says which mode is in effect."""
         self.clock = clock
         """The clock given to :class:`dbcancel.Jobs`; None for :func:`time.monotonic`."""
         self._app = app

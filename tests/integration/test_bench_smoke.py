@@ -20,7 +20,12 @@ CASES = [
     pytest.param(
         "bench_core.py",
         "core",
-        ("(a) `cp()` per call", "(b) naive re-read", "(c) cancel latency p95"),
+        (
+            "(a) default-mode `cp()`",
+            "(a) threadless `cp()`",
+            "(b) naive re-read",
+            "(c) cancel latency p95",
+        ),
         150,
         id="core",
     ),

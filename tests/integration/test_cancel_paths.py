@@ -262,8 +262,9 @@ def test_cancel_reaches_a_worker_in_another_process(db, spawn):
     assert jobs.wait(job, timeout=5) is Status.CANCELLED
 
 
-def test_cancel_from_another_process_reaches_a_worker_here(db, workers, spawn):
-    jobs = db.jobs()
+@pytest.mark.parametrize("watch", [False, None], ids=["threadless", "default"])
+def test_cancel_from_another_process_reaches_a_worker_here(db, workers, spawn, watch):
+    jobs = db.jobs(watch=watch)
     job = db.add()
     w = workers(jobs, job)
     seen: dict[str, Any] = {}
@@ -277,8 +278,12 @@ def test_cancel_from_another_process_reaches_a_worker_here(db, workers, spawn):
     assert w.raised is not None
     assert w.raised.reason == "from the child"
     assert w.cp.reason == "from the child"
-    # Observed by the worker's own poll, so its callbacks ran in the worker's thread.
-    assert seen["callback thread"] is w.thread
+    if watch is False:
+        # Observed by the worker's own poll, so its callbacks ran in the worker's thread.
+        assert seen["callback thread"] is w.thread
+    else:
+        # Observed by the watcher (its poll or, on PostgreSQL, the notification).
+        assert seen["callback thread"].name.startswith("dbcancel-watcher")
     assert child.proc.wait(MARGIN) == 0, child.stderr()
     row = read_row(db, job)
     assert row["status"] is Status.CANCELLED
@@ -289,7 +294,9 @@ def test_cancel_from_another_process_reaches_a_worker_here(db, workers, spawn):
 
 
 def test_cancel_where_cancels_only_matching_unfinished_jobs(db):
-    jobs = db.jobs(interval=3600)  # no poll can explain what the checkpoint sees
+    # Threadless: no poll can explain what the checkpoint sees, and no watcher can take
+    # the cancel's notification before cancel_where() does.
+    jobs = db.jobs(interval=3600, watch=False)
     pending = db.add(user_id="alice", session_id="s1")
     running = db.add(user_id="alice", session_id="s1")
     other_session = db.add(user_id="alice", session_id="s2")
@@ -339,6 +346,24 @@ def test_callbacks_run_once(db):
             cp()
         assert calls == ["a", "b"]
     assert calls == ["a", "b"]
+
+
+def test_a_local_cancel_waits_for_callbacks_the_watcher_runs(db):
+    """Watched: whichever thread observes the cancel first (the cancelling one, or the
+    watcher with the cancel's notification on PostgreSQL) runs the callbacks, and
+    cancel() returns only once they have run."""
+    jobs = db.jobs(interval=3600, watch=True)
+    job = db.add()
+    ran = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.05)  # the work of a callback, not a synchronisation
+        ran.set()
+
+    with jobs.run(job) as cp:
+        cp.on_cancel(slow)
+        assert jobs.cancel(job) is True
+        assert ran.is_set()
 
 
 def test_callback_registered_after_cancel_runs_at_once(db):
@@ -418,8 +443,10 @@ def test_callback_inside_its_with_block_runs(db):
 
 def test_local_cancel_closes_the_socket_a_worker_is_blocked_on(db):
     """The callback runs in the cancelling thread before cancel() returns; it shuts the
-    socket down, which wakes the worker blocked in recv()."""
-    jobs = db.jobs(interval=3600)  # only the callback can wake the worker in time
+    socket down, which wakes the worker blocked in recv(). Threadless: a watcher may take
+    the cancel's notification first, and run the callback in its own thread (see
+    test_a_local_cancel_waits_for_callbacks_the_watcher_runs)."""
+    jobs = db.jobs(interval=3600, watch=False)  # only the callback can wake the worker in time
     job = db.add()
     ours, theirs = socket.socketpair()
     ready = threading.Event()
@@ -774,8 +801,9 @@ def test_results_of_a_job_cancelled_here_roll_back(db):
 
 def test_results_of_a_job_cancelled_elsewhere_roll_back(db, spawn):
     """The cancel comes from another process: only the UPDATE inside the worker's own
-    transaction can notice it (no poll is due, no local flag was flipped)."""
-    jobs = db.jobs(interval=3600)
+    transaction can notice it (no poll is due, no local flag was flipped). Threadless:
+    a watcher would take the cancel's notification on PostgreSQL."""
+    jobs = db.jobs(interval=3600, watch=False)
     job = db.add()
     reached: list[str] = []
     with jobs.run(job) as cp:

@@ -32,7 +32,7 @@ from sqlalchemy.pool import NullPool
 
 from dbcancel import Cancelled, Jobs, Status
 from dbcancel._liveness import worker_id
-from dbcancel._watcher import _watchers, existing_watcher
+from dbcancel._watcher import existing_watcher
 from dbcancel.backend import cancel_payload
 from dbcancel.models import worker_table
 from tests.models import Analysis, Base
@@ -65,11 +65,18 @@ BACKEND_NAMES = {"sqlite": "sqlite", "postgresql": "postgresql", "mariadb": "mys
 
 
 def watcher_threads(db: Any) -> list[threading.Thread]:
-    """The watcher threads of the test table in this database (one per table), leaving
-    out those of other engines' URLs (other tests' watchers of the same table name)."""
+    """The watcher threads of the test table in this database (one per table), told by
+    the key of the watcher they run: other tests' watchers of the same model name (on
+    other URLs, or kept by a copy of dbcancel that an inline pytester run imported) have
+    threads of the same name."""
     name = f"dbcancel-watcher[Analysis@{BACKEND_NAMES[db.name]}]"
-    others = {w._thread for key, w in _watchers.items() if key[1] != db_key_url(db)}
-    return [t for t in threading.enumerate() if t.name == name and t not in others]
+    ours = ("sqlalchemy", db_key_url(db), TABLE.fullname)
+
+    def key_of(thread: threading.Thread) -> Any:
+        watcher = getattr(getattr(thread, "_target", None), "__self__", None)
+        return getattr(getattr(watcher, "_backend", None), "key", None)
+
+    return [t for t in threading.enumerate() if t.name == name and key_of(t) == ours]
 
 
 def db_key_url(db: Any) -> str:
@@ -260,7 +267,7 @@ def test_stats_count_polls_and_show_the_watcher(db):
 def test_watch_refuses_a_custom_clock(db):
     with pytest.raises(ValueError, match="real time"):
         db.jobs(watch=True, clock=time.monotonic)
-    with pytest.raises(TypeError, match="watch must be True or False"):
+    with pytest.raises(TypeError, match="watch must be None, True or False"):
         db.jobs(watch="yes")
 
 

@@ -1,8 +1,9 @@
 """The checkpoint's logic on its own: no database, a fake of the library's own seam.
 
-``Checkpoint`` talks to whatever created it through two methods (``_Source`` in
-``dbcancel/checkpoint.py``): ``_poll_row(job_id)`` and ``_complete_in(job_id, using)``.
-``FakeSource`` implements exactly those, so these tests pin down throttling, stickiness,
+``Checkpoint`` talks to whatever created it through ``_Source`` in
+``dbcancel/checkpoint.py``: ``_poll_rows(job_ids)`` (its poll, a batch of one),
+``_complete_in(job_id, using)`` and ``_watcher()``. ``FakeSource`` implements the first
+two (no watcher: these checkpoints are threadless), so these tests pin down throttling, stickiness,
 callbacks, error handling and thread safety without any SQL.
 """
 
@@ -41,8 +42,8 @@ class FakeSource:
         self.polling: threading.Event | None = None
         self.release: threading.Event | None = None
 
-    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
-        assert job_id == JOB
+    def _poll_rows(self, job_ids: Any) -> dict[Any, tuple[Status, str | None]]:
+        assert set(job_ids) == {JOB}
         self.polls += 1
         # The row is read before the hold: whatever happens meanwhile, the answer is stale.
         answer = (self.status, self.reason)
@@ -51,7 +52,8 @@ class FakeSource:
             assert self.release.wait(10), "the test never released the held poll"
         if self.error is not None:
             raise self.error
-        return answer
+        status, reason = answer
+        return {} if status is None else {JOB: (status, reason)}
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
         assert job_id == JOB

@@ -89,7 +89,7 @@ def test_failing_polls_back_off_up_to_the_cap():
 def test_backoff_never_oversleeps_a_max_staleness_deadline():
     watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
     cp = watched(1, max_staleness=2.0)
-    watcher._watched.add(cp)
+    watcher._watched[cp] = 1
     watcher._failures = 10
     assert watcher._next_delay(1.0) <= 2.0
 
@@ -98,7 +98,7 @@ def test_one_batch_for_all_jobs_and_rows_reach_their_checkpoints():
     backend = FakeBackend()
     watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
     cps = [watched(i) for i in range(100)]
-    watcher._watched.update(cps)
+    watcher._watched.update(dict.fromkeys(cps, 1))
     backend.rows = {i: JobRow(Status.IN_PROGRESS, None, None) for i in range(100)}
     backend.rows[7] = JobRow(Status.CANCELLED, "stop", None)
     del backend.rows[9]  # deleted
@@ -112,7 +112,7 @@ def test_a_job_that_left_during_the_poll_gets_nothing():
     backend = FakeBackend()
     watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
     cp = watched(1)
-    watcher._watched.add(cp)
+    watcher._watched[cp] = 1
 
     def read_many(job_ids: Any) -> dict[Any, JobRow]:
         watcher.remove(cp)  # the job ends, and its row is deleted, while the poll runs
@@ -128,7 +128,7 @@ def test_a_failed_batch_counts_once_and_cancels_stale_jobs(caplog):
     health = Health("t")
     watcher = Watcher(backend, health)  # type: ignore[arg-type]
     fresh, stale = watched(1), watched(2, max_staleness=1e-9)
-    watcher._watched.update([fresh, stale])
+    watcher._watched.update(dict.fromkeys([fresh, stale], 1))
     backend.error = ConnectionError("down")
     caplog.set_level(logging.WARNING, logger="dbcancel")
     watcher._poll()
@@ -153,7 +153,7 @@ def test_notifications_that_ask_for_a_poll(payloads):
     """``*`` (cancel_where) and a bare or garbled id of a watched job: poll, cancel nothing."""
     watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
     five, six = watched(5), watched(6)
-    watcher._watched.update([five, six])
+    watcher._watched.update(dict.fromkeys([five, six], 1))
     if payloads == ['["5"']:
         payloads = ['["5"', cancel_payload(7, "not ours")]
         assert not watcher._take_notifications(payloads)  # garbled, and not about 5
@@ -169,8 +169,43 @@ def test_a_notification_naming_the_job_cancels_it_without_a_poll():
     backend = FakeBackend()
     watcher = Watcher(backend, Health("t"))  # type: ignore[arg-type]
     five, six = watched(5), watched(6)
-    watcher._watched.update([five, six])
+    watcher._watched.update(dict.fromkeys([five, six], 1))
     assert not watcher._take_notifications([cancel_payload(5, "user left")])
     assert (five.cancelled, five.reason) == (True, "user left")
     assert not six.cancelled
     assert backend.batches == []
+
+
+class NoListenBackend(FakeBackend):
+    """A PostgreSQL engine whose driver cannot LISTEN: its listener() refuses."""
+
+    def listener(self) -> None:
+        raise TypeError("this driver cannot listen")
+
+
+def test_a_backend_that_cannot_listen_is_polled_without_a_listener():
+    watcher = Watcher(NoListenBackend(), Health("t"))  # type: ignore[arg-type]
+    assert watcher._listener is None
+    assert watcher.listening is False
+
+
+def test_the_threadless_and_watched_polls_share_one_backoff_rule():
+    from dbcancel.checkpoint import backoff
+
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    for failures in range(1, 8):
+        watcher._failures = failures
+        assert watcher._next_delay(0.5) == backoff(0.5, failures)
+
+
+def test_a_job_with_a_shorter_interval_cuts_the_planned_wait():
+    watcher = Watcher(FakeBackend(), Health("t"))  # type: ignore[arg-type]
+    long = Checkpoint(None, 1, interval=60.0, clock=time.monotonic, watched=True)  # type: ignore[arg-type]
+    short = Checkpoint(None, 2, interval=0.05, clock=time.monotonic, watched=True)  # type: ignore[arg-type]
+    watcher._watched[long] = 1
+    assert watcher._wait_for_jobs() == 60.0
+    watcher._watched[short] = 1
+    watcher._shorter = True  # what add() sets for a shorter interval than the plan's
+    started = time.monotonic()
+    watcher._wait(60.0)
+    assert time.monotonic() - started < 5.0  # cut to about 0.05 s, bound generous

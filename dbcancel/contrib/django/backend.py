@@ -33,6 +33,7 @@ from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
+from dbcancel._pg import channel_name
 from dbcancel.backend import (
     RETRIES,
     Change,
@@ -40,6 +41,7 @@ from dbcancel.backend import (
     FilterRule,
     JobRow,
     Listener,
+    cancel_payload,
     check_filter_keys,
     check_id_type,
     is_transient_error,
@@ -209,6 +211,8 @@ class DjangoBackend:
         }
         self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
+        self.channel = channel_name(meta.db_table)
+        self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
         if connections[using].vendor == "mysql":
             self._hint = _force_primary(connections[using].ops.quote_name(meta.db_table))
@@ -290,9 +294,21 @@ class DjangoBackend:
             qs = qs.filter(pk=job_id)
         qs = self._filtered(qs, filters)
 
+        notify = None
+        if self._postgresql and change.to is Status.CANCELLED and using is None:
+            # As on the SQLAlchemy side: same channel, same payload, sent in the
+            # transaction of the change and only when it changed a row, so that the
+            # watchers of both ORMs take it as the row itself.
+            reason = change.values.get("cancel_reason")
+            notify = "*" if job_id is None else cancel_payload(job_id, reason)
+
         def update() -> int:
             with self._hinted(job_id is not None):
-                return int(qs.update(**updates))
+                count = int(qs.update(**updates))
+            if notify is not None and count:
+                with connections[self.alias].cursor() as cursor:
+                    cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, notify])
+            return count
 
         if using is not None:
             self._check_caller_transaction(using)
@@ -432,8 +448,31 @@ class DjangoBackend:
         return now
 
     def listener(self) -> Listener | None:
-        """None: Django job tables get no push notifications; the watcher polls them."""
-        return None
+        """A listener for this table's cancel notifications (PostgreSQL), else None.
+
+        Its connection is opened with the alias's own parameters, through psycopg 3,
+        outside Django's connection handling (the watcher owns it); refuses Django's
+        psycopg2 backend, which cannot be waited on in the same way.
+        """
+        if not self._postgresql:
+            return None
+        connection = connections[self.alias]
+        if getattr(connection.Database, "__name__", "") != "psycopg":
+            raise TypeError(
+                f"DjangoJobs(watch=True) on PostgreSQL listens for cancels through "
+                f"psycopg 3, but database {self.alias!r} uses "
+                f"{getattr(connection.Database, '__name__', '?')}; pip install "
+                "'psycopg[binary]' (Django prefers it to psycopg2), or leave watch out "
+                "to poll without listening"
+            )
+        from dbcancel._pg import PgListener
+
+        def connect() -> Any:
+            import psycopg
+
+            return psycopg.connect(**connection.get_connection_params())
+
+        return PgListener(connect, self.channel)
 
     # -- connections ------------------------------------------------------------------
 

@@ -32,9 +32,13 @@ class DjangoJobs(Jobs):
     ``model`` is a concrete subclass of
     :class:`~dbcancel.contrib.django.models.CancellableModel` (or any model with its
     fields), or its ``"app_label.ModelName"``; ``using`` the database alias;
-    ``max_staleness`` as for :class:`Jobs`. There is no ``watch``: each checkpoint polls
-    its own row (a watcher thread would hold Django connections outside any request);
-    ``reap()`` and ``stats()`` work as for :class:`Jobs`. Every status
+    ``watch``, ``clock`` and ``max_staleness`` as for :class:`Jobs`: by default one
+    watcher thread per process and table polls every running job in one query per
+    interval, through one Django connection of its own that it keeps (a dead one is
+    replaced at the next poll), and on PostgreSQL with psycopg 3 it LISTENs for cancels,
+    which are announced on the same channel as :class:`Jobs`' (a cancel through either
+    wakes the watchers of both). ``watch=False``: each checkpoint polls its own row, in
+    the worker's thread. ``reap()`` and ``stats()`` work as for :class:`Jobs`. Every status
     change is one conditional ``filter(...).update(...)`` committed in its own
     transaction before the method returns, so it refuses to run inside the caller's
     ``transaction.atomic()`` (``ATOMIC_REQUESTS`` included). ``where`` filters name
@@ -59,6 +63,7 @@ class DjangoJobs(Jobs):
         *,
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
+        watch: bool | None = None,
         using: str = DEFAULT_DB_ALIAS,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
@@ -67,7 +72,7 @@ class DjangoJobs(Jobs):
             DjangoBackend(model, using),
             interval=interval,
             clock=clock,
-            watch=False,
+            watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
         )
@@ -93,4 +98,7 @@ class DjangoJobs(Jobs):
         return self._django.alias
 
     def __repr__(self) -> str:
-        return f"<DjangoJobs {self.model_name} using={self.using!r} interval={self.interval}>"
+        watch = "" if self.watch else " watch=False"
+        return (
+            f"<DjangoJobs {self.model_name} using={self.using!r} interval={self.interval}{watch}>"
+        )

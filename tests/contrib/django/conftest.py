@@ -127,3 +127,14 @@ def threads() -> Iterator[Threads]:
     t = Threads()
     yield t
     t.join()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _watchers_closed(django_db_setup: Any) -> Iterator[None]:
+    """Watcher threads keep their connections open for a while after their last job;
+    pytest-django drops the test databases right after the last test, which PostgreSQL
+    refuses while a connection is open. Torn down before ``django_db_setup``."""
+    yield
+    import dbcancel.testing
+
+    dbcancel.testing.close_watchers()
