@@ -1,12 +1,12 @@
 """PostgreSQL push: a dedicated psycopg 3 connection that LISTENs for a table's cancels.
 
 A cancel on PostgreSQL (through :class:`dbcancel.Jobs` or ``DjangoJobs``) runs
-``pg_notify`` on the table's :func:`channel_name` in the transaction of the status
-change, so a notification arrives only once the cancel has committed, and a cancel
-through either ORM wakes the watchers of both. The watcher waits on this connection
-between its polls and polls at once when a notification names one of its jobs. Polling
-stays the safety net: a notification lost while this connection was down costs at most
-one interval.
+``pg_notify`` on the table's channel (:func:`channel_name`, named after its schema and
+table) in the transaction of the status change, so a notification arrives only once the
+cancel has committed, and a cancel through either ORM wakes the watchers of both. The
+watcher waits on this connection between its polls and polls at once when a notification
+names one of its jobs. Polling stays the safety net: a notification lost while this
+connection was down costs at most one interval.
 
 Nothing here imports SQLAlchemy or Django: each backend passes the step that opens its
 connection.
@@ -22,15 +22,51 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["PgListener", "channel_name", "connect_from_engine"]
+__all__ = ["Channel", "PgListener", "channel_name", "connect_from_engine"]
 
 
-def channel_name(table: str) -> str:
-    """The PostgreSQL notification channel of a table's cancels (at most 63 bytes)."""
-    name = f"dbcancel:{table}"
+_SCHEMA_OF_TABLE = (
+    "SELECT coalesce((SELECT relnamespace::regnamespace::text FROM pg_class "
+    "WHERE oid = to_regclass(%s)), current_schema())"
+)
+
+
+def channel_name(schema: str, table: str) -> str:
+    """The notification channel of the cancels of ``schema.table`` (at most 63 bytes).
+
+    Channels are per database, not per schema: the schema is part of the name so that
+    a cancel of job 7 in one schema never reaches a watcher of job 7 in another.
+    """
+    qualified = f"{schema}.{table}"
+    name = f"dbcancel:{qualified}"
     if len(name.encode()) <= 63:
         return name
-    return "dbcancel:" + hashlib.sha256(table.encode()).hexdigest()[:40]
+    return "dbcancel:" + hashlib.sha256(qualified.encode()).hexdigest()[:40]
+
+
+class Channel:
+    """The channel of one table, resolved on the database once and then remembered.
+
+    ``table`` is the table's bare name, ``reference`` the same name quoted as SQL (and
+    schema-qualified when the model names a schema). The schema is the one
+    ``reference`` resolves to on the connection's ``search_path`` (the current schema
+    while the table does not exist), asked of the database so that the SQLAlchemy and
+    the Django side, and the sender and the listener, agree on it.
+    """
+
+    __slots__ = ("_name", "reference", "table")
+
+    def __init__(self, table: str, reference: str) -> None:
+        self.table = table
+        self.reference = reference
+        self._name: str | None = None
+
+    def name(self, scalar: Callable[[str, list[str]], Any]) -> str:
+        """The channel's name; ``scalar(sql, params)`` runs one query (``%s`` style) on
+        an open connection and returns the first column of its row."""
+        if self._name is None:
+            self._name = channel_name(str(scalar(_SCHEMA_OF_TABLE, [self.reference])), self.table)
+        return self._name
 
 
 def connect_from_engine(engine: Engine) -> Callable[[], Any]:
@@ -54,7 +90,7 @@ class PgListener:
     the ``application_name`` it was opened with followed by ``dbcancel-listener``.
     """
 
-    def __init__(self, connect: Callable[[], Any], channel: str) -> None:
+    def __init__(self, connect: Callable[[], Any], channel: Channel) -> None:
         self._connect = connect
         self._channel = channel
         self._conn: Any = None
@@ -74,7 +110,10 @@ class PgListener:
                 "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
                 "false)"
             )
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            name = self._channel.name(
+                lambda query, params: conn.execute(query, params).fetchone()[0]
+            )
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
         except BaseException:
             with contextlib.suppress(Exception):
                 conn.close()

@@ -43,7 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
     ) from err
 
 from ._mixin import UTCDateTime, worker_table
-from ._pg import channel_name  # importable from here too, where it used to live
+from ._pg import Channel, channel_name
 from .backend import (
     RETRIES,
     Change,
@@ -241,7 +241,9 @@ class SQLAlchemyBackend:
         self._postgresql = dialect.name == "postgresql"
         self._autocommit_reads = self._postgresql
         self._update_returning = bool(dialect.update_returning)
-        self.channel = channel_name(self.table.fullname)
+        self._channel = Channel(
+            self.table.name, self.engine.dialect.identifier_preparer.format_table(self.table)
+        )
         self.label = f"{self.model_name}@{self.engine.url.get_backend_name()}"
         self.key: Hashable = (
             "sqlalchemy",
@@ -481,7 +483,18 @@ class SQLAlchemyBackend:
             )
         from ._pg import PgListener, connect_from_engine
 
-        return PgListener(connect_from_engine(self.engine), self.channel)
+        return PgListener(connect_from_engine(self.engine), self._channel)
+
+    @property
+    def channel(self) -> str:
+        """This table's PostgreSQL notification channel (asks the database once)."""
+        with self.engine.connect() as conn:
+            return self._channel_on(conn)
+
+    def _channel_on(self, conn: Connection) -> str:
+        return self._channel.name(
+            lambda query, params: conn.exec_driver_sql(query, tuple(params)).scalar_one()
+        )
 
     def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
         """Run one write in its own transaction (retried after a deadlock); the row count.
@@ -493,7 +506,7 @@ class SQLAlchemyBackend:
         def work(conn: Connection) -> int:
             count = int(conn.execute(stmt, params).rowcount)
             if notify is not None and count:
-                conn.execute(select(func.pg_notify(self.channel, notify)))
+                conn.execute(select(func.pg_notify(self._channel_on(conn), notify)))
             return count
 
         return self._transaction(work)

@@ -684,6 +684,41 @@ def test_cancel_notifies_in_its_transaction_and_only_when_it_changed_a_row(pg):
 
 
 @postgresql_only
+def test_a_cancel_in_another_schema_never_reaches_this_schemas_job(pg):
+    """Notification channels are per database, not per schema: the same table name in
+    two schemas must still get two channels, or a cancel of job 7 over there would flip
+    the watched job 7 here (a notification that names a job is trusted without a poll)."""
+    other = f"{make_url(pg.url).query['options'].split('=', 1)[1]}_other"
+    admin = create_engine(pg.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {other}"))
+    url = make_url(pg.url).update_query_dict({"options": f"-csearch_path={other}"})
+    engine = create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+        here, there = pg.jobs(interval=10.0), Jobs(engine, Analysis, interval=10.0)
+        assert here._backend.channel != there._backend.channel
+        job = pg.add()
+        with engine.begin() as conn:
+            conn.execute(Analysis.__table__.insert().values(id=job, status="pending"))
+        marker = pg.add()
+        with listening(pg, here._backend.channel) as conn, here.run(job) as cp:
+            assert there.cancel(job, reason="over there") is True
+            assert here.cancel(marker, reason="here") is True
+            # The marker's notification was sent after the other schema's: had that one
+            # come on this channel, it would be first.
+            assert payloads(conn, 2.0) == [cancel_payload(marker, "here")]
+            assert not cp.cancelled
+            cp()
+        assert pg.row(job).status is Status.COMPLETED
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {other} CASCADE"))
+        admin.dispose()
+
+
+@postgresql_only
 def test_notify_delivers_a_cancel_long_before_the_interval(pg, spawn):
     """Interval 10 s: only the notification can stop the worker within a second."""
     jobs = pg.jobs(interval=10.0)

@@ -33,7 +33,7 @@ from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
-from dbcancel._pg import channel_name
+from dbcancel._pg import Channel
 from dbcancel.backend import (
     RETRIES,
     Change,
@@ -211,7 +211,7 @@ class DjangoBackend:
         }
         self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
-        self.channel = channel_name(meta.db_table)
+        self._channel = Channel(meta.db_table, connection.ops.quote_name(meta.db_table))
         self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
         if connections[using].vendor == "mysql":
@@ -307,7 +307,8 @@ class DjangoBackend:
                 count = int(qs.update(**updates))
             if notify is not None and count:
                 with connections[self.alias].cursor() as cursor:
-                    cursor.execute("SELECT pg_notify(%s, %s)", [self.channel, notify])
+                    channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
+                    cursor.execute("SELECT pg_notify(%s, %s)", [channel, notify])
             return count
 
         if using is not None:
@@ -472,7 +473,13 @@ class DjangoBackend:
 
             return psycopg.connect(**connection.get_connection_params())
 
-        return PgListener(connect, self.channel)
+        return PgListener(connect, self._channel)
+
+    @property
+    def channel(self) -> str:
+        """This table's PostgreSQL notification channel (asks the database once)."""
+        with connections[self.alias].cursor() as cursor:
+            return self._channel.name(lambda q, p: _scalar(cursor, q, p))
 
     # -- connections ------------------------------------------------------------------
 
@@ -603,3 +610,8 @@ def _force_primary(quoted_table: str) -> Callable[..., Any]:
         return execute(sql, params, many, context)
 
     return wrapper
+
+
+def _scalar(cursor: Any, query: str, params: list[str]) -> Any:
+    cursor.execute(query, params)
+    return cursor.fetchone()[0]

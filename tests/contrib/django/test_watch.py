@@ -23,7 +23,6 @@ import pytest
 from django.db import connections
 
 from dbcancel import Cancelled, Jobs, Status
-from dbcancel._pg import channel_name
 from dbcancel.contrib.django import DjangoJobs
 
 from . import settings as test_settings
@@ -231,7 +230,8 @@ def test_a_cancel_notifies_on_the_tables_channel_only_when_it_changed_a_row(alia
 
     jobs = DjangoJobs(Analysis, interval=INTERVAL, using=alias)
     first, second = add(session_id="x"), add(session_id="x")
-    channel = channel_name(Analysis._meta.db_table)
+    channel = jobs._backend.channel
+    assert channel.startswith("dbcancel:") and channel.endswith(f".{Analysis._meta.db_table}")
     params = connections[alias].get_connection_params()
     with psycopg.connect(**params, autocommit=True) as conn:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
