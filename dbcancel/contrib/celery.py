@@ -70,6 +70,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 from sqlalchemy import Engine
 
 from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel._liveness import DEFAULT_HEARTBEAT
 
 __all__ = [
     "EXPIRED_REASON",
@@ -176,9 +177,9 @@ class CeleryJobs:
         model: Any,
         *,
         interval: float = 0.5,
-        watch: bool = False,
+        watch: bool | None = None,
         max_staleness: float | None = None,
-        heartbeat: float = 10.0,
+        heartbeat: float = DEFAULT_HEARTBEAT,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
         if not isinstance(engine, Engine):
