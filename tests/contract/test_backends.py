@@ -886,3 +886,51 @@ def test_reap_stops_the_jobs_of_dead_workers_only(backend):
     assert jobs.reap(60) == 0
     with pytest.raises(ValueError):
         jobs.reap(0)
+
+
+@pytest.mark.parametrize("watch", [False, True], ids=["threadless", "watched"])
+def test_live_jobs_are_never_reaped(backend, watch):
+    """Three jobs run for ten heartbeat periods while reap(3 periods) runs all along,
+    as an operator's cron job would: not one is touched, in either mode, on any
+    backend (only the process's one worker row beats, not the jobs)."""
+    period = 0.15
+    jobs = backend.jobs(heartbeat=period, watch=watch)
+    ids = [backend.add() for _ in range(3)]
+    running = threading.Barrier(len(ids) + 1)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(job: Any) -> None:
+        try:
+            with jobs.run(job) as cp:
+                running.wait(JOIN_TIMEOUT)
+                while not done.wait(0.01):
+                    cp()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            _close_thread_connections(backend)
+
+    threads = [threading.Thread(target=work, args=(job,), daemon=True) for job in ids]
+    for t in threads:
+        t.start()
+    running.wait(JOIN_TIMEOUT)
+    reaped = rounds = 0
+    deadline = time.monotonic() + 10 * period
+    while time.monotonic() < deadline:  # the span under test: reaps race the heartbeat
+        reaped += jobs.reap(3 * period)
+        rounds += 1
+    done.set()
+    for t in threads:
+        t.join(JOIN_TIMEOUT)
+        assert not t.is_alive()
+    assert errors == []
+    assert rounds > 10
+    assert reaped == 0
+    for job in ids:
+        row = backend.row(job)
+        assert (row["status"], row["error"], row["worker_id"]) == (
+            Status.COMPLETED,
+            None,
+            worker_id(),
+        )
