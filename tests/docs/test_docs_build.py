@@ -32,7 +32,9 @@ def test_the_docs_build_strictly(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:]
     reference = (tmp_path / "site" / "reference" / "index.html").read_text(encoding="utf-8")
     for name in (
-        "dbcancel.Jobs.cancel",
+        "dbcancel.Jobs.cancel",  # the client side, inherited
+        "dbcancel.Jobs.wait",
+        "dbcancel.Jobs.run",  # the worker side, inherited
         "dbcancel.Jobs.from_backend",
         "dbcancel.backend.Backend",
         "dbcancel.checkpoint.checkpoint",

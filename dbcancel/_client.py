@@ -1,0 +1,174 @@
+"""The client side of :class:`dbcancel.Jobs`: what any process does to a job's row.
+
+Cancel, look at and wait for jobs, and settle those whose worker is gone. Nothing here
+runs a job: a web process that only requests and cancels uses this side alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from numbers import Real
+from typing import Any
+
+from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
+from .errors import JobNotFound
+from .models import Status
+from .registry import registry
+
+__all__ = ["JobsClient", "check_seconds"]
+
+log = logging.getLogger("dbcancel")
+
+
+def check_seconds(name: str, value: Any) -> float:
+    """``value`` as a finite number of seconds > 0; TypeError or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return seconds
+
+
+class JobsClient:
+    """Requesting and recovery: the methods of :class:`dbcancel.Jobs` that change or read
+    a job's row from outside its worker (any thread, any process)."""
+
+    _backend: Backend
+    _interval: float
+
+    @property
+    def model_name(self) -> str:
+        """The name of the job model, as used in error messages."""
+        return self._backend.model_name
+
+    # -- requesting -------------------------------------------------------------------
+
+    def cancel(
+        self, job_id: Any, *, reason: str | None = None, where: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Cancel a pending or running job; durable when this returns.
+
+        Returns True when the job is cancelled, by this call or before; False when it had
+        already completed or failed (nothing changed). ``where`` maps columns to values
+        the row must also have (``{"user_id": uid}``): a row that does not match, or does
+        not exist, raises :class:`JobNotFound` and nothing changes. Checkpoints of the job
+        running in this process see the cancel at once and run their callbacks.
+        """
+        b = self._backend
+        b.check_id(job_id)
+        b.check_filters(where)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"reason must be a string or None, got {reason!r}")
+        reason = cut_reason(reason)
+        if not b.apply(cancel_change(reason), job_id=job_id, filters=where):
+            row = b.read(job_id, where)
+            if row is None:
+                raise JobNotFound(b.model_name, job_id, dict(where) if where else None)
+            if row.status is not Status.CANCELLED:
+                return False
+            reason = row.cancel_reason
+        for cp in registry.checkpoints(b.key, job_id):
+            cp._observe(reason)
+        return True
+
+    def cancel_where(self, **filters: Any) -> int:
+        """Cancel every pending or running job matching ``filters``; return how many.
+
+        ``jobs.cancel_where(user_id=uid, session_id=sid)``. At least one filter is
+        required, so that a forgotten argument cannot cancel the whole table.
+        """
+        b = self._backend
+        if not filters:
+            raise ValueError(
+                f"cancel_where() needs at least one column filter for {b.model_name}, "
+                "e.g. cancel_where(session_id=...); nothing was changed"
+            )
+        b.check_filters(filters)
+        count = b.apply(cancel_change(None), filters=filters)
+        local = registry.active(b.key)
+        if count and local:
+            rows = b.read_many({e.job_id for e in local})
+            for entry in local:
+                row = rows.get(entry.job_id)
+                if row is None or row.status is Status.CANCELLED:
+                    entry.checkpoint._observe(None if row is None else row.cancel_reason)
+        return count
+
+    def status(self, job_id: Any) -> Status:
+        """The job's current status, read from the database."""
+        self._backend.check_id(job_id)
+        return self._read(job_id).status
+
+    def wait(self, job_id: Any, timeout: float | None = None) -> Status:
+        """Block until the job has stopped (``finished_at`` set); return its final status.
+
+        Raises :class:`TimeoutError` when ``timeout`` seconds pass first and
+        :class:`JobNotFound` when the row does not exist. A job running in this process
+        is waited for without polling.
+        """
+        b = self._backend
+        b.check_id(job_id)
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            row = self._read(job_id)
+            if row.finished_at is not None:
+                return row.status
+            remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{b.model_name} {job_id!r} has not stopped after {timeout}s "
+                    f"(status {row.status.value!r})"
+                )
+            local = registry.checkpoints(b.key, job_id)
+            if local:
+                # Running here: its run() sets this event after recording how it ended.
+                local[0]._wait_ended(min(remaining, self._interval))
+            else:
+                time.sleep(min(remaining, delay))
+                delay = min(delay * 2, self._interval)
+
+    # -- recovery and observability ---------------------------------------------------
+
+    def reap(self, stale_after: float) -> int:
+        """Stop the jobs whose worker is gone; return how many.
+
+        A job's worker is gone when the job has not stopped (``finished_at`` null) and
+        the worker process's row has not beaten for ``stale_after`` seconds, or is
+        missing. Every process running jobs beats its row every ``heartbeat`` seconds,
+        in every way of running them (threads, ``async with``, ``watch=True``), and
+        both ages are measured on the database's clock, so a host whose clock is off
+        changes nothing. Choose ``stale_after`` as at least three heartbeat periods.
+
+        Jobs in progress become failed with the error ``"worker lost"``; cancelled jobs
+        whose worker never stopped stay cancelled. Both get ``finished_at``, so
+        :meth:`wait` and cancel-then-delete flows return. One conditional UPDATE. A
+        worker that was only stalled (stopped, swapped out) and comes back finds its
+        job no longer in progress: it stops at its next checkpoint and writes nothing.
+        Rows started by dbcancel 0.1 (no ``worker_id``) are judged by their own
+        ``heartbeat_at``, or ``started_at``.
+        """
+        seconds = check_seconds("stale_after", stale_after)
+        count = self._backend.reap(seconds, WORKER_LOST)
+        if count:
+            log.warning(
+                "dbcancel: reaped %d %s job(s) without a heartbeat for %gs",
+                count,
+                self.model_name,
+                seconds,
+            )
+        return count
+
+    # -- shared with the worker side --------------------------------------------------
+
+    def _read(self, job_id: Any, where: Mapping[str, Any] | None = None) -> JobRow:
+        row = self._backend.read(job_id, where)
+        if row is None:
+            raise JobNotFound(self._backend.model_name, job_id, dict(where) if where else None)
+        return row

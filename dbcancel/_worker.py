@@ -1,0 +1,317 @@
+"""The worker side of :class:`dbcancel.Jobs`: running a job and its checkpoint.
+
+``jobs.run()`` moves the job to in_progress, joins the process's heartbeat, hands the
+checkpoint to the watcher (in the watched mode), and records how the job ended. It
+builds on the client side only to read rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import Callable, Collection, Mapping
+from types import TracebackType
+from typing import Any
+
+from ._client import JobsClient
+from ._health import Health
+from ._liveness import heartbeat_for
+from ._watcher import Watcher, watcher_for
+from .backend import (
+    cancel_change,
+    complete_change,
+    cut_reason,
+    fail_change,
+    row_text,
+    start_change,
+    utcnow,
+)
+from .checkpoint import Checkpoint, _pop, _push
+from .errors import Cancelled, InvalidTransition
+from .models import Status
+from .registry import ActiveJob, registry
+
+__all__ = ["JobRun", "JobsWorker"]
+
+log = logging.getLogger("dbcancel")
+
+
+class JobsWorker(JobsClient):
+    """Running: the methods of :class:`dbcancel.Jobs` that a worker calls, and what its
+    checkpoints and :class:`JobRun` call back into."""
+
+    _clock: Callable[[], float]
+    _watch: bool
+    _max_staleness: float | None
+    _heartbeat_period: float
+    _health: Health
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
+        """Run a job: a context manager (``with`` or ``async with``) yielding its Checkpoint.
+
+        On enter: pending → in_progress. A job already cancelled yields a checkpoint
+        that is already cancelled; a missing row raises :class:`JobNotFound`; a job in
+        any other state raises :class:`InvalidTransition`. On exit: in_progress →
+        completed, unless it was cancelled meanwhile (then it stays cancelled); a
+        ``Cancelled`` of this job is swallowed; any other exception marks it failed and
+        propagates. Every exit of a run that started the job stamps ``finished_at``; a
+        run that found the job already cancelled writes nothing (its first worker, if
+        any, is the one that says when it has stopped).
+        """
+        self._backend.check_id(job_id)
+        self._backend.check_filters(where)
+        return JobRun(self, job_id, where)
+
+    def active(self) -> tuple[ActiveJob, ...]:
+        """The jobs of this table running in this process now."""
+        return registry.active(self._backend.key)
+
+    # -- used by checkpoints and JobRun -----------------------------------------------
+
+    def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
+        """The job's status and what the row says of it (see :func:`row_text`)."""
+        row = self._backend.read(job_id)
+        return (None, None) if row is None else (row.status, row_text(row))
+
+    def _poll_rows(self, job_ids: Collection[Any]) -> dict[Any, tuple[Status, str | None]]:
+        """The status and row text of those jobs that still exist, in one query: what
+        a threadless checkpoint's poll reads, in the worker's thread."""
+        rows = self._backend.read_many(job_ids)
+        return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
+
+    def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None:
+        if self._backend.apply(complete_change(), job_id=job_id, using=using):
+            return None
+        status, text = self._poll_row(job_id)
+        if status is Status.COMPLETED:  # by this worker, in an earlier transaction
+            raise InvalidTransition(self.model_name, job_id, status.value, status.value)
+        return status, text
+
+    def _start(
+        self, job_id: Any, where: Mapping[str, Any] | None, *, in_executor: bool = False
+    ) -> tuple[Checkpoint, bool]:
+        """Move the job to in_progress; return its checkpoint and whether this call did it.
+
+        The thread releases its hold on the database when the start fails (no exit will
+        follow) or runs in an executor (``async with``: the worker is elsewhere); a
+        synchronous worker keeps its connection for its polls.
+        """
+        entered = False
+        try:
+            result = self._start_job(job_id, where)
+            entered = True
+            return result
+        finally:
+            if in_executor or not entered:
+                self._backend.release()
+
+    def _start_job(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
+        b = self._backend
+        started, reason = True, None
+        # Before the job names this process as its worker, the process's row must be
+        # there and fresh; the job leaves the heartbeat once it has stopped.
+        heartbeat = heartbeat_for(b, b.label)
+        worker = heartbeat.join(self._heartbeat_period, b)
+        try:
+            if not b.apply(start_change(worker), job_id=job_id, filters=where):
+                started = False
+                row = self._read(job_id, where)
+                if row.status is not Status.CANCELLED:
+                    raise InvalidTransition(
+                        b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
+                    )
+                reason = row.cancel_reason
+        finally:
+            if not started:
+                heartbeat.leave(self._heartbeat_period)
+        cp = Checkpoint(
+            self,
+            job_id,
+            interval=self._interval,
+            clock=self._clock,
+            key=b.key,
+            cancelled=not started,
+            reason=reason,
+            watched=self._watch,
+            max_staleness=self._max_staleness,
+            health=self._health,
+        )
+        return cp, started
+
+    def _watcher(self) -> Watcher:
+        b = self._backend
+        return watcher_for(b.key, b, self._health)
+
+    def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
+        """Record how the job ended; True when ``exc`` is to be swallowed.
+
+        A run that found its job already cancelled (``started`` False) writes nothing: the
+        job may still have a worker elsewhere (a cancelled duplicate delivery), and only
+        that worker may say it has stopped. The thread then releases its hold on the
+        database: the run is over.
+        """
+        try:
+            return self._finish_job(cp, exc, started)
+        except Exception as err:
+            if started:
+                # The database refused twice (the write was retried on a fresh
+                # connection): say what the row now wrongly shows, and what settles it.
+                ended = "completed" if exc is None else type(exc).__name__
+                err.add_note(
+                    f"dbcancel: {self.model_name} {cp.job_id!r} ended ({ended}) but its "
+                    "row could not be updated; it shows the status it had before until "
+                    "jobs.reap() finds its heartbeat stale"
+                )
+            raise
+        finally:
+            if started:
+                heartbeat_for(self._backend, self._backend.label).leave(self._heartbeat_period)
+            self._backend.release()
+
+    def _finish_job(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
+        b = self._backend
+        job_id = cp.job_id
+        own_cancel = isinstance(exc, Cancelled) and _is_own(exc, cp, b.key)
+        if not started:
+            return own_cancel
+        if exc is None:
+            if b.apply(complete_change(), job_id=job_id):
+                return False
+            # Not in progress any more: completed through cp.complete(), cancelled or
+            # deleted meanwhile, or fenced (reaped, changed by hand). Never completed
+            # after any of those; the checkpoint takes note of which it was.
+            cp._apply_row(*self._poll_row(job_id))
+            b.mark_stopped(job_id, cp._seen_at())
+            return False
+        if own_cancel:
+            assert isinstance(exc, Cancelled)
+            if cp._decided_here:
+                self._finish_local_cancel(cp)
+                return True
+            if not cp.cancelled:
+                # Raised by the worker itself: make the row say so.
+                reason = cut_reason(exc.reason)
+                b.apply(cancel_change(reason), job_id=job_id)
+                cp._observe(reason)
+            b.mark_stopped(job_id, cp._seen_at())
+            return True
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not b.apply(fail_change(text), job_id=job_id):
+            b.mark_stopped(job_id, cp._seen_at())
+        return False
+
+    def _finish_local_cancel(self, cp: Checkpoint) -> None:
+        """Record a job cancelled in this process because its polls kept failing.
+
+        The database is probably still down: a write that fails is logged, not raised,
+        so the worker stops as asked; the row then stays in progress until
+        :meth:`reap` finds its heartbeat stale.
+        """
+        b = self._backend
+        try:
+            b.apply(cancel_change(cp.reason), job_id=cp.job_id)
+            b.mark_stopped(cp.job_id, cp._seen_at())
+        except Exception:
+            log.error(
+                "dbcancel: %s %r stopped after %s, but its row could not be updated; "
+                "it stays %r until jobs.reap() finds its heartbeat stale",
+                b.model_name,
+                cp.job_id,
+                cp.reason,
+                Status.IN_PROGRESS.value,
+                exc_info=True,
+            )
+
+
+def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
+    exc_key = getattr(exc, "_dbcancel_key", None)
+    return bool(exc.job_id == cp.job_id and (exc_key is None or exc_key == key))
+
+
+class JobRun:
+    """The context manager returned by :meth:`dbcancel.Jobs.run`; yields the job's Checkpoint.
+
+    Usable once, with ``with`` in a thread or process, or ``async with`` in a task (the
+    database round trips of enter and exit then run in a worker thread).
+    """
+
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_watcher", "_where")
+
+    def __init__(self, jobs: JobsWorker, job_id: Any, where: Mapping[str, Any] | None) -> None:
+        self._jobs = jobs
+        self._job_id = job_id
+        self._where = dict(where) if where else None
+        self._cp: Checkpoint | None = None
+        self._entry: ActiveJob | None = None
+        self._started = False
+        self._watcher: Watcher | None = None
+
+    def _enter(self, cp: Checkpoint, started: bool) -> Checkpoint:
+        self._cp = cp
+        self._started = started
+        self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
+        registry.add(self._jobs._backend.key, self._entry)
+        if cp.watched and started:
+            self._watcher = self._jobs._watcher()
+            self._watcher.add(cp)
+        _push(cp)
+        return cp
+
+    def _unwatch(self) -> None:
+        # Before the final write: once the job has stopped, the row may be deleted (the
+        # cancel-then-delete flow), and the watcher must not report that to a finished job.
+        if self._watcher is not None:
+            assert self._cp is not None
+            self._watcher.remove(self._cp)
+            self._watcher = None
+
+    def _leave(self) -> None:
+        assert self._cp is not None
+        assert self._entry is not None
+        _pop(self._cp)
+        self._unwatch()
+        registry.remove(self._jobs._backend.key, self._entry)
+        self._cp._ended()
+
+    def __enter__(self) -> Checkpoint:
+        if self._cp is not None:
+            raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
+        return self._enter(*self._jobs._start(self._job_id, self._where))
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._cp is not None
+        self._unwatch()
+        try:
+            return self._jobs._finish(self._cp, exc, self._started)
+        finally:
+            self._leave()
+
+    async def __aenter__(self) -> Checkpoint:
+        if self._cp is not None:
+            raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
+        cp, started = await asyncio.to_thread(
+            functools.partial(self._jobs._start, self._job_id, self._where, in_executor=True)
+        )
+        return self._enter(cp, started)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._cp is not None
+        self._unwatch()
+        try:
+            return await asyncio.to_thread(self._jobs._finish, self._cp, exc, self._started)
+        finally:
+            self._leave()
