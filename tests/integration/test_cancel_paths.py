@@ -822,6 +822,13 @@ def test_results_of_a_job_cancelled_elsewhere_roll_back(db, spawn):
     assert row["finished_at"] is not None
 
 
+# MariaDB refreshes its information_schema view of InnoDB transactions and lock waits at
+# most every 0.1 s, and only when it was not read in the last 0.1 s: polled every 10 ms,
+# it keeps showing what it showed when the polling began, and a lock wait that began
+# after that never appears.
+LOCK_VIEW_REFRESH = 0.2
+
+
 def _waits_on(db: Any, holder: Any) -> bool:
     """True when another transaction waits for a lock held by ``holder``'s connection."""
     with db.engine.connect() as conn:
@@ -880,7 +887,7 @@ def test_cancel_racing_an_open_completion(db):
                 else:
                     deadline = time.monotonic() + 10
                     while not _waits_on(db, holder) and time.monotonic() < deadline:
-                        time.sleep(0.01)
+                        time.sleep(LOCK_VIEW_REFRESH)
                     outcome["blocked"] = _waits_on(db, holder)
                 outcome["committing"] = time.monotonic()
         except BaseException as exc:
