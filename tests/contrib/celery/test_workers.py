@@ -481,3 +481,4 @@ def test_the_benchmark_runs(services: None, database: Database) -> None:
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stderr
     assert "| (a) `is_aborted()` ÷ `cp()`" in done.stdout, done.stdout + done.stderr
+    assert "| (c) NOTIFY p95 in Celery ÷ outside Celery" in done.stdout, done.stdout
