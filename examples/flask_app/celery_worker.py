@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from app import ANALYZE_TASK, Analysis, analyze_session, create_app, db, make_celery  # noqa: E402
+from app import ANALYZE_TASK, CELERY_KEY, Analysis, analyze_session, create_app, db  # noqa: E402
 
 from dbcancel import Checkpoint  # noqa: E402
 from dbcancel.contrib.celery import CeleryJobs  # noqa: E402
@@ -36,8 +36,9 @@ flask_app = create_app({"ANALYSIS_RUNNER": "celery"})
 """The Flask app whose config and database the tasks use (not served here)."""
 flask_app.config.from_prefixed_env()
 
-celery = make_celery(flask_app.config)
-"""The Celery app this worker runs (``-A celery_worker`` finds it by this name)."""
+celery = flask_app.extensions[CELERY_KEY]
+"""The Celery app this worker runs (``-A celery_worker`` finds it by this name): the one
+``create_app()`` made for celery mode, with the web app's broker and queue."""
 
 with flask_app.app_context():
     engine = db.engine
