@@ -130,14 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{HERE / 'instance' / 'flask_app.db'}"
     migrate(url)
     with running_server(delay=args.delay, port=port) as server:
-        app = create_app(
-            {
-                "SQLALCHEMY_DATABASE_URI": url,
-                "ANALYSIS_SERVER_URI": server.uri,
-                "FRAME_SIZE": 4096,
-                "ANALYSIS_RUNNER": "celery" if args.celery else "thread",
-            }
-        )
+        config: dict[str, Any] = {
+            "SQLALCHEMY_DATABASE_URI": url,
+            "ANALYSIS_SERVER_URI": server.uri,
+            "ANALYSIS_RUNNER": "celery" if args.celery else "thread",
+        }
+        if not args.celery:
+            # The worker of celery mode keeps its own FRAME_SIZE (the default, unless
+            # FLASK_FRAME_SIZE says otherwise): the demo sizes its uploads with the same.
+            config["FRAME_SIZE"] = 4096
+        app = create_app(config)
         with app.app_context():
             restored, purged = recover_uploads()
         if restored or purged:
