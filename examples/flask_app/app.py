@@ -5,8 +5,9 @@ there are no passwords: it is a demo):
 
 * ``POST /sessions`` creates a session; ``POST /sessions/<id>/files`` uploads files into it
   (multipart, field ``file``, repeatable); ``GET /sessions/<id>`` lists them.
-* ``POST /sessions/<id>/analysis`` starts an analysis in a background thread: every file of
-  the session is streamed, frame by frame, to the WebSocket analysis server
+* ``POST /sessions/<id>/analysis`` starts an analysis in a background thread of this
+  process, or on a Celery worker (``ANALYSIS_RUNNER=celery``, see ``celery_worker.py``):
+  every file of the session is streamed, frame by frame, to the WebSocket analysis server
   (``examples/analysis_server.py``) through :class:`dbcancel.media.MediaAnalysisService`.
   ``GET /analysis/<id>`` shows its status and results.
 * ``POST /video/delete`` with ``{"session_id": ...}`` deletes a session: it cancels the
@@ -116,6 +117,16 @@ file_opened = _signals.signal("file-opened")
 """Sent by the analysis worker right after it opened an uploaded file (``path=``)."""
 deletion_started = _signals.signal("deletion-started")
 """Sent just before a deletion removes anything (``session_id=`` or ``analysis_id=``)."""
+analysis_stopped = _signals.signal("analysis-stopped")
+"""Sent by the analysis worker when :func:`analyze_session` leaves, however it ends
+(``analysis_id=``): after its last file access, before its job's status is written."""
+
+ANALYZE_TASK = "flask_app.analyze_session"
+"""The name of the Celery task that runs :func:`analyze_session` (``celery_worker.py``)."""
+CELERY_KEY = "flask_app.celery"
+"""The key of the Celery app that sends analyses, in ``app.extensions`` (celery mode)."""
+RUNNERS = ("thread", "celery")
+"""The values of ``ANALYSIS_RUNNER``: where analyses run."""
 
 
 # -- the background job -------------------------------------------------------------------
@@ -130,10 +141,18 @@ def frames_of(stream: IO[bytes], frame_size: int) -> Iterator[bytes]:
 def analyze_session(cp: Checkpoint, *, view: str) -> None:
     """Stream every file of the analysis's session to the analysis server; store the results.
 
-    Runs in a thread started by ``analyses.submit()``, inside the app context and inside
-    ``analyses.jobs.run(analysis_id)``: ``Cancelled``, raised by ``cp()`` before each file
-    or by ``analyze()`` between and during frames, ends the job as ``cancelled``.
+    Runs inside the app context and inside ``jobs.run(analysis_id)``: in a thread started
+    by ``analyses.submit()``, or in the Celery task of ``celery_worker.py``. ``Cancelled``,
+    raised by ``cp()`` before each file or by ``analyze()`` between and during frames,
+    ends the job as ``cancelled``.
     """
+    try:
+        _analyze_files(cp, view=view)
+    finally:
+        analysis_stopped.send(current_app._get_current_object(), analysis_id=cp.job_id)
+
+
+def _analyze_files(cp: Checkpoint, *, view: str) -> None:
     config = current_app.config
     session_id = db.session.execute(
         select(Analysis.session_id).where(Analysis.id == cp.job_id)
@@ -327,8 +346,50 @@ def start_analysis(session_id: str) -> ResponseReturnValue:
         db.session.flush()
         analysis_id = analysis.id
     # Started once the row is committed: the worker's first query must find it.
-    analyses.submit(analysis_id, analyze_session, view=view)
+    if current_app.config["ANALYSIS_RUNNER"] == "celery":
+        _send_to_celery(analysis_id, view)
+    else:
+        analyses.submit(analysis_id, analyze_session, view=view)
     return {"id": analysis_id, "session_id": session_id, "status": "pending"}, 202
+
+
+def _send_to_celery(analysis_id: int, view: str) -> None:
+    """Queue the analysis for a Celery worker; 503 (and the job cancelled) if it cannot."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    config = current_app.config
+    try:
+        current_app.extensions[CELERY_KEY].send_task(
+            ANALYZE_TASK, args=[analysis_id, view], queue=config["CELERY_QUEUE"]
+        )
+    except Exception:
+        log.exception("queueing analysis %s failed", analysis_id)
+        # No worker will ever run it: cancel the row rather than leave it pending forever.
+        analyses.jobs.cancel(analysis_id, reason="could not be queued")
+        abort(
+            503,
+            f"analysis {analysis_id} could not be queued: the Celery broker "
+            f"{maybe_sanitize_url(config['CELERY_BROKER_URL'])} did not accept it; the analysis "
+            "is cancelled, start a new one once the broker is up",
+        )
+
+
+def make_celery(config: Any) -> Any:
+    """The Celery app of celery mode, for both sides: the web app sends with it
+    (:data:`ANALYZE_TASK` on ``CELERY_QUEUE``), ``celery_worker.py`` declares the task on it.
+
+    Broker ``CELERY_BROKER_URL``; no result backend: the job's row is the result.
+    """
+    from celery import Celery
+
+    celery = Celery("flask_app", broker=config["CELERY_BROKER_URL"])
+    celery.conf.update(
+        broker_connection_retry_on_startup=True,
+        task_default_queue=config["CELERY_QUEUE"],
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,  # an analysis is long: no worker hoards the queue
+    )
+    return celery
 
 
 @jwt_required()
@@ -512,8 +573,10 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     ``DATABASE_URL`` (default: SQLite in the instance folder), ``UPLOAD_FOLDER`` (default:
     ``uploads`` in the instance folder), ``JWT_SECRET_KEY`` (default: a random key per
     process), ``ANALYSIS_SERVER_URI`` (default ``ws://127.0.0.1:8765``)
-    and ``ANALYSIS_SERVER_TOKEN``. Create the tables with the Alembic chain in
-    ``migrations/`` (``run.py`` does) or with ``db.create_all()``.
+    and ``ANALYSIS_SERVER_TOKEN``; ``ANALYSIS_RUNNER`` (``thread``, the default, or
+    ``celery``), and in celery mode ``CELERY_BROKER_URL`` (default: RabbitMQ on loopback,
+    guest/guest) and ``CELERY_QUEUE`` (default ``analyses``). Create the tables with the
+    Alembic chain in ``migrations/`` (``run.py`` does) or with ``db.create_all()``.
     """
     app = Flask(__name__)
     app.config.from_mapping(
@@ -527,8 +590,21 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         ANALYSIS_VIEW="front",
         FRAME_SIZE=64 * 1024,  # bytes per frame sent to the analysis server
         STOP_TIMEOUT=10.0,  # seconds a deletion waits for the workers to stop
+        ANALYSIS_RUNNER=os.environ.get("ANALYSIS_RUNNER", "thread"),
+        CELERY_BROKER_URL=os.environ.get(
+            "CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"
+        ),
+        CELERY_QUEUE=os.environ.get("CELERY_QUEUE", "analyses"),
     )
     app.config.update(config or {})
+    if app.config["ANALYSIS_RUNNER"] not in RUNNERS:
+        raise ValueError(
+            f"ANALYSIS_RUNNER must be one of {', '.join(RUNNERS)}, got "
+            f"{app.config['ANALYSIS_RUNNER']!r}: thread runs analyses in this process, "
+            "celery on the workers of celery_worker.py"
+        )
+    if app.config["ANALYSIS_RUNNER"] == "celery":
+        app.extensions[CELERY_KEY] = make_celery(app.config)
     sqlite = str(app.config["SQLALCHEMY_DATABASE_URI"]).startswith("sqlite")
     if sqlite:
         # Requests and workers write to one file: wait for its lock rather than fail.

@@ -5,12 +5,16 @@
     python examples/flask_app/run.py                      # SQLite in examples/flask_app/instance
     DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1/test python examples/flask_app/run.py
     python examples/flask_app/run.py --demo               # a scripted walk through the API
+    python examples/flask_app/run.py --celery             # analyses on Celery workers
 
 It brings the database up to date with the Alembic chain in ``migrations/``, restores or
 purges upload folders left in the trash by an interrupted deletion, starts
 ``examples/analysis_server.py`` on a free loopback port and serves the API on
 http://127.0.0.1:5000 (``--port``). ``--demo`` instead runs the API end to end through
 Flask's test client: upload, analyse to completion, then delete a session mid-analysis.
+``--celery`` queues the analyses for ``celery_worker.py`` (RabbitMQ, ``CELERY_BROKER_URL``)
+instead of running them on threads of this process; the analysis server then listens on
+port 8765 (``--analysis-port``), where the worker's default ``ANALYSIS_SERVER_URI`` looks.
 """
 
 from __future__ import annotations
@@ -109,23 +113,44 @@ def main(argv: list[str] | None = None) -> int:
         "--delay", type=float, default=0.02, help="the analysis server's seconds per frame"
     )
     parser.add_argument("--demo", action="store_true", help="run the scripted walk and exit")
+    parser.add_argument(
+        "--celery",
+        action="store_true",
+        help="queue analyses for the Celery worker of celery_worker.py instead of threads",
+    )
+    parser.add_argument(
+        "--analysis-port",
+        type=int,
+        default=None,
+        help="the analysis server's port (default: a free one; 8765 with --celery)",
+    )
     args = parser.parse_args(argv)
+    port = args.analysis_port if args.analysis_port is not None else (8765 if args.celery else 0)
 
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{HERE / 'instance' / 'flask_app.db'}"
     migrate(url)
-    with running_server(delay=args.delay) as server:
-        app = create_app(
-            {
-                "SQLALCHEMY_DATABASE_URI": url,
-                "ANALYSIS_SERVER_URI": server.uri,
-                "FRAME_SIZE": 4096,
-            }
-        )
+    with running_server(delay=args.delay, port=port) as server:
+        config: dict[str, Any] = {
+            "SQLALCHEMY_DATABASE_URI": url,
+            "ANALYSIS_SERVER_URI": server.uri,
+            "ANALYSIS_RUNNER": "celery" if args.celery else "thread",
+        }
+        if not args.celery:
+            # The worker of celery mode keeps its own FRAME_SIZE (the default, unless
+            # FLASK_FRAME_SIZE says otherwise): the demo sizes its uploads with the same.
+            config["FRAME_SIZE"] = 4096
+        app = create_app(config)
         with app.app_context():
             restored, purged = recover_uploads()
         if restored or purged:
             print(f"uploads trash: restored {restored}, purged {purged}")
         print(f"analysis server on {server.uri}, database {_hide_password(url)}")
+        if args.celery:
+            print(
+                f"analyses go to Celery queue {app.config['CELERY_QUEUE']!r}; start the "
+                "worker: celery --workdir examples/flask_app -A celery_worker worker "
+                "--loglevel=INFO"
+            )
         if args.demo:
             return demo(app)
         print(

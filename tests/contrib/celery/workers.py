@@ -1,8 +1,9 @@
 """Start and stop real ``celery worker`` subprocesses for the tests.
 
-Each node runs ``sys.executable -m celery -A tests.contrib.celery.worker_app worker`` in
-a session of its own (so that SIGKILL can take its pool children too), logs to a file,
-and is ready when its ``worker_ready`` handler has written ``ready-<name>``.
+Each node runs ``sys.executable -m celery -A tests.contrib.celery.worker_app worker`` (or
+the app module given as ``app``) in a session of its own (so that SIGKILL can take its
+pool children too), logs to a file, and is ready when its ``worker_ready`` handler has
+written ``ready-<name>`` into ``marks``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ STOP_TIMEOUT = 30.0
 
 @dataclass
 class Node:
-    """One worker node: ``name@host``, its pool, the queues it consumes, its process."""
+    """One worker node: ``name@host``, its pool, the queues it consumes, its process.
+
+    ``app`` is the module ``celery -A`` imports; ``env`` adds variables to its environment.
+    """
 
     name: str
     token: str
@@ -35,6 +39,8 @@ class Node:
     db_url: str
     marks: Path
     on_shutdown: str = "cancel"
+    app: str = "tests.contrib.celery.worker_app"
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -57,13 +63,14 @@ class Node:
             "DBCANCEL_CELERY_MARKS": str(self.marks),
             "DBCANCEL_CELERY_NODE": self.name,
             "DBCANCEL_CELERY_ON_SHUTDOWN": self.on_shutdown,
+            **self.env,
         }
         cmd = [
             sys.executable,
             "-m",
             "celery",
             "-A",
-            "tests.contrib.celery.worker_app",
+            self.app,
             "worker",
             "-n",
             f"{self.name}-{self.token}@%h",
