@@ -231,7 +231,8 @@ def test_a_cancel_notifies_on_the_tables_channel_only_when_it_changed_a_row(alia
     jobs = DjangoJobs(Analysis, interval=INTERVAL, using=alias)
     first, second = add(session_id="x"), add(session_id="x")
     channel = jobs._backend.channel
-    assert channel.startswith("dbcancel:") and channel.endswith(f".{Analysis._meta.db_table}")
+    assert channel.startswith("dbcancel:")
+    assert channel.endswith(f".{Analysis._meta.db_table}")
     params = connections[alias].get_connection_params()
     with psycopg.connect(**params, autocommit=True) as conn:
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
