@@ -40,6 +40,18 @@ ALIASES = {"sqlite": "default", "postgresql": "postgresql", "mariadb": "mariadb"
 _unreachable: dict[str, str | None] = {}
 
 
+def _tasks_apps() -> list[str]:
+    """The apps of Django Tasks: the database backend, and the backport before Django 6."""
+    import importlib.util
+
+    if importlib.util.find_spec("django.tasks") is not None:
+        return ["django_tasks_db"]
+    return ["django_tasks", "django_tasks_db"]
+
+
+TASKS_APPS = _tasks_apps()
+
+
 def _server(name: str) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
 
@@ -130,6 +142,7 @@ def settings_dict() -> dict[str, Any]:
             "django.contrib.sessions",
             "django.contrib.messages",
             "dbcancel.contrib.django",
+            *TASKS_APPS,
             "tests.contrib.django.testapp",
             "analyses",  # the example project's app, examples/django_app/analyses
         ],
@@ -154,6 +167,9 @@ def settings_dict() -> dict[str, Any]:
             }
         ],
         "ROOT_URLCONF": "tests.contrib.django.urls",
+        # Django Tasks on the database backend: tasks are rows of the alias the router
+        # picks, run by ``manage.py db_worker`` (tests/contrib/django/test_tasks.py).
+        "TASKS": {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}},
         "DATABASE_ROUTERS": ["tests.contrib.django.routers.OneDatabase"],
         "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
         # The example app's settings, as its project sets them.
