@@ -177,6 +177,9 @@ def settings_dict() -> dict[str, Any]:
         "ANALYSIS_INTERVAL": 0.05,
         "ANALYSIS_STOP_TIMEOUT": 10.0,
         "ANALYSIS_FILE_DELAY": 0.0,
+        # In a thread of the test process, which the tests hold and join; the tests of
+        # the Django Task set "tasks" and start a db_worker.
+        "ANALYSIS_RUNNER": "thread",
     }
 
 
@@ -205,11 +208,15 @@ def configure() -> None:
 CHILD_ENV = "DBCANCEL_DJANGO_CHILD_DB"
 
 
-def child_env(alias: str) -> dict[str, str]:
+CHILD_SETTINGS_ENV = "DBCANCEL_DJANGO_CHILD_SETTINGS"
+
+
+def child_env(alias: str, **overrides: Any) -> dict[str, str]:
     """Environment for a child process that must reach the test database of ``alias``.
 
     pytest-django has renamed the alias' database to ``test_...`` by now; the child gets
-    that real name, not the one in ``databases()``.
+    that real name, not the one in ``databases()``. ``overrides`` are settings the child
+    takes instead of those of :func:`settings_dict` (JSON values: paths as strings).
     """
     from django.db import connections
 
@@ -217,6 +224,7 @@ def child_env(alias: str) -> dict[str, str]:
     keep = {k: entry[k] for k in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS")}
     env = dict(os.environ)
     env[CHILD_ENV] = json.dumps(keep)
+    env[CHILD_SETTINGS_ENV] = json.dumps(overrides)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -229,6 +237,7 @@ def configure_child() -> None:
     _drivers()
     entry = json.loads(os.environ[CHILD_ENV])
     options = settings_dict()
+    options.update(json.loads(os.environ.get(CHILD_SETTINGS_ENV, "{}")))
     settings.configure(DATABASES={"default": entry}, **options)
     django.setup()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -216,3 +217,25 @@ def test_the_decorator_refuses_async_bodies_and_bad_options():
     }
     assert JobCancelled("Analysis", 3, "gone").reason == "gone"
     assert "runs at most once" in str(JobNotRunnable("Analysis", 3, "completed"))
+
+
+def test_import_without_django_tasks_names_the_extra():
+    script = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                for blocked in ("django.tasks", "django_tasks"):
+                    if name == blocked or name.startswith(blocked + "."):
+                        raise ImportError(f"No module named {name!r}")
+        sys.meta_path.insert(0, Block())
+        try:
+            import dbcancel.contrib.django.tasks
+        except ImportError as err:
+            print(err)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert "pip install 'dbcancel[django-tasks]'" in out
