@@ -40,16 +40,17 @@ ALIASES = {"sqlite": "default", "postgresql": "postgresql", "mariadb": "mariadb"
 _unreachable: dict[str, str | None] = {}
 
 
-def _tasks_apps() -> list[str]:
-    """The apps of Django Tasks: the database backend, and the backport before Django 6."""
+def _tasks_module() -> str:
+    """Where Django Tasks is: built into Django 6, the backport before."""
     import importlib.util
 
-    if importlib.util.find_spec("django.tasks") is not None:
-        return ["django_tasks_db"]
-    return ["django_tasks", "django_tasks_db"]
+    return "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
 
 
-TASKS_APPS = _tasks_apps()
+TASKS_MODULE = _tasks_module()
+TASKS_APPS = (
+    ["django_tasks_db"] if TASKS_MODULE == "django.tasks" else ["django_tasks", "django_tasks_db"]
+)
 
 
 def _server(name: str) -> dict[str, Any]:
@@ -169,7 +170,11 @@ def settings_dict() -> dict[str, Any]:
         "ROOT_URLCONF": "tests.contrib.django.urls",
         # Django Tasks on the database backend: tasks are rows of the alias the router
         # picks, run by ``manage.py db_worker`` (tests/contrib/django/test_tasks.py).
-        "TASKS": {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}},
+        "TASKS": {
+            "default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]},
+            # Runs a task inside enqueue(), in the caller's thread.
+            "immediate": {"BACKEND": f"{TASKS_MODULE}.backends.immediate.ImmediateBackend"},
+        },
         "DATABASE_ROUTERS": ["tests.contrib.django.routers.OneDatabase"],
         "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
         # The example app's settings, as its project sets them.

@@ -239,3 +239,22 @@ def test_import_without_django_tasks_names_the_extra():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert "pip install 'dbcancel[django-tasks]'" in out
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_any_backend_that_records_what_the_task_raised_works_alike(monkeypatch):
+    """Django's ImmediateBackend runs the task inside enqueue(), in this thread."""
+    monkeypatch.setattr(OneDatabase, "alias", "default")
+    immediate = tasks.hold.using(backend="immediate")
+    done = Analysis.objects.create()
+    assert immediate.enqueue(done.pk, 0.05).status == TaskResultStatus.SUCCESSFUL
+    assert DjangoJobs(Analysis).status(done.pk) is Status.COMPLETED
+    again = immediate.enqueue(done.pk, 0.05)
+    failed_with(again, NOT_RUNNABLE, "is 'completed', not pending")
+
+    cancelled = Analysis.objects.create()
+    assert tasks.cancellable.jobs.cancel(cancelled.pk, reason="early") is True
+    failed_with(immediate.enqueue(cancelled.pk, 60), CANCELLED, "was cancelled: early")
+    assert runs("default", done.pk) == 1
+    assert runs("default", cancelled.pk) == 0
