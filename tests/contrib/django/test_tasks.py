@@ -212,8 +212,8 @@ def test_the_decorator_refuses_async_bodies_and_bad_options():
     with pytest.raises(ValueError, match="on_shutdown"):
         DjangoTaskJobs(Analysis, on_shutdown="later")  # type: ignore[arg-type]
     assert tasks.cancellable.task_names == {
-        "tests.contrib.django.testapp.tasks.hold",
-        "tests.contrib.django.testapp.tasks.attempt",
+        f"tests.contrib.django.testapp.tasks.{name}"
+        for name in ("hold", "attempt", "explode", "cancel_then_raise")
     }
     assert JobCancelled("Analysis", 3, "gone").reason == "gone"
     assert "runs at most once" in str(JobNotRunnable("Analysis", 3, "completed"))
@@ -258,3 +258,23 @@ def test_any_backend_that_records_what_the_task_raised_works_alike(monkeypatch):
     failed_with(immediate.enqueue(cancelled.pk, 60), CANCELLED, "was cancelled: early")
     assert runs("default", done.pk) == 1
     assert runs("default", cancelled.pk) == 0
+
+    running = Analysis.objects.create(status=Status.IN_PROGRESS)
+    failed_with(immediate.enqueue(running.pk, 60), NOT_RUNNABLE, "is 'in_progress'")
+    assert runs("default", running.pk) == 0
+    assert Analysis.objects.get(pk=running.pk).status == Status.IN_PROGRESS
+
+    broken = Analysis.objects.create()
+    failed_with(
+        tasks.explode.using(backend="immediate").enqueue(broken.pk, "disk full"),
+        "builtins.OSError",
+        "disk full",
+    )
+    assert Analysis.objects.get(pk=broken.pk).error == "OSError: disk full"
+
+    # An error the body raises once its job is cancelled counts as the cancel.
+    stopped = Analysis.objects.create()
+    outcome = tasks.cancel_then_raise.using(backend="immediate").enqueue(stopped.pk)
+    failed_with(outcome, CANCELLED, "was cancelled: stop now")
+    assert "closed by on_cancel" in outcome.errors[0].traceback
+    assert Analysis.objects.get(pk=stopped.pk).status == Status.CANCELLED

@@ -35,3 +35,18 @@ def attempt(context: object, cp: Checkpoint, job_id: int) -> int:
     Result.objects.create(analysis_id=job_id, value="started")
     cp()
     return int(getattr(context, "attempt", 0))
+
+
+@cancellable.task()
+def explode(cp: Checkpoint, job_id: int, message: str) -> None:
+    """Fail the job with ``OSError(message)``."""
+    Result.objects.create(analysis_id=job_id, value="started")
+    raise OSError(message)
+
+
+@cancellable.task()
+def cancel_then_raise(cp: Checkpoint, job_id: int) -> None:
+    """Cancel its own job, then raise an error of the kind a cancel causes."""
+    Result.objects.create(analysis_id=job_id, value="started")
+    cancellable.jobs.cancel(job_id, reason="stop now")
+    raise ConnectionResetError("closed by on_cancel")
