@@ -61,7 +61,8 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
     raise ImportError(
         "dbcancel.contrib.django.tasks needs Django Tasks (django.tasks, built into Django "
         "6, or the django-tasks backport on Django 5.2), which is not installed: "
-        "pip install 'dbcancel[django-tasks]'"
+        "pip install 'dbcancel[django-tasks]' (and, to keep Django 5.2 on Python 3.12 or "
+        "newer, pip install django-tasks)"
     ) from err
 
 from django.db import DEFAULT_DB_ALIAS
