@@ -30,6 +30,8 @@ OPTIONAL_PACKAGES = [
     "alembic",
     "celery",
     "kombu",
+    "django_tasks",
+    "django_tasks_db",
 ]
 ROOT = Path(dbcancel.__file__).resolve().parent
 

@@ -1,4 +1,5 @@
-"""The analysis itself: walk a folder and summarise each file, in a background thread."""
+"""The analysis itself: walk a folder and summarise each file, in a Django Task run by
+``manage.py db_worker`` or in a background thread (``ANALYSIS_RUNNER``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import router
 
+from dbcancel import Checkpoint
 from dbcancel.contrib.django import DjangoJobs
 
 from .models import Analysis
@@ -50,8 +52,30 @@ def summarise(path: Path) -> str:
     return f"{path.name}\t{len(data)} bytes\t{lines} lines\tsha256 {digest}\n"
 
 
+def analyse_files(cp: Checkpoint, analysis_id: int) -> int:
+    """The work of one analysis, inside its job's run: one ``cp()`` per file.
+
+    ``cp()`` raises ``Cancelled`` once the analysis is cancelled, from any process;
+    ``jobs.run()`` around this (the task, or :func:`analyse`) swallows it and leaves the
+    row cancelled. Returns the number of files analysed.
+    """
+    analysis = Analysis.objects.get(pk=analysis_id)
+    out = output_dir(analysis_id)
+    out.mkdir(parents=True, exist_ok=True)
+    delay = float(settings.ANALYSIS_FILE_DELAY)
+    count = 0
+    for count, path in enumerate(walk(Path(analysis.folder)), start=1):
+        cp()  # raises Cancelled once the analysis is cancelled
+        (out / f"{count:06d}.txt").write_text(summarise(path), encoding="utf-8")
+        Analysis.objects.filter(pk=analysis_id).update(files_done=count)
+        file_analysed.send(Analysis, analysis_id=analysis_id, count=count, path=path)
+        if delay:
+            time.sleep(delay)  # stands in for heavier work per file
+    return count
+
+
 def analyse(analysis_id: int) -> None:
-    """Run one analysis to its end, or until it is cancelled (the row says so).
+    """Run one analysis in this thread, to its end or until it is cancelled.
 
     ``jobs.run()`` moves the row to in_progress, and on the way out to completed, or
     failed with the error's text; a cancel makes ``cp()`` raise, which ``run()``
@@ -59,21 +83,22 @@ def analyse(analysis_id: int) -> None:
     """
     jobs = analysis_jobs()
     with jobs.run(analysis_id) as cp:
-        analysis = Analysis.objects.get(pk=analysis_id)
-        out = output_dir(analysis_id)
-        out.mkdir(parents=True, exist_ok=True)
-        delay = float(settings.ANALYSIS_FILE_DELAY)
-        for count, path in enumerate(walk(Path(analysis.folder)), start=1):
-            cp()  # raises Cancelled once the analysis is cancelled
-            (out / f"{count:06d}.txt").write_text(summarise(path), encoding="utf-8")
-            Analysis.objects.filter(pk=analysis_id).update(files_done=count)
-            file_analysed.send(Analysis, analysis_id=analysis_id, count=count, path=path)
-            if delay:
-                time.sleep(delay)  # stands in for heavier work per file
+        analyse_files(cp, analysis_id)
 
 
-def start(analysis_id: int) -> threading.Thread:
-    """Start :func:`analyse` in a daemon thread named ``analysis-<id>``."""
+def start(analysis_id: int) -> threading.Thread | None:
+    """Start the analysis the way ``ANALYSIS_RUNNER`` says.
+
+    ``"tasks"`` (the project's default): enqueue the Django Task
+    :func:`analyses.tasks.analyse`, which ``manage.py db_worker`` runs; returns None.
+    ``"thread"``: run :func:`analyse` in a daemon thread named ``analysis-<id>`` of this
+    process, with no worker to start; returns the thread.
+    """
+    if settings.ANALYSIS_RUNNER == "tasks":
+        from .tasks import analyse as analyse_task
+
+        analyse_task.enqueue(analysis_id)
+        return None
     thread = threading.Thread(
         target=analyse, args=(analysis_id,), name=f"analysis-{analysis_id}", daemon=True
     )

@@ -7,6 +7,7 @@ another, e.g. ``postgresql://postgres@127.0.0.1:5432/test`` or
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -65,6 +66,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "dbcancel.contrib.django",
+    # Django Tasks, with its database backend: django.tasks is built into Django 6; on
+    # Django 5.2 the django-tasks backport provides it.
+    *([] if importlib.util.find_spec("django.tasks") else ["django_tasks"]),
+    "django_tasks_db",
     "analyses",
 ]
 
@@ -104,6 +109,9 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # The worker threads and the request threads write to the same file.
     DATABASES["default"]["OPTIONS"] = {"timeout": 30}
 
+# Analyses are Django Tasks, rows of the same database, run by `manage.py db_worker`.
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]}}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
@@ -111,6 +119,10 @@ STATIC_URL = "static/"
 LOGIN_URL = "admin:login"
 
 # The app's own settings.
+ANALYSIS_RUNNER = os.environ.get("ANALYSIS_RUNNER", "tasks")
+"""How the start view runs an analysis: "tasks" enqueues the Django Task
+``analyses.tasks.analyse`` for `manage.py db_worker`; "thread" runs it in a thread of the
+web process, with no worker to start."""
 ANALYSIS_INPUTS = WORK_DIR / "inputs"
 """Folders that analyses may walk; the start view takes a folder name inside it."""
 ANALYSIS_ROOT = WORK_DIR / "outputs"

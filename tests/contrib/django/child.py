@@ -1,9 +1,10 @@
 """A child process for the cross-process tests: ``python -m tests.contrib.django.child``.
 
-``worker ID``: runs job ID with ``DjangoJobs`` until it is cancelled, printing
-``entered`` once inside and ``left <status>`` at the end. ``cancel ID REASON``: cancels
-job ID and prints what ``cancel()`` returned. The database is the test database the
-parent passed in the environment (see ``settings.child_env``).
+``db_worker ARGS...``: runs ``manage.py db_worker ARGS...`` (Django Tasks' database
+worker) on the test database. ``worker ID``: runs job ID with ``DjangoJobs`` until it is
+cancelled, printing ``entered`` once inside and ``left <status>`` at the end.
+``cancel ID REASON``: cancels job ID and prints what ``cancel()`` returned. The database
+is the test database the parent passed in the environment (see ``settings.child_env``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def run(argv: list[str]) -> int:
     from dbcancel.contrib.django import DjangoJobs
     from tests.contrib.django.testapp.models import Analysis
 
+    if argv[0] == "db_worker":
+        from django.core.management import call_command
+
+        call_command("db_worker", *argv[1:])
+        return 0
     jobs = DjangoJobs(Analysis, interval=0.05)
     command, job_id = argv[0], int(argv[1])
     if command == "worker":

@@ -40,6 +40,19 @@ ALIASES = {"sqlite": "default", "postgresql": "postgresql", "mariadb": "mariadb"
 _unreachable: dict[str, str | None] = {}
 
 
+def _tasks_module() -> str:
+    """Where Django Tasks is: built into Django 6, the backport before."""
+    import importlib.util
+
+    return "django.tasks" if importlib.util.find_spec("django.tasks") else "django_tasks"
+
+
+TASKS_MODULE = _tasks_module()
+TASKS_APPS = (
+    ["django_tasks_db"] if TASKS_MODULE == "django.tasks" else ["django_tasks", "django_tasks_db"]
+)
+
+
 def _server(name: str) -> dict[str, Any]:
     from sqlalchemy.engine import make_url
 
@@ -130,6 +143,7 @@ def settings_dict() -> dict[str, Any]:
             "django.contrib.sessions",
             "django.contrib.messages",
             "dbcancel.contrib.django",
+            *TASKS_APPS,
             "tests.contrib.django.testapp",
             "analyses",  # the example project's app, examples/django_app/analyses
         ],
@@ -154,6 +168,13 @@ def settings_dict() -> dict[str, Any]:
             }
         ],
         "ROOT_URLCONF": "tests.contrib.django.urls",
+        # Django Tasks on the database backend: tasks are rows of the alias the router
+        # picks, run by ``manage.py db_worker`` (tests/contrib/django/test_tasks.py).
+        "TASKS": {
+            "default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default"]},
+            # Runs a task inside enqueue(), in the caller's thread.
+            "immediate": {"BACKEND": f"{TASKS_MODULE}.backends.immediate.ImmediateBackend"},
+        },
         "DATABASE_ROUTERS": ["tests.contrib.django.routers.OneDatabase"],
         "PASSWORD_HASHERS": ["django.contrib.auth.hashers.MD5PasswordHasher"],
         # The example app's settings, as its project sets them.
@@ -161,6 +182,9 @@ def settings_dict() -> dict[str, Any]:
         "ANALYSIS_INTERVAL": 0.05,
         "ANALYSIS_STOP_TIMEOUT": 10.0,
         "ANALYSIS_FILE_DELAY": 0.0,
+        # In a thread of the test process, which the tests hold and join; the tests of
+        # the Django Task set "tasks" and start a db_worker.
+        "ANALYSIS_RUNNER": "thread",
     }
 
 
@@ -189,11 +213,15 @@ def configure() -> None:
 CHILD_ENV = "DBCANCEL_DJANGO_CHILD_DB"
 
 
-def child_env(alias: str) -> dict[str, str]:
+CHILD_SETTINGS_ENV = "DBCANCEL_DJANGO_CHILD_SETTINGS"
+
+
+def child_env(alias: str, **overrides: Any) -> dict[str, str]:
     """Environment for a child process that must reach the test database of ``alias``.
 
     pytest-django has renamed the alias' database to ``test_...`` by now; the child gets
-    that real name, not the one in ``databases()``.
+    that real name, not the one in ``databases()``. ``overrides`` are settings the child
+    takes instead of those of :func:`settings_dict` (JSON values: paths as strings).
     """
     from django.db import connections
 
@@ -201,6 +229,7 @@ def child_env(alias: str) -> dict[str, str]:
     keep = {k: entry[k] for k in ("ENGINE", "NAME", "USER", "PASSWORD", "HOST", "PORT", "OPTIONS")}
     env = dict(os.environ)
     env[CHILD_ENV] = json.dumps(keep)
+    env[CHILD_SETTINGS_ENV] = json.dumps(overrides)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
@@ -213,6 +242,7 @@ def configure_child() -> None:
     _drivers()
     entry = json.loads(os.environ[CHILD_ENV])
     options = settings_dict()
+    options.update(json.loads(os.environ.get(CHILD_SETTINGS_ENV, "{}")))
     settings.configure(DATABASES={"default": entry}, **options)
     django.setup()
 

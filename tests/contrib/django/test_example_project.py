@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
+from django_tasks_db.models import DBTaskResult
 
 import dbcancel
 from dbcancel import Status
@@ -199,3 +201,52 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert lines[-1] == "OK: cancelled midway, stopped, deleted"
     assert '"status": "cancelled"' in done.stdout
     assert "row deleted: yes; output folder deleted: yes" in lines
+    assert "task result: FAILED (JobCancelled)" in lines  # the analysis ran as a Django Task
+
+
+def test_analyses_run_as_django_tasks_and_delete_stops_them(alias, client, settings, example):
+    """ANALYSIS_RUNNER="tasks": the start view enqueues the task, a real db_worker runs it,
+    and the delete view cancels it, waits for the worker to stop it, and deletes."""
+    settings.ANALYSIS_RUNNER = "tasks"
+    pk = start(client)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.contrib.django.child",
+            "db_worker",
+            "--batch",
+            "--no-reload",
+            "--no-startup-delay",
+            "--interval=0.05",
+        ],
+        cwd=test_settings.ROOT,
+        env=test_settings.child_env(
+            alias, ANALYSIS_ROOT=str(settings.ANALYSIS_ROOT), ANALYSIS_FILE_DELAY=0.02
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        while Analysis.objects.get(pk=pk).files_done < 5:
+            assert worker.poll() is None, worker.communicate()[0]
+            assert time.monotonic() < deadline, "the worker did not get going"
+            time.sleep(0.02)
+        response = client.post(f"/analyses/{pk}/delete/")
+        assert response.status_code == 200, response.content
+        body = response.json()
+        assert body["status"] == Status.CANCELLED
+        assert 5 <= body["files_done"] < FILES
+        assert not Analysis.objects.filter(pk=pk).exists()
+        assert not work.output_dir(pk).exists()
+        out, _ = worker.communicate(timeout=JOIN_TIMEOUT)
+        assert worker.returncode == 0, out
+    finally:
+        worker.kill()
+        worker.wait()
+    [task_result] = DBTaskResult.objects.all()
+    assert task_result.status == "FAILED"
+    assert task_result.exception_class_path == "dbcancel.contrib.django.tasks.JobCancelled"
+    assert "was cancelled: deleted by its owner" in task_result.traceback

@@ -1,9 +1,12 @@
-"""URLs of the test project: the admin and the example project's views."""
+"""URLs of the test project: the admin, the test app's views and the example project's."""
 
 from django.contrib import admin
 from django.urls import include, path
 
+from .testapp import views
+
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("testapp/<int:pk>/cancel/", views.cancel),
     path("", include("analyses.urls")),
 ]

@@ -1,17 +1,22 @@
 """``manage.py demo``: start an analysis, delete it midway, print what happened.
 
-Runs the whole flow through the real views: migrate, log in a demo user, POST the start
-view (the analysis runs in a background thread), and once it has analysed some files
-POST the delete view, which cancels the analysis, waits for the worker to stop and
-deletes its results and row.
+Runs the whole flow through the real views: migrate, start a Django Tasks worker
+(``manage.py db_worker``, in a child process), log in a demo user, POST the start view
+(which enqueues the analysis as a task), and once it has analysed some files POST the
+delete view, which cancels the analysis, waits for the worker to stop it and deletes its
+results and row. With ``ANALYSIS_RUNNER=thread`` the analysis runs in a thread of this
+process instead, and no worker is started.
 """
 
 from __future__ import annotations
 
 import shutil
-import threading
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +29,53 @@ from django.test import Client
 from django.urls import reverse
 
 from analyses.models import Analysis
-from analyses.signals import file_analysed
 from analyses.work import output_dir
+
+MANAGE = Path(__file__).resolve().parents[3] / "manage.py"
+
+
+@contextmanager
+def db_worker(enabled: bool) -> Iterator[subprocess.Popen[bytes] | None]:
+    """``manage.py db_worker`` in a child process while the block runs (when enabled)."""
+    if not enabled:
+        yield None
+        return
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            str(MANAGE),
+            "db_worker",
+            "--no-reload",
+            "--no-startup-delay",
+            "--interval=0.1",
+            "--verbosity=0",
+        ]
+    )
+    try:
+        yield worker
+    finally:
+        worker.terminate()  # idle by now: SIGTERM makes it exit at once
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def task_outcome(timeout: float = 10.0) -> str:
+    """How the worker recorded the analysis' task, once it has: ``FAILED (JobCancelled)``."""
+    from django_tasks_db.models import DBTaskResult
+
+    deadline = time.monotonic() + timeout
+    while True:
+        row = DBTaskResult.objects.order_by("-enqueued_at").first()
+        if row is not None and (row.finished_at is not None or time.monotonic() > deadline):
+            break
+        time.sleep(0.05)
+    if row is None:
+        return "none"
+    path = row.exception_class_path.rsplit(".", 1)[-1]
+    return f"{row.status} ({path})" if path else str(row.status)
 
 
 class Command(BaseCommand):
@@ -52,32 +102,36 @@ class Command(BaseCommand):
         for n in range(files):
             (folder / f"file{n:05d}.txt").write_text(f"line {n}\n" * (n % 7 + 1))
 
-        midway = threading.Event()
-
-        def progress(sender: Any, count: int, **kwargs: Any) -> None:
-            if count >= delete_after:
-                midway.set()
-
-        file_analysed.connect(progress, weak=False, dispatch_uid="demo-progress")
         user, _ = get_user_model().objects.get_or_create(username="demo")
         client = Client(HTTP_HOST="localhost")
         client.force_login(user)
-        try:
-            started = client.post(reverse("analyses:start"), {"folder": folder.name})
-            if started.status_code != 201:
-                raise CommandError(f"start failed: {started.status_code} {started.content!r}")
-            pk = started.json()["id"]
-            self.stdout.write(f"started analysis {pk} of {files} files in {folder}")
-            if not midway.wait(60):
-                raise CommandError("the analysis did not get going within 60 s")
-            self.stdout.write(f"after {delete_after} files: POST /analyses/{pk}/delete/")
-            t0 = time.monotonic()
-            deleted = client.post(reverse("analyses:delete", args=[pk]))
-            took = (time.monotonic() - t0) * 1000
-            self.stdout.write(f"  -> {deleted.status_code} {deleted.content.decode()}")
-        finally:
-            file_analysed.disconnect(dispatch_uid="demo-progress")
-            shutil.rmtree(folder, ignore_errors=True)
+        tasks = settings.ANALYSIS_RUNNER == "tasks"
+        with db_worker(tasks) as worker:
+            try:
+                if worker is not None:
+                    self.stdout.write(f"worker: manage.py db_worker (pid {worker.pid})")
+                started = client.post(reverse("analyses:start"), {"folder": folder.name})
+                if started.status_code != 201:
+                    raise CommandError(f"start failed: {started.status_code} {started.content!r}")
+                pk = started.json()["id"]
+                how = "as a Django Task" if tasks else "in a thread"
+                self.stdout.write(f"started analysis {pk} of {files} files in {folder} ({how})")
+                deadline = time.monotonic() + 60
+                while Analysis.objects.get(pk=pk).files_done < delete_after:
+                    if worker is not None and worker.poll() is not None:
+                        raise CommandError(f"db_worker exited with {worker.returncode}")
+                    if time.monotonic() > deadline:
+                        raise CommandError("the analysis did not get going within 60 s")
+                    time.sleep(0.01)
+                self.stdout.write(f"after {delete_after} files: POST /analyses/{pk}/delete/")
+                t0 = time.monotonic()
+                deleted = client.post(reverse("analyses:delete", args=[pk]))
+                took = (time.monotonic() - t0) * 1000
+                self.stdout.write(f"  -> {deleted.status_code} {deleted.content.decode()}")
+                if tasks:
+                    self.stdout.write(f"task result: {task_outcome()}")
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
         result = deleted.json() if deleted.status_code == 200 else {}
         row_gone = not Analysis.objects.filter(pk=pk).exists()

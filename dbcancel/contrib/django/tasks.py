@@ -1,0 +1,434 @@
+"""Django Tasks integration: tasks whose first argument is a job id and whose body gets its
+checkpoint.
+
+::
+
+    # analyses/tasks.py
+    from dbcancel.contrib.django.tasks import DjangoTaskJobs
+
+    cancellable = DjangoTaskJobs("analyses.Analysis", interval=0.5)
+
+    @cancellable.task(queue_name="default")
+    def analyse(cp, job_id, folder):            # runs inside jobs.run(job_id)
+        for path in walk(folder):
+            cp()                                # raises Cancelled once cancelled
+            process(path)
+
+    analyse.enqueue(analysis.pk, "/data/a")     # the job id first, then your arguments
+    cancellable.jobs.cancel(analysis.pk, reason="user deleted it")   # anywhere
+
+Works with ``django.tasks`` (Django 6 and newer) and with the ``django-tasks`` backport
+(Django 5.2): the task is the framework's own ``Task``, sent by any backend, run by any
+worker (``manage.py db_worker`` of ``django-tasks-db``, say).
+
+What each run of a task does, by the state of the job's row when it starts:
+
+* ``pending``: the body runs inside ``jobs.run(job_id)``. It returns: the job is
+  ``completed`` and the task result is SUCCESSFUL with the body's return value. It
+  raises: the job is ``failed`` and the task result FAILED with that exception.
+* ``cancelled`` (before or while the body ran, including an exception the body raised
+  after the cancel), or deleted: the body does not run (or stops at its next ``cp()``)
+  and the task result is FAILED with :class:`JobCancelled`. A cancelled job's task is
+  never SUCCESSFUL.
+* ``failed``, ``completed`` or ``in_progress`` (the task enqueued again for a job whose
+  body already ran, or runs elsewhere): the body does not run, the row is unchanged, and
+  the task result is FAILED with :class:`JobNotRunnable`. A job's body runs at most once.
+
+Django Tasks has no hook before a task's function runs: all of this happens in the
+function the decorator registers, around the body.
+
+Importing this module needs Django Tasks: ``pip install 'dbcancel[django-tasks]'``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, Protocol, TypeVar, overload
+
+try:
+    try:
+        from django.tasks import task as _django_task
+    except ImportError:
+        from django_tasks import task as _django_task
+except ImportError as err:  # pragma: no cover - exercised in a subprocess
+    raise ImportError(
+        "dbcancel.contrib.django.tasks needs Django Tasks (django.tasks, built into Django "
+        "6, or the django-tasks backport on Django 5.2), which is not installed: "
+        "pip install 'dbcancel[django-tasks]' (and, to keep Django 5.2 on Python 3.12 or "
+        "newer, pip install django-tasks)"
+    ) from err
+
+from django.db import DEFAULT_DB_ALIAS
+
+from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Status
+from dbcancel._liveness import DEFAULT_HEARTBEAT
+
+from .jobs import DjangoJobs
+
+__all__ = [
+    "SHUTDOWN_REASON",
+    "CancellableTask",
+    "DjangoTaskJobs",
+    "JobCancelled",
+    "JobNotRunnable",
+]
+
+log = logging.getLogger("dbcancel")
+
+P = ParamSpec("P")
+R = TypeVar("R", covariant=True)
+
+SHUTDOWN_REASON = "worker shutdown"
+"""The cancel reason of the job a worker's warm shutdown stops (``on_shutdown="cancel"``)."""
+
+OnShutdown = Literal["cancel", "wait"]
+
+_SHUTDOWN_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT") if hasattr(signal, name)
+)
+
+
+class JobCancelled(DbcancelError):
+    """A cancellable task's job was cancelled (or its row deleted): the body did not finish.
+
+    The task result of such a run is FAILED with this exception:
+    ``result.errors[0].exception_class`` is :class:`JobCancelled`, and its traceback ends
+    with ``Analysis 12 was cancelled: user deleted it``. ``job_id`` is the job's id,
+    ``model`` the name of the job model and ``reason`` the cancel reason (``"deleted"``
+    for a missing row, or None).
+    """
+
+    def __init__(self, model: str, job_id: Any, reason: str | None = None) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.reason = reason
+        super().__init__(model, job_id, reason)
+
+    def __str__(self) -> str:
+        text = f"{self.model} {self.job_id!r} was cancelled"
+        return text + (f": {self.reason}" if self.reason else "")
+
+
+class JobNotRunnable(DbcancelError):
+    """A cancellable task found its job failed, completed or in progress: nothing ran.
+
+    The task result of that run is FAILED with this exception: a task enqueued again for
+    a job whose body already ran (or runs in another worker now), and a job reaped or
+    failed by hand while its body ran. ``status`` is the row's status, ``job_id`` the
+    job's id and ``model`` the name of the job model.
+    """
+
+    def __init__(self, model: str, job_id: Any, status: str) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.status = status
+        super().__init__(model, job_id, status)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.model} {self.job_id!r} is {self.status!r}, not pending: a job's body "
+            "runs at most once, so this run did nothing; create a new job to run the work "
+            "again"
+        )
+
+
+class CancellableTask(Protocol, Generic[P, R]):
+    """What :meth:`DjangoTaskJobs.task` returns: a Django Tasks ``Task`` taking the job id
+    first.
+
+    It is the framework's own ``Task`` object (every attribute and method of it works);
+    the methods below are typed so that calls are checked against the body's signature
+    minus its checkpoint.
+    """
+
+    @property
+    def name(self) -> str:
+        """The task's name (the body's function name)."""
+        ...
+
+    @property
+    def module_path(self) -> str:
+        """The dotted path a worker imports the task by."""
+        ...
+
+    def enqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Queue the task for job ``job_id``; returns the backend's ``TaskResult``."""
+        ...
+
+    async def aenqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """:meth:`enqueue` for async code."""
+        ...
+
+    def call(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task here, now, as a worker does (a job that is not pending raises)."""
+        ...
+
+    def using(
+        self,
+        *,
+        priority: int | None = None,
+        queue_name: str | None = None,
+        run_after: Any = None,
+        backend: str | None = None,
+    ) -> CancellableTask[P, R]:
+        """The same task with other defaults (``Task.using()``)."""
+        ...
+
+    def get_result(self, result_id: str) -> Any:
+        """The ``TaskResult`` of one run of this task, by its id."""
+        ...
+
+
+class DjangoTaskJobs:
+    """Cancellable Django Tasks for the jobs of one model.
+
+    ``model``, ``using``, ``interval``, ``watch``, ``max_staleness`` and ``heartbeat`` are
+    those of :class:`~dbcancel.contrib.django.DjangoJobs`, which each process builds for
+    itself on first use (:attr:`jobs`), so a module can declare its tasks while Django
+    loads its apps.
+
+    ``on_shutdown``: what a warm shutdown of the worker (its first SIGTERM or SIGINT)
+    does to the job it runs. ``"cancel"`` (the default) cancels it with the reason
+    :data:`SHUTDOWN_REASON`: it stops at its next checkpoint, ends ``cancelled`` with
+    ``finished_at`` set, its task result is FAILED with :class:`JobCancelled`, and the
+    worker exits. ``"wait"`` keeps the worker's own behaviour: it finishes the running
+    task, then exits. This works for workers that run tasks in their main thread and
+    handle these signals themselves, as ``manage.py db_worker`` does; elsewhere the
+    signals are left alone.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        using: str = DEFAULT_DB_ALIAS,
+        interval: float = 0.5,
+        watch: bool | None = None,
+        max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
+        on_shutdown: OnShutdown = "cancel",
+    ) -> None:
+        if on_shutdown not in ("cancel", "wait"):
+            raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')
+        self._model = model
+        self._options: dict[str, Any] = {
+            "using": using,
+            "interval": interval,
+            "watch": watch,
+            "max_staleness": max_staleness,
+            "heartbeat": heartbeat,
+        }
+        self._on_shutdown: OnShutdown = on_shutdown
+        self._lock = threading.Lock()
+        self._jobs: DjangoJobs | None = None
+        self._pid = os.getpid()
+        self._task_names: set[str] = set()
+
+    # -- public -----------------------------------------------------------------------
+
+    @property
+    def on_shutdown(self) -> OnShutdown:
+        """``"cancel"`` or ``"wait"``: what a warm shutdown does to the running job."""
+        return self._on_shutdown
+
+    @property
+    def task_names(self) -> frozenset[str]:
+        """The module paths of the tasks declared through :meth:`task`."""
+        return frozenset(self._task_names)
+
+    @property
+    def jobs(self) -> DjangoJobs:
+        """This process's :class:`~dbcancel.contrib.django.DjangoJobs`, built on first use
+        (and again after a fork)."""
+        with self._lock:
+            if self._jobs is None or self._pid != os.getpid():
+                self._jobs = DjangoJobs(self._model, **self._options)
+                self._pid = os.getpid()
+            return self._jobs
+
+    @overload
+    def task(
+        self,
+        *,
+        takes_context: Literal[False] = False,
+        **options: Any,
+    ) -> Callable[[Callable[Concatenate[Checkpoint, Any, P], R]], CancellableTask[P, R]]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        takes_context: Literal[True],
+        **options: Any,
+    ) -> Callable[[Callable[Concatenate[Any, Checkpoint, Any, P], R]], CancellableTask[P, R]]: ...
+
+    def task(self, *, takes_context: bool = False, **options: Any) -> Callable[[Any], Any]:
+        """Declare a cancellable task: ``@cancellable.task(**task_options)``.
+
+        The decorated body is called as ``body(cp, job_id, *args, **kwargs)`` inside
+        ``jobs.run(job_id)`` (with ``takes_context=True``: ``body(context, cp, job_id,
+        ...)``, the first parameter named ``context`` as Django Tasks asks); the task is
+        queued as ``task.enqueue(job_id, *args, **kwargs)``, with JSON-serialisable
+        arguments (a UUID job id as a string). ``options`` are those of Django Tasks'
+        ``@task`` (``priority``, ``queue_name``, ``backend``). The body is a plain
+        function defined at module level; async bodies are not supported. See the
+        module's documentation for what each run does by the state of the row.
+        """
+
+        def decorate(body: Callable[..., Any]) -> Any:
+            if inspect.iscoroutinefunction(body):
+                raise TypeError(
+                    f"{body.__qualname__} is async: cancellable tasks run their body inside "
+                    "jobs.run(), which needs a plain function; make it a def"
+                )
+            if takes_context:
+
+                @functools.wraps(body)
+                def run_with_context(context: Any, job_id: Any, *args: Any, **kw: Any) -> Any:
+                    return self._run(job_id, functools.partial(body, context), args, kw)
+
+                function: Callable[..., Any] = run_with_context
+            else:
+
+                @functools.wraps(body)
+                def run(job_id: Any, *args: Any, **kw: Any) -> Any:
+                    return self._run(job_id, body, args, kw)
+
+                function = run
+            created: Any = _django_task(takes_context=takes_context, **options)(function)
+            self._task_names.add(created.module_path)
+            return created
+
+        return decorate
+
+    def __repr__(self) -> str:
+        return f"<DjangoTaskJobs {self._model!r} on_shutdown={self._on_shutdown!r}>"
+
+    # -- running a task ---------------------------------------------------------------
+
+    def _run(
+        self,
+        job_id: Any,
+        body: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        jobs = self.jobs
+        try:
+            run = jobs.run(job_id)
+            cp = run.__enter__()
+        except InvalidTransition as err:
+            raise self._not_runnable(jobs, job_id, err.current) from None
+        except JobNotFound:
+            # Cancelled and then deleted while the task was queued, most likely.
+            log.warning("dbcancel: a task found no %s %r: nothing ran", jobs.model_name, job_id)
+            raise JobCancelled(jobs.model_name, job_id, "deleted") from None
+        if cp.cancelled:
+            # Cancelled while queued: run() wrote nothing; neither shall we.
+            run.__exit__(None, None, None)
+            raise JobCancelled(jobs.model_name, job_id, cp.reason)
+        try:
+            with self._shutdown_cancels(jobs, job_id):
+                try:
+                    value = body(cp, job_id, *args, **kwargs)
+                except BaseException as exc:
+                    if not run.__exit__(type(exc), exc, exc.__traceback__):
+                        raise
+                    value = None
+                else:
+                    run.__exit__(None, None, None)
+        except Exception as exc:
+            if cp.cancelled:
+                # An error raised because of the cancel (a socket closed by on_cancel,
+                # say): the cancel wins.
+                raise self._stopped(jobs, job_id, cp) from exc
+            raise
+        if cp.cancelled:
+            raise self._stopped(jobs, job_id, cp)
+        return value
+
+    def _stopped(self, jobs: DjangoJobs, job_id: Any, cp: Checkpoint) -> DbcancelError:
+        """The error of a run that stopped on its checkpoint, by what the row says now."""
+        try:
+            status = jobs.status(job_id)
+        except JobNotFound:  # cancelled, stopped, then deleted: the cancel-then-delete flow
+            return JobCancelled(jobs.model_name, job_id, cp.reason or "deleted")
+        if status is Status.CANCELLED:
+            return JobCancelled(jobs.model_name, job_id, cp.reason)
+        # Reaped or changed by hand while it ran: the row says failed.
+        return JobNotRunnable(jobs.model_name, job_id, status.value)
+
+    def _not_runnable(self, jobs: DjangoJobs, job_id: Any, status: str) -> DbcancelError:
+        if status == Status.CANCELLED.value:
+            return JobCancelled(jobs.model_name, job_id)
+        if status == Status.IN_PROGRESS.value:
+            log.warning(
+                "dbcancel: a task for %s %r found it in_progress: the body did not run again",
+                jobs.model_name,
+                job_id,
+            )
+        return JobNotRunnable(jobs.model_name, job_id, status)
+
+    # -- warm shutdown ----------------------------------------------------------------
+
+    @contextmanager
+    def _shutdown_cancels(self, jobs: DjangoJobs, job_id: Any) -> Iterator[None]:
+        """While the body runs, make the worker's first shutdown signal cancel the job.
+
+        Only in the main thread (where Python runs signal handlers), and only over
+        handlers that the worker installed itself: the worker's handler still runs, after
+        the cancel is started, and it gets the signals back for a second one.
+        """
+        if self._on_shutdown != "cancel" or threading.current_thread() is not (
+            threading.main_thread()
+        ):
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in _SHUTDOWN_SIGNALS}
+        ours: dict[int, Any] = {}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                if sig in ours and signal.getsignal(sig) is ours[sig]:
+                    signal.signal(sig, handler)
+
+        def on_signal(signum: int, frame: Any) -> None:
+            restore()
+            # Not here: the main thread may be inside a query on its own connection.
+            threading.Thread(
+                target=self._cancel, args=(jobs, job_id), name="dbcancel-tasks-shutdown"
+            ).start()
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+
+        for sig, handler in previous.items():
+            if callable(handler) and handler is not signal.default_int_handler:
+                signal.signal(sig, on_signal)
+                ours[sig] = on_signal
+        try:
+            yield
+        finally:
+            restore()
+
+    def _cancel(self, jobs: DjangoJobs, job_id: Any) -> None:
+        from django.db import connections
+
+        try:
+            jobs.cancel(job_id, reason=SHUTDOWN_REASON)
+        except Exception:
+            log.exception(
+                "dbcancel: could not cancel %s %r on shutdown; it runs on until it ends, or "
+                "reap() settles it",
+                jobs.model_name,
+                job_id,
+            )
+        finally:
+            connections.close_all()
