@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
-from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound
+from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound, JobNotRunnable
 from .jobs import JobRun, Jobs, JobsStats
 from .models import TERMINAL, TRANSITIONS, Status
 from .registry import ActiveJob
@@ -43,6 +43,7 @@ __all__ = [
     "DbcancelError",
     "InvalidTransition",
     "JobNotFound",
+    "JobNotRunnable",
     "JobRun",
     "Jobs",
     "JobsStats",

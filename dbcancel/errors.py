@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound"]
+__all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound", "JobNotRunnable"]
 
 
 class Cancelled(BaseException):
@@ -76,3 +76,30 @@ class InvalidTransition(DbcancelError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.model, self.job_id, self.current, self.wanted))
+
+
+class JobNotRunnable(DbcancelError):
+    """A task of a task queue found its job failed, completed or in progress: nothing ran.
+
+    Raised (and recorded as the task's failure) by the task-queue integrations,
+    :mod:`dbcancel.contrib.celery` and :mod:`dbcancel.contrib.django.tasks`, when a
+    retry or a second message arrives for a job whose body already ran (or runs in
+    another worker now), and when a job was reaped or failed by hand while its body
+    ran. ``status`` is the row's status, ``job_id`` the job's id and ``model`` the name
+    of the job model.
+    """
+
+    def __init__(self, model: str, job_id: Any, status: str) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.status = status
+        # The arguments themselves: result backends (Celery's) rebuild an exception as
+        # cls(*args), so a recorded failure reads back as this class.
+        super().__init__(model, job_id, status)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.model} {self.job_id!r} is {self.status!r}, not pending: a job's body "
+            "runs at most once, so this run did nothing; create a new job to run the work "
+            "again"
+        )

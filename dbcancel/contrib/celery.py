@@ -69,8 +69,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from sqlalchemy import Engine
 
-from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel import Checkpoint, InvalidTransition, JobNotFound, Jobs, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
+from dbcancel.errors import JobNotRunnable
 
 __all__ = [
     "EXPIRED_REASON",
@@ -96,32 +97,6 @@ EXPIRED_REASON = "expired in Celery"
 """The cancel reason of a job whose task expired before it ran (``expires=``)."""
 
 OnShutdown = Literal["cancel", "wait"]
-
-
-class JobNotRunnable(DbcancelError):
-    """A delivery of a cancellable task found its job failed or completed: nothing ran.
-
-    Celery records it as the FAILURE of that delivery when a retry (``autoretry_for``,
-    ``self.retry()``) or a second message arrives for a job whose body already ran, and
-    when a job was reaped or failed by hand while its body ran. ``status`` is the row's
-    status (``"failed"`` or ``"completed"``), ``job_id`` the job's id and ``model`` the
-    name of the job model.
-    """
-
-    def __init__(self, model: str, job_id: Any, status: str) -> None:
-        self.model = model
-        self.job_id = job_id
-        self.status = status
-        # The arguments themselves: Celery's result backends rebuild an exception as
-        # cls(*args), so the recorded FAILURE reads back as this class.
-        super().__init__(model, job_id, status)
-
-    def __str__(self) -> str:
-        return (
-            f"{self.model} {self.job_id!r} is {self.status!r}, not pending: a job's body "
-            "runs at most once, so this delivery did nothing; create a new job to run the "
-            "work again"
-        )
 
 
 class CancellableTask(Protocol, Generic[P, R]):

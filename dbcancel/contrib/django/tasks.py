@@ -69,6 +69,7 @@ from django.db import DEFAULT_DB_ALIAS
 
 from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
+from dbcancel.errors import JobNotRunnable
 
 from .jobs import DjangoJobs
 
@@ -114,29 +115,6 @@ class JobCancelled(DbcancelError):
     def __str__(self) -> str:
         text = f"{self.model} {self.job_id!r} was cancelled"
         return text + (f": {self.reason}" if self.reason else "")
-
-
-class JobNotRunnable(DbcancelError):
-    """A cancellable task found its job failed, completed or in progress: nothing ran.
-
-    The task result of that run is FAILED with this exception: a task enqueued again for
-    a job whose body already ran (or runs in another worker now), and a job reaped or
-    failed by hand while its body ran. ``status`` is the row's status, ``job_id`` the
-    job's id and ``model`` the name of the job model.
-    """
-
-    def __init__(self, model: str, job_id: Any, status: str) -> None:
-        self.model = model
-        self.job_id = job_id
-        self.status = status
-        super().__init__(model, job_id, status)
-
-    def __str__(self) -> str:
-        return (
-            f"{self.model} {self.job_id!r} is {self.status!r}, not pending: a job's body "
-            "runs at most once, so this run did nothing; create a new job to run the work "
-            "again"
-        )
 
 
 class CancellableTask(Protocol, Generic[P, R]):

@@ -39,7 +39,7 @@ except ImportError:
     from django_tasks import TaskResultStatus
 
 CANCELLED = "dbcancel.contrib.django.tasks.JobCancelled"
-NOT_RUNNABLE = "dbcancel.contrib.django.tasks.JobNotRunnable"
+NOT_RUNNABLE = "dbcancel.errors.JobNotRunnable"
 
 
 @pytest.fixture
