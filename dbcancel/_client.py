@@ -108,7 +108,8 @@ class JobsClient:
 
         Raises :class:`TimeoutError` when ``timeout`` seconds pass first and
         :class:`JobNotFound` when the row does not exist. A job running in this process
-        is waited for without polling.
+        is waited for without polling, and until its worker has left ``run()``: a row
+        stamped by ``reap()`` while that worker still runs here is not enough.
         """
         b = self._backend
         b.check_id(job_id)
@@ -118,9 +119,17 @@ class JobsClient:
         delay = 0.005
         while True:
             row = self._read(job_id)
-            if row.finished_at is not None:
-                return row.status
             remaining = math.inf if deadline is None else deadline - time.monotonic()
+            if row.finished_at is not None:
+                # The run of the job in this process has written its end but may still
+                # be leaving run(): return once it has left, so that what the caller does
+                # next (delete the job's files) never overlaps any part of the worker.
+                bound = None if deadline is None else max(remaining, 0.0)
+                for cp in registry.checkpoints(b.key, job_id):
+                    if cp._leaving() and not cp._wait_ended(bound):
+                        break
+                else:
+                    return row.status
             if remaining <= 0:
                 raise TimeoutError(
                     f"{b.model_name} {job_id!r} has not stopped after {timeout}s "

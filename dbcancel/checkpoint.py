@@ -188,6 +188,7 @@ class Checkpoint(functools.partial[None]):
         "_max_staleness",
         "_observed_at",
         "_ok_at",
+        "_owner",
         "_reason",
         "_source",
         "_stopped",
@@ -212,6 +213,7 @@ class Checkpoint(functools.partial[None]):
     _lock: threading.Lock
     _max_staleness: float | None
     _observed_at: dt.datetime | None
+    _owner: bool
     _ok_at: float
     _reason: str | None
     _source: _Source
@@ -275,6 +277,9 @@ class Checkpoint(functools.partial[None]):
         # the hot path needs only one comparison to know it has nothing to do. A watched
         # checkpoint never polls by itself.
         self._due = math.inf if watched else now + interval
+        # A run that found its job already cancelled is not the job's worker: it writes
+        # nothing when it ends, and wait() does not wait for it.
+        self._owner = not cancelled
         if cancelled:
             self._observe(reason)
         return self
@@ -510,7 +515,11 @@ class Checkpoint(functools.partial[None]):
         """The job's run() has recorded how it ended: wake those waiting for it."""
         self._stopped.set()
 
-    def _wait_ended(self, timeout: float) -> bool:
+    def _leaving(self) -> bool:
+        """True while the run that started this job has not finished leaving run()."""
+        return self._owner and not self._stopped.is_set()
+
+    def _wait_ended(self, timeout: float | None) -> bool:
         """Block until the job's run() has recorded how it ended, at most ``timeout``
         seconds; True when it has."""
         return self._stopped.wait(timeout)

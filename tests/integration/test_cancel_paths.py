@@ -916,3 +916,43 @@ def test_cancel_racing_an_open_completion(db):
     assert outcome["cancel"] is False
     assert status is Status.COMPLETED
     assert read_row(db, job)["cancel_requested_at"] is None
+
+
+class SlowToLeave:
+    """A backend that takes its time to release a worker thread's hold on the database,
+    which a worker does after writing its end and before it has left ``run()``."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def release(self) -> None:
+        time.sleep(0.05)
+        self._inner.release()
+
+
+def test_wait_returns_only_once_the_local_worker_has_left_run(db):
+    """The worker writes its end (finished_at) and then leaves run(): the registry, the
+    watcher. wait() must return after both, or cancel-then-delete would start while
+    the worker is still inside run()."""
+    jobs = Jobs.from_backend(SlowToLeave(db.jobs()._backend), interval=INTERVAL)
+    for _ in range(5):
+        job = db.add()
+        entered = threading.Event()
+
+        def work(job: int = job, entered: threading.Event = entered) -> None:
+            with jobs.run(job) as cp:
+                entered.set()
+                for _ in range(30_000):  # bounded: ends by itself if the cancel is lost
+                    cp()
+                    time.sleep(0.001)
+
+        thread = start_thread(work)
+        assert entered.wait(30)
+        assert jobs.cancel(job) is True
+        assert jobs.wait(job, timeout=30) is Status.CANCELLED
+        assert jobs.active() == ()
+        thread.join(30)
+        assert not thread.is_alive()
