@@ -75,7 +75,6 @@ from sqlalchemy import Engine, event, func, insert, select
 from sqlalchemy.engine import make_url
 
 from dbcancel import Jobs, Status
-from dbcancel._sqla import channel_name  # to name the channel in the report only
 
 POLL_INTERVAL = 0.5
 """The checkpoint interval of the (g) rows."""
@@ -475,7 +474,7 @@ def raw_trial(db: Database, channel: str, child: Child, rng: random.Random, n: i
 def measure_notify(report: Report, db: Database, rng: random.Random) -> None:
     """(h): cancel latency through NOTIFY against the raw NOTIFY round trip, interleaved."""
     table_name = db.model.__tablename__
-    report.channel = channel_name(table_name)
+    report.channel = Jobs(db.engine, db.model)._backend.channel  # named in the report only
     raw_channel = f"dbcancel_bench_raw_{os.getpid()}"
     conninfo = make_url(db.url).set(drivername="postgresql").render_as_string(False)
     jobs = Jobs(db.engine, db.model, interval=NOTIFY_INTERVAL)
@@ -683,8 +682,9 @@ def render(report: Report) -> str:
 
     out += ["", "## (g) statements sent while N jobs run, per mode", ""]
     out.append(
-        f"`Jobs(engine, model, interval={POLL_INTERVAL:g})` (inline) or the same with "
-        f"`watch=True` (watcher); one thread per job calling `cp()` every {CALL_EVERY:g} s. "
+        f"`Jobs(engine, model, interval={POLL_INTERVAL:g}, watch=False)` (inline) or the "
+        f"same with `watch=True` (watcher); one thread per job calling `cp()` every "
+        f"{CALL_EVERY:g} s. "
         f"Counted over a {s.window:g} s window after a warm-up of {s.warmup:g} s, "
         "from the engine's `before_cursor_execute` events. Status queries = SELECTs on the "
         "job table + `UPDATE ... RETURNING` (the watcher's heartbeat, which returns the rows); "

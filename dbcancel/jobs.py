@@ -145,7 +145,7 @@ class Jobs(JobsWorker):
         *,
         interval: float = 0.5,
         clock: Callable[[], float] | None = None,
-        watch: bool = False,
+        watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> Self:
