@@ -44,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from importlib.metadata import version
@@ -225,29 +224,17 @@ def child_raw_main(argv: list[str]) -> int:
     For each payload read on stdin: mark ``started``, run 1 ms items until the listener
     thread has seen that payload, mark ``seen``.
     """
-    import psycopg
-    from psycopg import sql
+    from bench_core import RawListener
 
     conninfo, channel = argv
-    conn = psycopg.connect(conninfo, autocommit=True)
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-    seen = threading.Event()
-    wanted: list[str | None] = [None]
-
-    def listen() -> None:
-        for notify in conn.notifies():
-            if notify.payload == wanted[0]:
-                seen.set()
-
-    threading.Thread(target=listen, name="bench-raw-listener", daemon=True).start()
+    listener = RawListener(conninfo, channel)
     print("ready", flush=True)
     for line in sys.stdin:
         key = line.strip()
-        seen.clear()
-        wanted[0] = key
+        listener.expect(key)
         mark(f"started-{key}")
         try:
-            while not seen.is_set():
+            while not listener.seen.is_set():
                 busy_for(ITEM_SECONDS)
         finally:
             mark(f"seen-{key}")

@@ -243,6 +243,35 @@ def open_database(name: str, url: str, table: str) -> Iterator[Database]:
         engine.dispose()
 
 
+# -- the raw NOTIFY floor ----------------------------------------------------------------
+
+
+class RawListener:
+    """A psycopg connection LISTENing on ``channel`` in a daemon thread of its own: the
+    floor that dbcancel's NOTIFY latency is compared with (``bench_watch``,
+    ``bench_celery``). ``expect(payload)`` arms ``seen`` for the next such payload."""
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self._conn = psycopg.connect(conninfo, autocommit=True)
+        self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        self.seen = threading.Event()
+        self._wanted: str | None = None
+        threading.Thread(target=self._listen, name="bench-raw-listener", daemon=True).start()
+
+    def expect(self, payload: str) -> None:
+        """Clear ``seen``; set it again when ``payload`` arrives."""
+        self.seen.clear()
+        self._wanted = payload
+
+    def _listen(self) -> None:
+        for notify in self._conn.notifies():
+            if notify.payload == self._wanted:
+                self.seen.set()
+
+
 # -- work items -------------------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ from bench_core import (
     NO_POLL_INTERVAL,
     Child,
     Database,
+    RawListener,
     Timing,
     add_job,
     announce,
@@ -406,28 +407,14 @@ def child_raw_main(argv: list[str]) -> int:
     For each payload read on stdin: clear the event, print ``started``, run work items
     until the listener thread has seen that payload, print ``exited MONOTONIC``.
     """
-    import psycopg
-    from psycopg import sql
-
     conninfo, channel, work_n = argv[0], argv[1], int(argv[2])
-    conn = psycopg.connect(conninfo, autocommit=True)
-    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
-    seen = threading.Event()
-    wanted: list[str | None] = [None]
-
-    def listen() -> None:
-        for notify in conn.notifies():
-            if notify.payload == wanted[0]:
-                seen.set()
-
-    threading.Thread(target=listen, name="bench-raw-listener", daemon=True).start()
+    listener = RawListener(conninfo, channel)
     print("ready", flush=True)
     for line in sys.stdin:
-        seen.clear()
-        wanted[0] = line.strip()
+        listener.expect(line.strip())
         print("started", flush=True)
         try:
-            while not seen.is_set():
+            while not listener.seen.is_set():
                 busy(work_n)
         finally:
             exited = time.monotonic()
