@@ -9,9 +9,35 @@ is the test database the parent passed in the environment (see ``settings.child_
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from typing import Any
 
 from tests.contrib.django import settings as test_settings
+
+
+def start_db_worker(alias: str, **overrides: Any) -> subprocess.Popen[str]:
+    """``db_worker --batch`` in a child on the test database of ``alias`` (``overrides``
+    as for ``settings.child_env``): it runs every queued task, then exits; its output
+    (stdout and stderr) is piped."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.contrib.django.child",
+            "db_worker",
+            "--batch",
+            "--no-reload",
+            "--no-startup-delay",
+            "--interval=0.05",
+            "--verbosity=2",
+        ],
+        cwd=test_settings.ROOT,
+        env=test_settings.child_env(alias, **overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def main(argv: list[str]) -> int:

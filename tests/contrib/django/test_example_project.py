@@ -21,6 +21,7 @@ import dbcancel
 from dbcancel import Status
 
 from . import settings as test_settings
+from .child import start_db_worker
 from .conftest import JOIN_TIMEOUT
 from .routers import OneDatabase
 
@@ -209,24 +210,8 @@ def test_analyses_run_as_django_tasks_and_delete_stops_them(alias, client, setti
     and the delete view cancels it, waits for the worker to stop it, and deletes."""
     settings.ANALYSIS_RUNNER = "tasks"
     pk = start(client)
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.contrib.django.child",
-            "db_worker",
-            "--batch",
-            "--no-reload",
-            "--no-startup-delay",
-            "--interval=0.05",
-        ],
-        cwd=test_settings.ROOT,
-        env=test_settings.child_env(
-            alias, ANALYSIS_ROOT=str(settings.ANALYSIS_ROOT), ANALYSIS_FILE_DELAY=0.02
-        ),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    worker = start_db_worker(
+        alias, ANALYSIS_ROOT=str(settings.ANALYSIS_ROOT), ANALYSIS_FILE_DELAY=0.02
     )
     try:
         deadline = time.monotonic() + JOIN_TIMEOUT

@@ -27,7 +27,7 @@ from dbcancel.contrib.django.tasks import (
     JobNotRunnable,
 )
 
-from . import settings as test_settings
+from .child import start_db_worker
 from .conftest import JOIN_TIMEOUT
 from .routers import OneDatabase
 from .testapp import tasks
@@ -52,24 +52,7 @@ def routed(alias: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def worker(alias: str) -> subprocess.Popen[str]:
     """``db_worker --batch`` on the test database of ``alias``: it runs every queued task,
     then exits."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.contrib.django.child",
-            "db_worker",
-            "--batch",
-            "--no-reload",
-            "--no-startup-delay",
-            "--interval=0.05",
-            "--verbosity=2",
-        ],
-        cwd=test_settings.ROOT,
-        env=test_settings.child_env(alias),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return start_db_worker(alias)
 
 
 def finished(proc: subprocess.Popen[str]) -> str:
