@@ -4,19 +4,19 @@ A job's row holds its status; cancelling it is one conditional UPDATE that every
 every machine can see. Workers call a cheap checkpoint per item, which re-reads the row at
 most once per interval and is flipped at once by a cancel issued in the same process.
 
-::
+```python
+from dbcancel import Jobs
 
-    from dbcancel import Jobs
+jobs = Jobs(engine, Analysis, interval=0.5)
 
-    jobs = Jobs(engine, Analysis, interval=0.5)
-
-    with jobs.run(analysis_id) as cp:        # worker: pending -> in_progress
-        for path in files:
-            cp()                             # raises Cancelled once cancelled
-            process(path)
-                                             # exit: completed, or stays cancelled
-    jobs.cancel(analysis_id)                 # from any thread or process
-    jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
+with jobs.run(analysis_id) as cp:        # worker: pending -> in_progress
+    for path in files:
+        cp()                             # raises Cancelled once cancelled
+        process(path)
+                                         # exit: completed, or stays cancelled
+jobs.cancel(analysis_id)                 # from any thread or process
+jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
+```
 """
 
 import logging

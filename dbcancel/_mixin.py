@@ -137,11 +137,11 @@ def _add_status_check(column: Column[Any], table: Table) -> None:
 class CancellableMixin:
     """Adds the columns of a cancellable job to a declarative model.
 
-    ::
-
-        class Analysis(CancellableMixin, Base):
-            __tablename__ = "analysis"
-            id: Mapped[int] = mapped_column(primary_key=True)
+    ```python
+    class Analysis(CancellableMixin, Base):
+        __tablename__ = "analysis"
+        id: Mapped[int] = mapped_column(primary_key=True)
+    ```
 
     Columns: ``status`` (not null, default ``pending``, indexed, with a CHECK constraint
     named ``ck_<table>_status``), ``cancel_requested_at``, ``cancel_reason``,

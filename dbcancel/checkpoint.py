@@ -154,12 +154,12 @@ class CallbackHandle:
 class Checkpoint(functools.partial[None]):
     """The cancellation check of one running job; obtained from ``jobs.run(job_id)``.
 
-    ::
-
-        with jobs.run(analysis_id) as cp:
-            for path in files:
-                cp()              # raises Cancelled once the job is cancelled
-                process(path)
+    ```python
+    with jobs.run(analysis_id) as cp:
+        for path in files:
+            cp()              # raises Cancelled once the job is cancelled
+            process(path)
+    ```
 
     Calling it raises :class:`Cancelled` once the job is cancelled, and re-reads the row
     when a poll is due (at most once per ``interval`` of the clock). Thread-safe: any
@@ -551,12 +551,14 @@ def current() -> Checkpoint | None:
 def checkpoint() -> None:
     """Check the job running in the current context; a no-op outside any job.
 
-    Deep code can stop a cancelled job without a checkpoint passed down to it::
+    Deep code can stop a cancelled job without a checkpoint passed down to it:
 
-        def decode(path):
-            for chunk in read_chunks(path):
-                dbcancel.checkpoint()
-                ...
+    ```python
+    def decode(path):
+        for chunk in read_chunks(path):
+            dbcancel.checkpoint()
+            ...
+    ```
     """
     stack = _current.get()
     if stack:

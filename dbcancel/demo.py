@@ -2,11 +2,13 @@
 
 Several upload sessions each hold a few synthetic video clips on disk; one analysis job per
 session walks its clips frame by frame in a thread, calling its checkpoint per frame.
-Midway, the user deletes one session the proper way::
+Midway, the user deletes one session the proper way:
 
-    jobs.cancel(job_id, reason="session deleted")   # durable once it returns
-    jobs.wait(job_id, timeout=10)                   # the worker has really stopped
-    delete_files(...); delete_rows(...)             # only now
+```python
+jobs.cancel(job_id, reason="session deleted")   # durable once it returns
+jobs.wait(job_id, timeout=10)                   # the worker has really stopped
+delete_files(...); delete_rows(...)             # only now
+```
 
 The others finish. The demo then proves what matters: the deleted session's worker opened
 no file and read no frame after the delete began, its job ended ``cancelled`` (never

@@ -88,15 +88,15 @@ class JobsStats:
 class Jobs(JobsWorker):
     """Cancel, run and wait for the jobs of one table.
 
-    ::
+    ```python
+    jobs = Jobs(engine, Analysis, interval=0.5)
+    with jobs.run(analysis_id) as cp:     # in the worker
+        for path in files:
+            cp()
+            process(path)
 
-        jobs = Jobs(engine, Analysis, interval=0.5)
-        with jobs.run(analysis_id) as cp:     # in the worker
-            for path in files:
-                cp()
-                process(path)
-
-        jobs.cancel(analysis_id, where={"user_id": uid})   # anywhere, any process
+    jobs.cancel(analysis_id, where={"user_id": uid})   # anywhere, any process
+    ```
 
     ``bind`` is an Engine or a sessionmaker bound to one; ``model`` a mapped class using
     :class:`dbcancel.CancellableMixin` (or a Table with the same columns). ``interval`` is
@@ -151,9 +151,9 @@ class Jobs(JobsWorker):
     ) -> Self:
         """A ``Jobs`` on ``backend``, an implementation of :class:`dbcancel.backend.Backend`.
 
-        ::
-
-            jobs = Jobs.from_backend(MyBackend(connection_factory, "analysis"))
+        ```python
+        jobs = Jobs.from_backend(MyBackend(connection_factory, "analysis"))
+        ```
 
         For an ORM or driver dbcancel does not ship a backend for; the options are those
         of :class:`Jobs`, and every method works as it does there. ``Jobs(engine,

@@ -156,11 +156,11 @@ async def _raise_if_cancelled(ws: ClientConnection, cp: Checkpoint) -> None:
 async def receive(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[str | bytes]:
     """Yield the messages of ``ws`` until the connection ends or ``cp``'s job is cancelled.
 
-    ::
-
-        async with connect(uri) as ws:
-            async for message in dbcancel.media.receive(ws, cp):
-                handle(message)
+    ```python
+    async with connect(uri) as ws:
+        async for message in dbcancel.media.receive(ws, cp):
+            handle(message)
+    ```
 
     A cancellation is noticed while waiting for a message, however silent the peer: the
     connection is closed with code 1001, reason ``"cancelled"``, and
@@ -206,11 +206,11 @@ async def _frames(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncGenera
 class MediaAnalysisService:
     """A client of a WebSocket analysis server: one connection per analysis.
 
-    ::
-
-        service = MediaAnalysisService("ws://127.0.0.1:8765", token=api_token)
-        async with jobs.run(analysis_id) as cp:
-            results = await service.analyze(frames, view="front", checkpoint=cp)
+    ```python
+    service = MediaAnalysisService("ws://127.0.0.1:8765", token=api_token)
+    async with jobs.run(analysis_id) as cp:
+        results = await service.analyze(frames, view="front", checkpoint=cp)
+    ```
 
     The protocol: the ``token`` goes in an ``Authorization: Bearer`` header; the first
     message is ``{"type": "start", "view": ..., "job": ...}`` (JSON text); each frame is

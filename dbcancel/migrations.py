@@ -1,15 +1,15 @@
 """Alembic helpers that make an existing job table cancellable, and undo it.
 
-::
+```python
+# versions/xxxx_cancellable_analyses.py
+import dbcancel.migrations  # registers op.add_cancellation / op.drop_cancellation
 
-    # versions/xxxx_cancellable_analyses.py
-    import dbcancel.migrations  # registers op.add_cancellation / op.drop_cancellation
+def upgrade():
+    op.add_cancellation("analysis")
 
-    def upgrade():
-        op.add_cancellation("analysis")
-
-    def downgrade():
-        op.drop_cancellation("analysis")
+def downgrade():
+    op.drop_cancellation("analysis")
+```
 
 ``add_cancellation`` gives the table what :class:`dbcancel.CancellableMixin` declares, so
 that the upgraded table equals ``metadata.create_all()`` of the model with the mixin: the

@@ -1,23 +1,23 @@
 """Celery integration: tasks whose first argument is a job id and whose body gets its checkpoint.
 
-::
+```python
+from celery import Celery
+from sqlalchemy import create_engine
+from dbcancel.contrib.celery import CeleryJobs
 
-    from celery import Celery
-    from sqlalchemy import create_engine
-    from dbcancel.contrib.celery import CeleryJobs
+app = Celery("proj", broker="amqp://...", backend="redis://...")
+engine = create_engine(DATABASE_URL)
+cancellable = CeleryJobs(app, engine, Analysis, interval=0.5)
 
-    app = Celery("proj", broker="amqp://...", backend="redis://...")
-    engine = create_engine(DATABASE_URL)
-    cancellable = CeleryJobs(app, engine, Analysis, interval=0.5)
+@cancellable.task(autoretry_for=(ConnectionError,))
+def analyse(cp, job_id, path):              # runs inside jobs.run(job_id)
+    for chunk in read(path):
+        cp()                                # raises Cancelled once cancelled
+        process(chunk)
 
-    @cancellable.task(autoretry_for=(ConnectionError,))
-    def analyse(cp, job_id, path):              # runs inside jobs.run(job_id)
-        for chunk in read(path):
-            cp()                                # raises Cancelled once cancelled
-            process(chunk)
-
-    analyse.delay(job_id, "/data/a.bin")        # the job id first, then your arguments
-    cancellable.jobs.cancel(job_id, reason="user deleted it")   # anywhere
+analyse.delay(job_id, "/data/a.bin")        # the job id first, then your arguments
+cancellable.jobs.cancel(job_id, reason="user deleted it")   # anywhere
+```
 
 Building a :class:`CeleryJobs` connects its Celery signal handlers (once per instance,
 whatever the number of tasks): ``worker_process_init`` disposes of the engine that a

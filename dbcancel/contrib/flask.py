@@ -1,35 +1,35 @@
 """Flask integration: ``DBCancel``, background jobs in the app context, ``flask dbcancel``.
 
-::
+```python
+from flask import Flask, request
+from flask_sqlalchemy import SQLAlchemy
+from dbcancel.contrib.flask import DBCancel
 
-    from flask import Flask, request
-    from flask_sqlalchemy import SQLAlchemy
-    from dbcancel.contrib.flask import DBCancel
+db = SQLAlchemy(model_class=Base)
+cancel = DBCancel(db=db, model=Analysis)        # or DBCancel(engine=engine, model=...)
 
-    db = SQLAlchemy(model_class=Base)
-    cancel = DBCancel(db=db, model=Analysis)        # or DBCancel(engine=engine, model=...)
+def create_app():
+    app = Flask(__name__)
+    db.init_app(app)
+    cancel.init_app(app)
+    return app
 
-    def create_app():
-        app = Flask(__name__)
-        db.init_app(app)
-        cancel.init_app(app)
-        return app
+def analyze(cp, session_id):                     # runs in a thread, in the app context
+    for path in files_of(session_id):
+        cp()                                     # raises Cancelled once cancelled
+        process(path)
 
-    def analyze(cp, session_id):                     # runs in a thread, in the app context
-        for path in files_of(session_id):
-            cp()                                     # raises Cancelled once cancelled
-            process(path)
+@app.post("/analysis/<int:analysis_id>/start")
+def start(analysis_id):
+    cancel.submit(analysis_id, analyze, request.json["session_id"])
+    return "", 202
 
-    @app.post("/analysis/<int:analysis_id>/start")
-    def start(analysis_id):
-        cancel.submit(analysis_id, analyze, request.json["session_id"])
-        return "", 202
-
-    @app.delete("/analysis/<int:analysis_id>")
-    def stop(analysis_id):
-        cancel.jobs.cancel(analysis_id, where={"user_id": current_user_id()})
-        cancel.jobs.wait(analysis_id, timeout=10)    # its worker has stopped
-        ...
+@app.delete("/analysis/<int:analysis_id>")
+def stop(analysis_id):
+    cancel.jobs.cancel(analysis_id, where={"user_id": current_user_id()})
+    cancel.jobs.wait(analysis_id, timeout=10)    # its worker has stopped
+    ...
+```
 
 Flask-SQLAlchemy's ``db.engine`` exists only once the app is set up, so each app's
 :class:`dbcancel.Jobs` is built on first use and kept in ``app.extensions["dbcancel"]``

@@ -1,14 +1,14 @@
 """The admin action "Cancel selected jobs", for the ModelAdmin of any job model.
 
-::
+```python
+from django.contrib import admin
+from dbcancel.contrib.django.admin import cancel_selected_jobs
 
-    from django.contrib import admin
-    from dbcancel.contrib.django.admin import cancel_selected_jobs
-
-    @admin.register(Analysis)
-    class AnalysisAdmin(admin.ModelAdmin):
-        list_display = ["id", "status", "started_at", "finished_at"]
-        actions = [cancel_selected_jobs]
+@admin.register(Analysis)
+class AnalysisAdmin(admin.ModelAdmin):
+    list_display = ["id", "status", "started_at", "finished_at"]
+    actions = [cancel_selected_jobs]
+```
 
 Nothing is registered with the admin site by this module.
 """

@@ -18,16 +18,16 @@ __all__ = ["DjangoJobs"]
 class DjangoJobs(Jobs):
     """Cancel, run and wait for the jobs of one Django model; the methods of :class:`Jobs`.
 
-    ::
+    ```python
+    jobs = DjangoJobs(Analysis, interval=0.5)          # using="default"
+    with jobs.run(analysis.pk) as cp:                   # in the worker
+        for path in files:
+            cp()
+            process(path)
 
-        jobs = DjangoJobs(Analysis, interval=0.5)          # using="default"
-        with jobs.run(analysis.pk) as cp:                   # in the worker
-            for path in files:
-                cp()
-                process(path)
-
-        jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
-        jobs.wait(analysis.pk, timeout=10)
+    jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
+    jobs.wait(analysis.pk, timeout=10)
+    ```
 
     ``model`` is a concrete subclass of
     :class:`~dbcancel.contrib.django.models.CancellableModel` (or any model with its

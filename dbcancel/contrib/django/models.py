@@ -1,12 +1,12 @@
 """``CancellableModel``: the columns of a cancellable job as an abstract Django model.
 
-::
+```python
+from dbcancel.contrib.django.models import CancellableModel
 
-    from dbcancel.contrib.django.models import CancellableModel
-
-    class Analysis(CancellableModel):
-        user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
-        session_key = models.CharField(max_length=40, db_index=True)
+class Analysis(CancellableModel):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    session_key = models.CharField(max_length=40, db_index=True)
+```
 
 The fields and the CHECK constraint are those of :class:`dbcancel.CancellableMixin`, so a
 table made by either ORM works with both. Change ``status`` only through
@@ -49,10 +49,12 @@ def status_check_constraint(name: str, field: str = "status") -> models.CheckCon
 
     :class:`CancellableModel` adds it for you, named ``ck_<db_table>_status``. Use this
     for a job model that declares the fields itself (and lists it in
-    ``settings.DBCANCEL_MODELS``)::
+    ``settings.DBCANCEL_MODELS``):
 
-        class Meta:
-            constraints = [status_check_constraint("ck_legacy_jobs_status")]
+    ```python
+    class Meta:
+        constraints = [status_check_constraint("ck_legacy_jobs_status")]
+    ```
 
     Works on every supported Django (``check=`` became ``condition=`` in Django 5.1), so
     migrations that call it load on both.

@@ -1,21 +1,21 @@
 """Django Tasks integration: tasks whose first argument is a job id and whose body gets its
 checkpoint.
 
-::
+```python
+# analyses/tasks.py
+from dbcancel.contrib.django.tasks import DjangoTaskJobs
 
-    # analyses/tasks.py
-    from dbcancel.contrib.django.tasks import DjangoTaskJobs
+cancellable = DjangoTaskJobs("analyses.Analysis", interval=0.5)
 
-    cancellable = DjangoTaskJobs("analyses.Analysis", interval=0.5)
+@cancellable.task(queue_name="default")
+def analyse(cp, job_id, folder):            # runs inside jobs.run(job_id)
+    for path in walk(folder):
+        cp()                                # raises Cancelled once cancelled
+        process(path)
 
-    @cancellable.task(queue_name="default")
-    def analyse(cp, job_id, folder):            # runs inside jobs.run(job_id)
-        for path in walk(folder):
-            cp()                                # raises Cancelled once cancelled
-            process(path)
-
-    analyse.enqueue(analysis.pk, "/data/a")     # the job id first, then your arguments
-    cancellable.jobs.cancel(analysis.pk, reason="user deleted it")   # anywhere
+analyse.enqueue(analysis.pk, "/data/a")     # the job id first, then your arguments
+cancellable.jobs.cancel(analysis.pk, reason="user deleted it")   # anywhere
+```
 
 Works with ``django.tasks`` (Django 6 and newer) and with the ``django-tasks`` backport
 (Django 5.2): the task is the framework's own ``Task``, sent by any backend, run by any

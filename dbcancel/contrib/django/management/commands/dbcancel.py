@@ -1,11 +1,11 @@
 """``manage.py dbcancel list|status|cancel|reap``: look at, cancel and reap jobs from a shell.
 
-::
-
-    manage.py dbcancel list [--all | --status S]
-    manage.py dbcancel status 42
-    manage.py dbcancel cancel 42 --reason "session deleted"
-    manage.py dbcancel reap --stale-after 60
+```text
+manage.py dbcancel list [--all | --status S]
+manage.py dbcancel status 42
+manage.py dbcancel cancel 42 --reason "session deleted"
+manage.py dbcancel reap --stale-after 60
+```
 
 ``--model app_label.ModelName`` names the job model (default: the setting
 ``DBCANCEL_DEFAULT_MODEL``, else the only job model installed); ``--database`` the
