@@ -54,13 +54,13 @@ __all__ = [
 
 try:
     __version__: str = version("dbcancel")
-    """The installed distribution's version; ``setup.cfg`` is its one source."""
+    """The installed distribution's version; `setup.cfg` is its one source."""
 except PackageNotFoundError:  # pragma: no cover - imported from a source tree, not installed
     __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
-    # The SQLAlchemy mixin is imported when it is asked for: ``import dbcancel`` imports
+    # The SQLAlchemy mixin is imported when it is asked for: `import dbcancel` imports
     # no ORM, so a Django project needs no SQLAlchemy.
     if name == "CancellableMixin":
         from ._mixin import CancellableMixin

@@ -8,7 +8,7 @@ __all__ = ["FakeClock", "close_watchers"]
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told to; pass it as ``Jobs(clock=...)``.
+    """A monotonic clock that moves only when told to; pass it as `Jobs(clock=...)`.
 
     ```python
     clock = FakeClock()
@@ -27,7 +27,7 @@ class FakeClock:
         return self._now
 
     def advance(self, seconds: float) -> float:
-        """Move the clock forward by ``seconds`` (>= 0) and return the new reading."""
+        """Move the clock forward by `seconds` (>= 0) and return the new reading."""
         if not seconds >= 0:
             raise ValueError(f"a monotonic clock cannot go back: advance({seconds!r})")
         with self._lock:
@@ -50,8 +50,8 @@ def close_watchers(timeout: float = 10.0) -> None:
         dbcancel.testing.close_watchers()
     ```
 
-    The next watched job reopens them. Raises :class:`TimeoutError` when a watcher still
-    has running jobs, or has not closed them within ``timeout`` seconds.
+    The next watched job reopens them. Raises `TimeoutError` when a watcher still
+    has running jobs, or has not closed them within `timeout` seconds.
     """
     from ._watcher import close_idle_watchers
 

@@ -1,4 +1,4 @@
-"""dbcancel for Django: add ``"dbcancel.contrib.django"`` to ``INSTALLED_APPS``.
+"""dbcancel for Django: add `"dbcancel.contrib.django"` to `INSTALLED_APPS`.
 
 ```python
 # models.py
@@ -18,10 +18,11 @@ with jobs.run(analysis.pk) as cp:          # in the worker thread or process
 jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
 ```
 
-The app (label ``dbcancel``) registers the system checks for job models and ships the
-``dbcancel`` management command and the admin action :func:`~.admin.cancel_selected_jobs`.
-``DjangoJobs`` is imported lazily, so importing this package does not import the ORM
-before the app registry is ready.
+The app (label `dbcancel`) registers the system checks for job models and ships the
+`dbcancel` management command and the admin action
+[`cancel_selected_jobs`][dbcancel.contrib.django.admin.cancel_selected_jobs]. `DjangoJobs`
+is imported lazily, so importing this package does not import the ORM before the app
+registry is ready.
 """
 
 from __future__ import annotations

@@ -29,12 +29,14 @@ __all__ = ["cancel_selected_jobs"]
 
 
 def cancel_selected_jobs(modeladmin: Any, request: Any, queryset: Any) -> None:
-    """Cancel every selected job with :meth:`DjangoJobs.cancel`, one conditional update each.
+    """Cancel every selected job with
+    [`DjangoJobs.cancel`][dbcancel.contrib.django.jobs.DjangoJobs.cancel], one conditional
+    update each.
 
     Pending and running jobs become cancelled (a running worker stops at its next
     checkpoint); completed and failed ones are left as they are. The reason recorded is
     "cancelled in the admin by <username>". Needs the change permission; reports the
-    counts with ``message_user``.
+    counts with `message_user`.
     """
     jobs = DjangoJobs(queryset.model, using=queryset.db)
     user = getattr(request, "user", None)
