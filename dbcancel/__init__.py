@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound, JobNotRunnable
 from .jobs import JobRun, Jobs, JobsStats
-from .models import TERMINAL, TRANSITIONS, Status
+from .models import TERMINAL, TRANSITIONS, JobId, Status
 from .registry import ActiveJob
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "DbcancelError",
     "InvalidTransition",
+    "JobId",
     "JobNotFound",
     "JobNotRunnable",
     "JobRun",

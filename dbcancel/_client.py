@@ -15,7 +15,7 @@ from typing import Any
 
 from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
 from .errors import JobNotFound
-from .models import Status
+from .models import JobId, Status
 from .registry import registry
 
 __all__ = ["JobsClient", "check_seconds"]
@@ -48,7 +48,7 @@ class JobsClient:
     # -- requesting -------------------------------------------------------------------
 
     def cancel(
-        self, job_id: Any, *, reason: str | None = None, where: Mapping[str, Any] | None = None
+        self, job_id: JobId, *, reason: str | None = None, where: Mapping[str, Any] | None = None
     ) -> bool:
         """Cancel a pending or running job; durable when this returns.
 
@@ -99,12 +99,12 @@ class JobsClient:
                     entry.checkpoint._observe(None if row is None else row.cancel_reason)
         return count
 
-    def status(self, job_id: Any) -> Status:
+    def status(self, job_id: JobId) -> Status:
         """The job's current status, read from the database."""
         self._backend.check_id(job_id)
         return self._read(job_id).status
 
-    def wait(self, job_id: Any, timeout: float | None = None) -> Status:
+    def wait(self, job_id: JobId, timeout: float | None = None) -> Status:
         """Block until the job has stopped (`finished_at` set); return its final status.
 
         Raises `TimeoutError` when `timeout` seconds pass first and

@@ -30,7 +30,7 @@ from .backend import (
 )
 from .checkpoint import Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition
-from .models import Status
+from .models import JobId, Status
 from .registry import ActiveJob, registry
 
 __all__ = ["JobRun", "JobsWorker"]
@@ -50,7 +50,7 @@ class JobsWorker(JobsClient):
 
     # -- running ----------------------------------------------------------------------
 
-    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
+    def run(self, job_id: JobId, *, where: Mapping[str, Any] | None = None) -> JobRun:
         """Run a job: a context manager (`with` or `async with`) yielding its Checkpoint.
 
         On enter: pending → in_progress. A job already cancelled yields a checkpoint

@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 from ._health import Health
 from .errors import Cancelled
-from .models import Status
+from .models import JobId, Status
 
 __all__ = ["CallbackHandle", "Checkpoint", "checkpoint", "current"]
 
@@ -196,7 +196,7 @@ class Checkpoint(functools.partial[None]):
         "job_id",
     )
 
-    job_id: Any
+    job_id: JobId
     """The id of the job this checkpoint watches."""
     _callbacks: list[CallbackHandle] | None
     _calling: tuple[threading.Thread, threading.Event] | None
@@ -223,7 +223,7 @@ class Checkpoint(functools.partial[None]):
     def __new__(
         cls,
         source: _Source,
-        job_id: Any,
+        job_id: JobId,
         *,
         interval: float,
         clock: Callable[[], float],

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .models import JobId
+
 __all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound", "JobNotRunnable"]
 
 
@@ -22,7 +24,7 @@ class Cancelled(BaseException):
     needs to catch it.
     """
 
-    def __init__(self, job_id: Any, reason: str | None = None) -> None:
+    def __init__(self, job_id: JobId, reason: str | None = None) -> None:
         self.job_id = job_id
         self.reason = reason
         text = f"job {job_id!r} was cancelled"
@@ -45,7 +47,7 @@ class JobNotFound(DbcancelError, LookupError):
     so that callers cannot probe for other users' jobs.
     """
 
-    def __init__(self, model: str, job_id: Any, where: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: str, job_id: JobId, where: dict[str, Any] | None = None) -> None:
         self.model = model
         self.job_id = job_id
         self.where = dict(where) if where else None
@@ -65,7 +67,7 @@ class InvalidTransition(DbcancelError):
     status that was asked for.
     """
 
-    def __init__(self, model: str, job_id: Any, current: str, wanted: str) -> None:
+    def __init__(self, model: str, job_id: JobId, current: str, wanted: str) -> None:
         self.model = model
         self.job_id = job_id
         self.current = current
@@ -89,7 +91,7 @@ class JobNotRunnable(DbcancelError):
     status, `job_id` the job's id and `model` the name of the job model.
     """
 
-    def __init__(self, model: str, job_id: Any, status: str) -> None:
+    def __init__(self, model: str, job_id: JobId, status: str) -> None:
         self.model = model
         self.job_id = job_id
         self.status = status

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from ._aio import watching
 from .checkpoint import Checkpoint, current
 from .errors import DbcancelError
+from .models import JobId
 
 try:
     from websockets.asyncio.client import ClientConnection, connect
@@ -76,7 +77,7 @@ class MediaError(DbcancelError):
     marked failed with this text.
     """
 
-    def __init__(self, job_id: Any, uri: str, problem: str) -> None:
+    def __init__(self, job_id: JobId, uri: str, problem: str) -> None:
         self.job_id = job_id
         self.uri = uri
         self.problem = problem

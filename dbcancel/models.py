@@ -12,8 +12,8 @@ project never imports SQLAlchemy through this module.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from ._mixin import CancellableMixin, StatusType, UTCDateTime, worker_table
@@ -25,6 +25,7 @@ __all__ = [
     "WORKER_ID_LENGTH",
     "WORKER_TABLE",
     "CancellableMixin",
+    "JobId",
     "Status",
     "StatusType",
     "UTCDateTime",
@@ -33,6 +34,16 @@ __all__ = [
     "status_check_sql",
     "worker_table",
 ]
+
+
+JobId: TypeAlias = Hashable
+"""A job's id: the value of its row's primary key.
+
+Of the key column's Python type: an `int` for an integer key, a `str`, a `uuid.UUID`.
+None, a bool, or a value of another type than the column's raises `TypeError` before any
+query is sent. Ids are dictionary keys (of the jobs running in a process), hence
+`Hashable`.
+"""
 
 
 class Status(enum.StrEnum):

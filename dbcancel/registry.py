@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .models import JobId
 
 __all__ = ["ActiveJob"]
 
@@ -24,7 +25,7 @@ __all__ = ["ActiveJob"]
 class ActiveJob:
     """A job running in this process, as listed by `jobs.active()`."""
 
-    job_id: Any
+    job_id: JobId
     """The job's id."""
     checkpoint: Checkpoint = field(repr=False)
     """The job's checkpoint (`.cancelled`, `.reason`, `.on_cancel`)."""

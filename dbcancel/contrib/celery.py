@@ -72,7 +72,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from sqlalchemy import Engine
 
-from dbcancel import Checkpoint, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel import Checkpoint, InvalidTransition, JobId, JobNotFound, Jobs, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel.errors import JobNotRunnable
 
@@ -114,12 +114,12 @@ class CancellableTask(Protocol, Generic[P, R]):
     name: str
     """The task's registered name."""
 
-    def __call__(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task here, now, as Celery does for a direct call; a job that is not
         pending, or is cancelled meanwhile, raises `celery.exceptions.Ignore`."""
         ...
 
-    def delay(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def delay(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Send the task for job `job_id`; returns Celery's `AsyncResult`."""
         ...
 

@@ -82,7 +82,7 @@ from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
 from dbcancel.errors import InvalidTransition, JobNotFound
 from dbcancel.jobs import Jobs, check_options
-from dbcancel.models import REQUIRED_COLUMNS, Status
+from dbcancel.models import REQUIRED_COLUMNS, JobId, Status
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -195,7 +195,7 @@ class DBCancel:
         return state
 
     def submit(
-        self, job_id: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+        self, job_id: JobId, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> threading.Thread:
         """Run `fn(cp, *args, **kwargs)` in a new daemon thread and return the thread.
 

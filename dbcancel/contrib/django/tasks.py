@@ -69,7 +69,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Status
+from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobId, JobNotFound, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel.errors import JobNotRunnable
 
@@ -109,7 +109,7 @@ class JobCancelled(DbcancelError):
     None).
     """
 
-    def __init__(self, model: str, job_id: Any, reason: str | None = None) -> None:
+    def __init__(self, model: str, job_id: JobId, reason: str | None = None) -> None:
         self.model = model
         self.job_id = job_id
         self.reason = reason
@@ -139,15 +139,15 @@ class CancellableTask(Protocol, Generic[P, R]):
         """The dotted path a worker imports the task by."""
         ...
 
-    def enqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    def enqueue(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Queue the task for job `job_id`; returns the backend's `TaskResult`."""
         ...
 
-    async def aenqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+    async def aenqueue(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
         """[`enqueue`][dbcancel.contrib.django.tasks.CancellableTask.enqueue] for async code."""
         ...
 
-    def call(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def call(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task here, now, as a worker does (a job that is not pending raises)."""
         ...
 
