@@ -7,7 +7,7 @@ from django.apps import AppConfig
 
 class DbcancelConfig(AppConfig):  # type: ignore[misc]
     """Registers dbcancel's system checks, and owns the worker table
-    (`Worker`) and its migration."""
+    ([`Worker`][dbcancel.contrib.django.models.Worker]) and its migration."""
 
     name = "dbcancel.contrib.django"
     label = "dbcancel"

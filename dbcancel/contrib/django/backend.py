@@ -357,8 +357,9 @@ class DjangoBackend:
         self._write(lambda: int(qs.update(**updates)))
 
     def beat_worker(self, worker_id: str) -> None:
-        """Stamp this process's `Worker` row with the database's clock; insert it
-        if it is missing. One committed UPDATE while the row exists."""
+        """Stamp this process's [`Worker`][dbcancel.contrib.django.models.Worker] row with
+        the database's clock; insert it if it is missing. One committed UPDATE while the
+        row exists."""
         workers = Worker.objects.using(self.alias)
 
         def beat() -> None:
@@ -382,9 +383,10 @@ class DjangoBackend:
         """Stop the jobs whose worker has not beaten for `stale_after` seconds.
 
         ONE UPDATE of the rows not yet stopped, `in_progress` or `cancelled`, whose
-        `Worker` row is missing or older than that on the database's clock
-        (rows without a worker: whose `heartbeat_at`, or `started_at`, is): each
-        gets `finished_at`; those in progress also become `failed` with `error`.
+        [`Worker`][dbcancel.contrib.django.models.Worker] row is missing or older than that
+        on the database's clock (rows without a worker: whose `heartbeat_at`, or
+        `started_at`, is): each gets `finished_at`; those in progress also become `failed`
+        with `error`.
         Then, in the same transaction, the worker rows that stale and named by no
         unfinished job of this table are deleted.
         """

@@ -46,7 +46,7 @@ class DjangoJobs(Jobs):
     fields (`user`, `user_id`). Timestamps are `django.utils.timezone.now()`: aware
     UTC under `USE_TZ = True` (Django's default), as the SQLAlchemy side writes them.
     Liveness works as for [`Jobs`][dbcancel.Jobs]: each worker process beats its row of the
-    `Worker` table every `heartbeat` seconds
+    [`Worker`][dbcancel.contrib.django.models.Worker] table every `heartbeat` seconds
     while it runs jobs (the app's migration creates that table), on the database's
     clock, and `reap()` stops the jobs of processes that stopped beating.
 

@@ -110,7 +110,7 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     """The text of the exception that failed the job."""
     worker_id = models.CharField(max_length=WORKER_ID_LENGTH, null=True, blank=True, editable=False)
     """The process running (or that ran) the job, `host:pid:token`: its
-    `Worker` row says whether it is still alive."""
+    [`Worker`][dbcancel.contrib.django.models.Worker] row says whether it is still alive."""
 
     class Meta:
         """Abstract; carries the status CHECK constraint to every concrete subclass."""
