@@ -35,7 +35,7 @@ def cancel_selected_jobs(modeladmin: Any, request: Any, queryset: Any) -> None:
 
     Pending and running jobs become cancelled (a running worker stops at its next
     checkpoint); completed and failed ones are left as they are. The reason recorded is
-    "cancelled in the admin by <username>". Needs the change permission; reports the
+    `"cancelled in the admin by <username>"`. Needs the change permission; reports the
     counts with `message_user`.
     """
     jobs = DjangoJobs(queryset.model, using=queryset.db)
