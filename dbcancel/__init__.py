@@ -4,19 +4,19 @@ A job's row holds its status; cancelling it is one conditional UPDATE that every
 every machine can see. Workers call a cheap checkpoint per item, which re-reads the row at
 most once per interval and is flipped at once by a cancel issued in the same process.
 
-::
+```python
+from dbcancel import Jobs
 
-    from dbcancel import Jobs
+jobs = Jobs(engine, Analysis, interval=0.5)
 
-    jobs = Jobs(engine, Analysis, interval=0.5)
-
-    with jobs.run(analysis_id) as cp:        # worker: pending -> in_progress
-        for path in files:
-            cp()                             # raises Cancelled once cancelled
-            process(path)
-                                             # exit: completed, or stays cancelled
-    jobs.cancel(analysis_id)                 # from any thread or process
-    jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
+with jobs.run(analysis_id) as cp:        # worker: pending -> in_progress
+    for path in files:
+        cp()                             # raises Cancelled once cancelled
+        process(path)
+                                         # exit: completed, or stays cancelled
+jobs.cancel(analysis_id)                 # from any thread or process
+jobs.wait(analysis_id, timeout=10)       # until the worker has really stopped
+```
 """
 
 import logging
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound, JobNotRunnable
 from .jobs import JobRun, Jobs, JobsStats
-from .models import TERMINAL, TRANSITIONS, Status
+from .models import TERMINAL, TRANSITIONS, JobId, Status
 from .registry import ActiveJob
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "DbcancelError",
     "InvalidTransition",
+    "JobId",
     "JobNotFound",
     "JobNotRunnable",
     "JobRun",
@@ -54,13 +55,13 @@ __all__ = [
 
 try:
     __version__: str = version("dbcancel")
-    """The installed distribution's version; ``setup.cfg`` is its one source."""
+    """The installed distribution's version; `setup.cfg` is its one source."""
 except PackageNotFoundError:  # pragma: no cover - imported from a source tree, not installed
     __version__ = "0+unknown"
 
 
 def __getattr__(name: str) -> Any:
-    # The SQLAlchemy mixin is imported when it is asked for: ``import dbcancel`` imports
+    # The SQLAlchemy mixin is imported when it is asked for: `import dbcancel` imports
     # no ORM, so a Django project needs no SQLAlchemy.
     if name == "CancellableMixin":
         from ._mixin import CancellableMixin

@@ -1,4 +1,4 @@
-"""``python -m dbcancel``: see :mod:`dbcancel.cli`."""
+"""`python -m dbcancel`: see `dbcancel.cli`."""
 
 from .cli import main
 

@@ -1,4 +1,4 @@
-"""The client side of :class:`dbcancel.Jobs`: what any process does to a job's row.
+"""The client side of [`Jobs`][dbcancel.Jobs]: what any process does to a job's row.
 
 Cancel, look at and wait for jobs, and settle those whose worker is gone. Nothing here
 runs a job: a web process that only requests and cancels uses this side alone.
@@ -15,7 +15,7 @@ from typing import Any
 
 from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
 from .errors import JobNotFound
-from .models import Status
+from .models import JobId, Status
 from .registry import registry
 
 __all__ = ["JobsClient", "check_seconds"]
@@ -24,7 +24,7 @@ log = logging.getLogger("dbcancel")
 
 
 def check_seconds(name: str, value: Any) -> float:
-    """``value`` as a finite number of seconds > 0; TypeError or ValueError naming ``name``."""
+    """`value` as a finite number of seconds > 0; TypeError or ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a number of seconds, got {value!r}")
     seconds = float(value)
@@ -34,7 +34,7 @@ def check_seconds(name: str, value: Any) -> float:
 
 
 class JobsClient:
-    """Requesting and recovery: the methods of :class:`dbcancel.Jobs` that change or read
+    """Requesting and recovery: the methods of [`Jobs`][dbcancel.Jobs] that change or read
     a job's row from outside its worker (any thread, any process)."""
 
     _backend: Backend
@@ -48,15 +48,16 @@ class JobsClient:
     # -- requesting -------------------------------------------------------------------
 
     def cancel(
-        self, job_id: Any, *, reason: str | None = None, where: Mapping[str, Any] | None = None
+        self, job_id: JobId, *, reason: str | None = None, where: Mapping[str, Any] | None = None
     ) -> bool:
         """Cancel a pending or running job; durable when this returns.
 
         Returns True when the job is cancelled, by this call or before; False when it had
-        already completed or failed (nothing changed). ``where`` maps columns to values
-        the row must also have (``{"user_id": uid}``): a row that does not match, or does
-        not exist, raises :class:`JobNotFound` and nothing changes. Checkpoints of the job
-        running in this process see the cancel at once and run their callbacks.
+        already completed or failed (nothing changed). `where` maps columns to values
+        the row must also have (`{"user_id": uid}`): a row that does not match, or does
+        not exist, raises [`JobNotFound`][dbcancel.JobNotFound] and nothing changes.
+        Checkpoints of the job running in this process see the cancel at once and run their
+        callbacks.
         """
         b = self._backend
         b.check_id(job_id)
@@ -76,9 +77,9 @@ class JobsClient:
         return True
 
     def cancel_where(self, **filters: Any) -> int:
-        """Cancel every pending or running job matching ``filters``; return how many.
+        """Cancel every pending or running job matching `filters`; return how many.
 
-        ``jobs.cancel_where(user_id=uid, session_id=sid)``. At least one filter is
+        `jobs.cancel_where(user_id=uid, session_id=sid)`. At least one filter is
         required, so that a forgotten argument cannot cancel the whole table.
         """
         b = self._backend
@@ -98,18 +99,18 @@ class JobsClient:
                     entry.checkpoint._observe(None if row is None else row.cancel_reason)
         return count
 
-    def status(self, job_id: Any) -> Status:
+    def status(self, job_id: JobId) -> Status:
         """The job's current status, read from the database."""
         self._backend.check_id(job_id)
         return self._read(job_id).status
 
-    def wait(self, job_id: Any, timeout: float | None = None) -> Status:
-        """Block until the job has stopped (``finished_at`` set); return its final status.
+    def wait(self, job_id: JobId, timeout: float | None = None) -> Status:
+        """Block until the job has stopped (`finished_at` set); return its final status.
 
-        Raises :class:`TimeoutError` when ``timeout`` seconds pass first and
-        :class:`JobNotFound` when the row does not exist. A job running in this process
-        is waited for without polling, and until its worker has left ``run()``: a row
-        stamped by ``reap()`` while that worker still runs here is not enough.
+        Raises `TimeoutError` when `timeout` seconds pass first and
+        [`JobNotFound`][dbcancel.JobNotFound] when the row does not exist. A job running in
+        this process is waited for without polling, and until its worker has left `run()`: a
+        row stamped by `reap()` while that worker still runs here is not enough.
         """
         b = self._backend
         b.check_id(job_id)
@@ -148,20 +149,20 @@ class JobsClient:
     def reap(self, stale_after: float) -> int:
         """Stop the jobs whose worker is gone; return how many.
 
-        A job's worker is gone when the job has not stopped (``finished_at`` null) and
-        the worker process's row has not beaten for ``stale_after`` seconds, or is
-        missing. Every process running jobs beats its row every ``heartbeat`` seconds,
-        in every way of running them (threads, ``async with``, ``watch=True``), and
+        A job's worker is gone when the job has not stopped (`finished_at` null) and
+        the worker process's row has not beaten for `stale_after` seconds, or is
+        missing. Every process running jobs beats its row every `heartbeat` seconds,
+        in every way of running them (threads, `async with`, `watch=True`), and
         both ages are measured on the database's clock, so a host whose clock is off
-        changes nothing. Choose ``stale_after`` as at least three heartbeat periods.
+        changes nothing. Choose `stale_after` as at least three heartbeat periods.
 
-        Jobs in progress become failed with the error ``"worker lost"``; cancelled jobs
-        whose worker never stopped stay cancelled. Both get ``finished_at``, so
-        :meth:`wait` and cancel-then-delete flows return. One conditional UPDATE. A
+        Jobs in progress become failed with the error `"worker lost"`; cancelled jobs
+        whose worker never stopped stay cancelled. Both get `finished_at`, so
+        [`wait`][dbcancel.Jobs.wait] and cancel-then-delete flows return. One conditional UPDATE. A
         worker that was only stalled (stopped, swapped out) and comes back finds its
         job no longer in progress: it stops at its next checkpoint and writes nothing.
-        Rows started by dbcancel 0.1 (no ``worker_id``) are judged by their own
-        ``heartbeat_at``, or ``started_at``.
+        Rows started by dbcancel 0.1 (no `worker_id`) are judged by their own
+        `heartbeat_at`, or `started_at`.
         """
         seconds = check_seconds("stale_after", stale_after)
         count = self._backend.reap(seconds, WORKER_LOST)

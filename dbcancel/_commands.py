@@ -1,16 +1,16 @@
 """The table commands of every dbcancel command line, written once.
 
-``python -m dbcancel`` (:mod:`dbcancel.cli`), ``flask dbcancel``
-(:mod:`dbcancel.contrib.flask`) and ``manage.py dbcancel`` (the Django management
-command) only parse their arguments and open their table; :func:`cancel`, :func:`status`,
-:func:`list_jobs` and :func:`reap` do the work and return an :class:`Outcome`, which
-:func:`emit` prints the same way for all three: ``out`` on stdout, ``PROG: err`` on stderr,
-and ``status`` as the exit status.
+`python -m dbcancel` (`dbcancel.cli`), `flask dbcancel`
+([`dbcancel.contrib.flask`][dbcancel.contrib.flask]) and `manage.py dbcancel` (the Django management
+command) only parse their arguments and open their table; `cancel`, `status`,
+`list_jobs` and `reap` do the work and return an `Outcome`, which
+`emit` prints the same way for all three: `out` on stdout, `PROG: err` on stderr,
+and `status` as the exit status.
 
-The commands speak to a Jobs-like object (:class:`dbcancel.Jobs` or
-:class:`dbcancel.contrib.django.DjangoJobs`) and to a :class:`Rows` reader for what
-``list`` and ``status`` show. This module imports neither SQLAlchemy nor Django:
-:class:`SQLAlchemyRows` imports SQLAlchemy when it is built, and the Django reader lives
+The commands speak to a Jobs-like object ([`Jobs`][dbcancel.Jobs] or
+[`dbcancel.contrib.django.DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs]) and to a
+`Rows` reader for what `list` and `status` show. This module imports neither SQLAlchemy nor
+Django: `SQLAlchemyRows` imports SQLAlchemy when it is built, and the Django reader lives
 with the Django command.
 """
 
@@ -69,19 +69,19 @@ __all__ = [
 ]
 
 EXIT_OK = 0
-"""Success; for ``cancel``: the job is cancelled, by this call or an earlier one."""
+"""Success; for `cancel`: the job is cancelled, by this call or an earlier one."""
 EXIT_REFUSED = 1
-"""``cancel`` refused (the job had already completed or failed); a ``demo`` check failed."""
+"""`cancel` refused (the job had already completed or failed); a `demo` check failed."""
 EXIT_ERROR = 2
 """A usage error, or a job, table or database that cannot be found or reached."""
 EXIT_INTERRUPTED = 130
 """Interrupted by Ctrl-C (128 + SIGINT, as shells report it)."""
 
 WORKER_COLUMN = "worker_id"
-"""The optional column naming the worker (``host:pid:token``) that runs a job."""
+"""The optional column naming the worker (`host:pid:token`) that runs a job."""
 
 LIST_HEADERS = ("id", "status", "started", "finished", "worker", "reason/error")
-"""The columns of ``list``, in every command line."""
+"""The columns of `list`, in every command line."""
 
 _REASON_WIDTH = 40
 _WORKER_WIDTH = 32
@@ -89,10 +89,10 @@ _NOT_STOPPED = ("pending", "in_progress")
 
 
 class JobDetail(NamedTuple):
-    """One job's row as ``list`` and ``status`` show it.
+    """One job's row as `list` and `status` show it.
 
-    ``status`` is the column's text; ``worker`` is None when the table has no
-    ``worker_id`` column or the row holds none.
+    `status` is the column's text; `worker` is None when the table has no
+    `worker_id` column or the row holds none.
     """
 
     id: Any
@@ -108,8 +108,8 @@ class JobDetail(NamedTuple):
 class Outcome(NamedTuple):
     """What a command prints and how it exits.
 
-    ``out`` goes to stdout (one trailing newline added; nothing when empty); ``err``, when
-    not empty, to stderr after the program's name (``"dbcancel: error: ..."``).
+    `out` goes to stdout (one trailing newline added; nothing when empty); `err`, when
+    not empty, to stderr after the program's name (`"dbcancel: error: ..."`).
     """
 
     status: int
@@ -118,20 +118,20 @@ class Outcome(NamedTuple):
 
 
 class JobsLike(Protocol):
-    """What the commands need of :class:`dbcancel.Jobs` or ``DjangoJobs``."""
+    """What the commands need of [`Jobs`][dbcancel.Jobs] or `DjangoJobs`."""
 
     def cancel(self, job_id: Any, *, reason: str | None = None) -> bool:
         """Cancel a pending or running job; False when it had already finished."""
 
     def status(self, job_id: Any) -> Status:
-        """The job's status; raises :class:`dbcancel.JobNotFound`."""
+        """The job's status; raises [`JobNotFound`][dbcancel.JobNotFound]."""
 
     def reap(self, stale_after: float) -> int:
         """Stop the jobs whose worker is gone; return how many."""
 
 
 class Rows(Protocol):
-    """Reads job rows for ``list`` and ``status``: the one seam to each ORM."""
+    """Reads job rows for `list` and `status`: the one seam to each ORM."""
 
     label: str
     """The table's name, as every message shows it."""
@@ -139,33 +139,33 @@ class Rows(Protocol):
     """The ORM's database errors: a command reports them as one line, exit status 2."""
 
     def parse_id(self, text: str) -> Any:
-        """``text`` as a primary key value; :class:`ValueError` (see :func:`id_kind_error`)
+        """`text` as a primary key value; `ValueError` (see `id_kind_error`)
         when it cannot be one."""
 
     def one(self, job_id: Any) -> JobDetail | None:
         """The job's row, or None when there is none."""
 
     def many(self, statuses: Collection[str] | None) -> list[JobDetail]:
-        """The rows whose status is one of ``statuses`` (every row for None), by id."""
+        """The rows whose status is one of `statuses` (every row for None), by id."""
 
     def describe(self, exc: BaseException) -> str:
-        """One line for a database error of :attr:`errors`, with no password in it."""
+        """One line for a database error of `errors`, with no password in it."""
 
 
 # -- help texts, the same in every command line ----------------------------------------
 
 CANCEL_SUMMARY = "cancel a pending or running job"
-"""One line on ``cancel``, in every command line's list of commands."""
+"""One line on `cancel`, in every command line's list of commands."""
 CANCEL_HELP = (
     "Cancel a pending or in-progress job; the change is committed when this returns. "
     "A running worker stops at its next checkpoint. Exit status 1 when the job had "
     "already completed or failed (nothing changed), 2 when there is no such job."
 )
-"""The help of ``cancel``."""
+"""The help of `cancel`."""
 REASON_HELP = "stored in cancel_reason"
-"""The help of ``cancel --reason``."""
+"""The help of `cancel --reason`."""
 STATUS_SUMMARY = "show a job's status, error or cancel reason, start and end"
-"""One line on ``status``."""
+"""One line on `status`."""
 STATUS_HELP = (
     "Print a job's status (pending, in_progress, completed, failed or cancelled) as "
     "'TABLE ID: STATUS', then, when the row has them, its error (failed) or cancel reason "
@@ -173,9 +173,9 @@ STATUS_HELP = (
     "finished, and its worker (host:pid:token, from a worker_id column). Times are UTC. "
     "Read-only."
 )
-"""The help of ``status``."""
+"""The help of `status`."""
 LIST_SUMMARY = "list jobs (by default those not finished)"
-"""One line on ``list``."""
+"""One line on `list`."""
 LIST_HELP = (
     f"List jobs in id order, with the columns {', '.join(LIST_HEADERS)}: 'finished' is "
     "when the job stopped, or 'beat TIME', its last heartbeat, while it runs; 'worker' "
@@ -183,13 +183,13 @@ LIST_HELP = (
     "the cancel reason or the error, cut to 40 characters. By default only pending and "
     "in-progress jobs. Times are UTC. Read-only."
 )
-"""The help of ``list``."""
+"""The help of `list`."""
 ALL_HELP = "list jobs in every status"
-"""The help of ``list --all``."""
+"""The help of `list --all`."""
 STATUS_OPTION_HELP = "list jobs in status S (pending, in_progress, completed, failed, cancelled)"
-"""The help of ``list --status``."""
+"""The help of `list --status`."""
 REAP_SUMMARY = "stop jobs whose worker died (no heartbeat for --stale-after seconds)"
-"""One line on ``reap``."""
+"""One line on `reap`."""
 REAP_HELP = (
     "For jobs whose worker died (a killed process, a lost machine): in-progress jobs "
     "whose worker's last heartbeat is older than --stale-after seconds become failed, with the "
@@ -200,14 +200,14 @@ REAP_HELP = (
     "three periods. A worker that was only stalled finds its jobs taken away and stops. "
     "Run it from cron or a scheduler."
 )
-"""The help of ``reap``."""
+"""The help of `reap`."""
 
 
 # -- the commands -----------------------------------------------------------------------
 
 
 def cancel(jobs: JobsLike, rows: Rows, text_id: str, reason: str | None) -> Outcome:
-    """``cancel ID [--reason TEXT]``: exit 0 when cancelled (now or before), 1 when the
+    """`cancel ID [--reason TEXT]`: exit 0 when cancelled (now or before), 1 when the
     job had already completed or failed, 2 when it does not exist."""
 
     def run() -> Outcome:
@@ -238,9 +238,9 @@ def cancel(jobs: JobsLike, rows: Rows, text_id: str, reason: str | None) -> Outc
 
 
 def status(jobs: JobsLike, rows: Rows, text_id: str) -> Outcome:
-    """``status ID``: the status on the first line (``analysis 7: failed``), then, when
+    """`status ID`: the status on the first line (`analysis 7: failed`), then, when
     the row has them, the error or cancel reason, the start, the last heartbeat of a job
-    not yet stopped, the end (``finished_at``) and the worker. Read-only."""
+    not yet stopped, the end (`finished_at`) and the worker. Read-only."""
 
     def run() -> Outcome:
         try:
@@ -261,7 +261,7 @@ def status(jobs: JobsLike, rows: Rows, text_id: str) -> Outcome:
 
 
 def status_lines(label: str, row: JobDetail) -> list[str]:
-    """The lines of ``status`` for one row."""
+    """The lines of `status` for one row."""
     lines = [f"{label}: {row.status}"]
     fields: list[tuple[str, str]] = []
     if row.status == Status.FAILED.value and row.error:
@@ -285,8 +285,8 @@ def status_lines(label: str, row: JobDetail) -> list[str]:
 
 
 def list_jobs(rows: Rows, *, every: bool = False, status: str | None = None) -> Outcome:
-    """``list [--all | --status S]``: a table of the jobs pending or in progress (every
-    job with ``every``, those in ``status`` with it), in id order. Read-only."""
+    """`list [--all | --status S]`: a table of the jobs pending or in progress (every
+    job with `every`, those in `status` with it), in id order. Read-only."""
 
     def run() -> Outcome:
         if status is not None:
@@ -306,7 +306,7 @@ def list_jobs(rows: Rows, *, every: bool = False, status: str | None = None) -> 
 
 
 def reap(jobs: JobsLike, rows: Rows, stale_after: float) -> Outcome:
-    """``reap --stale-after SECONDS``: one summary line (``stale_after`` already checked)."""
+    """`reap --stale-after SECONDS`: one summary line (`stale_after` already checked)."""
 
     def run() -> Outcome:
         count = jobs.reap(stale_after=stale_after)
@@ -316,7 +316,7 @@ def reap(jobs: JobsLike, rows: Rows, stale_after: float) -> Outcome:
 
 
 def reap_summary(count: int, name: str, stale_after: float) -> str:
-    """The line every ``reap`` command prints: ``reaped 2 jobs of analysis (...)``."""
+    """The line every `reap` command prints: `reaped 2 jobs of analysis (...)`."""
     noun = "job" if count == 1 else "jobs"
     return f"reaped {count} {noun} of {name} (no heartbeat for {stale_after:g}s)"
 
@@ -328,7 +328,7 @@ def emit(
     stdout: Callable[[str], object] | None = None,
     stderr: Callable[[str], object] | None = None,
 ) -> int:
-    """Print ``outcome`` (``stdout``/``stderr`` take one line each, with no newline;
+    """Print `outcome` (`stdout`/`stderr` take one line each, with no newline;
     default: the process's streams) and return its exit status."""
     if outcome.out:
         (stdout or _writer(sys.stdout))(outcome.out)
@@ -363,9 +363,9 @@ def _guarded(rows: Rows, run: Callable[[], Outcome]) -> Outcome:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: str = "") -> str:
-    """Lay ``rows`` out as an aligned plain-text table under ``headers``.
+    """Lay `rows` out as an aligned plain-text table under `headers`.
 
-    ``right`` lists, by index (``"03"``), the columns to align right (numbers);
+    `right` lists, by index (`"03"`), the columns to align right (numbers);
     the others align left. The last line carries no trailing newline.
     """
     widths = [len(h) for h in headers]
@@ -402,7 +402,7 @@ def _cells(row: JobDetail) -> list[str]:
 
 
 def _when(value: Any) -> str:
-    """A timestamp as ``2026-01-31T12:00:00Z``; naive ones are UTC (dbcancel stores UTC)."""
+    """A timestamp as `2026-01-31T12:00:00Z`; naive ones are UTC (dbcancel stores UTC)."""
     if value is None:
         return "-"
     if isinstance(value, dt.datetime):
@@ -412,7 +412,7 @@ def _when(value: Any) -> str:
 
 
 def _text(value: Any, limit: int) -> str:
-    """``value`` on one line, cut to ``limit`` characters; ``-`` for None or blank."""
+    """`value` on one line, cut to `limit` characters; `-` for None or blank."""
     if value is None:
         return "-"
     text = " ".join(str(value).split())
@@ -425,9 +425,9 @@ def _text(value: Any, limit: int) -> str:
 
 
 def positive_seconds(text: str) -> float:
-    """``--stale-after`` and ``--interval``: a finite number of seconds > 0.
+    """`--stale-after` and `--interval`: a finite number of seconds > 0.
 
-    Raises :class:`argparse.ArgumentTypeError`, which argparse reports as a usage error.
+    Raises `argparse.ArgumentTypeError`, which argparse reports as a usage error.
     """
     try:
         value = float(text)
@@ -439,7 +439,7 @@ def positive_seconds(text: str) -> float:
 
 
 def add_stale_after(parser: argparse.ArgumentParser) -> None:
-    """The required ``--stale-after SECONDS`` of every argparse ``reap`` command."""
+    """The required `--stale-after SECONDS` of every argparse `reap` command."""
     parser.add_argument(
         "--stale-after",
         type=positive_seconds,
@@ -451,7 +451,7 @@ def add_stale_after(parser: argparse.ArgumentParser) -> None:
 
 
 def id_kind_error(label: str, kind: type | None, text: str) -> ValueError:
-    """The error for an ID that cannot be a key of ``label`` (keys of type ``kind``)."""
+    """The error for an ID that cannot be a key of `label` (keys of type `kind`)."""
     kinds = {int: "integers", uuid.UUID: "UUIDs"}.get(kind) if kind is not None else None
     if kinds is None:
         kinds = f"{kind.__name__} values" if kind is not None else "other values"
@@ -462,10 +462,10 @@ def id_kind_error(label: str, kind: type | None, text: str) -> ValueError:
 
 
 class SQLAlchemyRows:
-    """:class:`Rows` of a SQLAlchemy table, for ``python -m dbcancel`` and ``flask dbcancel``.
+    """`Rows` of a SQLAlchemy table, for `python -m dbcancel` and `flask dbcancel`.
 
-    ``table`` has dbcancel's columns and a one-column primary key (``Jobs`` has checked
-    them); a ``worker_id`` column is shown when it has one. SQLAlchemy is imported here,
+    `table` has dbcancel's columns and a one-column primary key (`Jobs` has checked
+    them); a `worker_id` column is shown when it has one. SQLAlchemy is imported here,
     when the reader is built, never by the module.
     """
 
@@ -483,12 +483,12 @@ class SQLAlchemyRows:
         self._pk = next(iter(table.primary_key.columns))
 
     def parse_id(self, text: str) -> Any:
-        """``text`` converted to the primary key's Python type (int for integer keys)."""
+        """`text` converted to the primary key's Python type (int for integer keys)."""
         return sqlalchemy_id(self.table, text)
 
     def _select(self) -> Any:
         """The columns of a job, with its worker's last heartbeat (from the worker
-        table, where the job names one) in place of the row's own ``heartbeat_at``."""
+        table, where the job names one) in place of the row's own `heartbeat_at`."""
         from sqlalchemy import MetaData, func, inspect, literal, select
 
         from ._mixin import worker_table
@@ -521,7 +521,7 @@ class SQLAlchemyRows:
         return None if row is None else _detail(row)
 
     def many(self, statuses: Collection[str] | None) -> list[JobDetail]:
-        """The rows in ``statuses`` (every row for None), in id order."""
+        """The rows in `statuses` (every row for None), in id order."""
         stmt = self._select()
         if statuses is not None:
             stmt = stmt.where(self.table.c.status.in_(sorted(statuses)))
@@ -529,7 +529,7 @@ class SQLAlchemyRows:
             return [_detail(r) for r in conn.execute(stmt.order_by(self._pk)).all()]
 
     def describe(self, exc: BaseException) -> str:
-        """``database error on URL: first line of the driver's message``."""
+        """`database error on URL: first line of the driver's message`."""
         url = self.engine.url
         return f"database error on {url.render_as_string(hide_password=True)}: " + db_reason(
             exc, url.password
@@ -537,8 +537,8 @@ class SQLAlchemyRows:
 
 
 def sqlalchemy_id(table: Table, text: str) -> Any:
-    """``text`` converted to the Python type of ``table``'s primary key (int for integer
-    keys); :class:`ValueError` naming the table when it cannot be one of its ids."""
+    """`text` converted to the Python type of `table`'s primary key (int for integer
+    keys); `ValueError` naming the table when it cannot be one of its ids."""
     pk = next(iter(table.primary_key.columns))
     try:
         kind = pk.type.python_type
@@ -569,7 +569,7 @@ def _detail(row: Sequence[Any]) -> JobDetail:
 def db_reason(exc: BaseException, password: str | None) -> str:
     """The first line of a database error, without SQLAlchemy's SQL echo and links.
 
-    ``password`` is masked: a driver may echo its connection string into a log.
+    `password` is masked: a driver may echo its connection string into a log.
     """
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc)

@@ -1,8 +1,8 @@
 """What one process knows about its polls of one job table: counters and outages.
 
-One :class:`Health` per table (backend key) per process, shared by every ``Jobs`` of that
+One `Health` per table (backend key) per process, shared by every `Jobs` of that
 table, its checkpoints and its watcher, so that an outage is logged once per table, not
-once per running job, and ``jobs.stats()`` can report it. Reset after ``fork``.
+once per running job, and `jobs.stats()` can report it. Reset after `fork`.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Health:
     def failed(self, job_id: Any = None) -> None:
         """Count a status query that raised; logs, with the exception, once per outage.
 
-        Call it from the ``except`` block, so that the log record carries the exception.
+        Call it from the `except` block, so that the log record carries the exception.
         """
         with self._lock:
             self.polls += 1
@@ -106,7 +106,7 @@ _every: weakref.WeakSet[Health] = weakref.WeakSet()
 
 
 def health_for(key: Hashable, label: str) -> Health:
-    """The :class:`Health` of the table identified by ``key`` in this process."""
+    """The `Health` of the table identified by `key` in this process."""
     with _lock:
         health = _by_key.get(key)
         if health is None:

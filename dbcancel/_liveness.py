@@ -1,14 +1,14 @@
 """Worker liveness: one row per process in the worker table, beaten by one thread.
 
-A job's row names the process running it (``worker_id``); that process's row in the
+A job's row names the process running it (`worker_id`); that process's row in the
 worker table carries the heartbeat. A process running 1,000 jobs of any number of
 tables in one database therefore writes ONE row per heartbeat period, and
-``jobs.reap()`` finds a job's worker dead when its row is stale on the database's clock
+`jobs.reap()` finds a job's worker dead when its row is stale on the database's clock
 (a host whose own clock is off changes nothing).
 
-Every way of running a job goes through ``jobs.run()``, which joins the heartbeat of its
+Every way of running a job goes through `jobs.run()`, which joins the heartbeat of its
 database before the job starts and leaves it when the job has stopped: threads,
-``async with``, the watcher and the inline checkpoints are all covered. The thread beats
+`async with`, the watcher and the inline checkpoints are all covered. The thread beats
 only while jobs run, is a daemon, and does not exist in a forked child, which gets a
 worker id of its own.
 """
@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_HEARTBEAT", "Heartbeat", "heartbeat_for", "worker_id"]
 log = logging.getLogger("dbcancel")
 
 DEFAULT_HEARTBEAT = 10.0
-"""Seconds between two beats of a worker process's row, unless ``Jobs`` says otherwise."""
+"""Seconds between two beats of a worker process's row, unless `Jobs` says otherwise."""
 
 _JITTER = 0.1
 
@@ -47,7 +47,7 @@ _worker_id = _new_worker_id()
 
 
 def worker_id() -> str:
-    """This process's worker id, ``host:pid:token`` (a new token after ``fork``)."""
+    """This process's worker id, `host:pid:token` (a new token after `fork`)."""
     return _worker_id
 
 
@@ -73,7 +73,7 @@ class Heartbeat:
         The first job of an idle process beats at once, in the caller's thread, so the
         job never names a worker row that is missing or stale (a reap may have removed
         it while the process had nothing to run). Later jobs join without a query.
-        ``backend`` (the job's) is the one the beats go through from now on: every
+        `backend` (the job's) is the one the beats go through from now on: every
         backend of one worker key reaches the same database.
         """
         with self._cond:
@@ -162,7 +162,7 @@ _heartbeats: dict[Hashable, Heartbeat] = {}
 
 
 def heartbeat_for(backend: Backend, label: str) -> Heartbeat:
-    """The heartbeat of ``backend``'s database in this process, created on first use."""
+    """The heartbeat of `backend`'s database in this process, created on first use."""
     with _lock:
         heartbeat = _heartbeats.get(backend.worker_key)
         if heartbeat is None:

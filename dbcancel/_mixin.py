@@ -1,8 +1,8 @@
-"""The SQLAlchemy side of :mod:`dbcancel.models`: the mixin and its column types.
+"""The SQLAlchemy side of `dbcancel.models`: the mixin and its column types.
 
-Imported only when one of these names is asked for (``from dbcancel import
-CancellableMixin``, ``Jobs(engine, Model)``), so the core imports no SQLAlchemy.
-:mod:`dbcancel.models` re-exports every public name here.
+Imported only when one of these names is asked for (`from dbcancel import
+CancellableMixin`, `Jobs(engine, Model)`), so the core imports no SQLAlchemy.
+`dbcancel.models` re-exports every public name here.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ _LAST = 1000
 
 
 class StatusType(TypeDecorator[Status]):
-    """A ``VARCHAR(16)`` that reads back as :class:`Status` and refuses unknown values."""
+    """A `VARCHAR(16)` that reads back as [`Status`][dbcancel.Status] and refuses unknown values."""
 
     impl = String(16)
     cache_ok = True
@@ -72,7 +72,7 @@ class StatusType(TypeDecorator[Status]):
 class UTCDateTime(TypeDecorator[dt.datetime]):
     """A timezone-aware UTC timestamp with microseconds on every supported database.
 
-    PostgreSQL stores ``timestamptz``; SQLite and MySQL/MariaDB, which keep no zone, store
+    PostgreSQL stores `timestamptz`; SQLite and MySQL/MariaDB, which keep no zone, store
     UTC and read back as aware UTC datetimes. Naive datetimes are refused rather than
     guessed at.
     """
@@ -103,12 +103,12 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 def worker_table(metadata: MetaData, schema: str | None = None) -> Table:
-    """The :data:`WORKER_TABLE` in ``metadata`` (in ``schema``), added if it is missing.
+    """The `WORKER_TABLE` in `metadata` (in `schema`), added if it is missing.
 
-    ``id`` names the process (``host:pid:token``, the value a job's ``worker_id``
-    holds), ``started_at`` when it first ran a job, ``heartbeat_at`` when it last
+    `id` names the process (`host:pid:token`, the value a job's `worker_id`
+    holds), `started_at` when it first ran a job, `heartbeat_at` when it last
     showed it was alive, on the database's clock. The mixin adds it to the metadata of
-    every model that uses it, so ``metadata.create_all()`` and Alembic's autogenerate
+    every model that uses it, so `metadata.create_all()` and Alembic's autogenerate
     see it.
     """
     key = WORKER_TABLE if schema is None else f"{schema}.{WORKER_TABLE}"
@@ -137,24 +137,25 @@ def _add_status_check(column: Column[Any], table: Table) -> None:
 class CancellableMixin:
     """Adds the columns of a cancellable job to a declarative model.
 
-    ::
+    ```python
+    class Analysis(CancellableMixin, Base):
+        __tablename__ = "analysis"
+        id: Mapped[int] = mapped_column(primary_key=True)
+    ```
 
-        class Analysis(CancellableMixin, Base):
-            __tablename__ = "analysis"
-            id: Mapped[int] = mapped_column(primary_key=True)
-
-    Columns: ``status`` (not null, default ``pending``, indexed, with a CHECK constraint
-    named ``ck_<table>_status``), ``cancel_requested_at``, ``cancel_reason``,
-    ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at`` (aware UTC
-    datetimes, null), ``error`` (the text of the exception that failed the job) and
-    ``worker_id`` (the process running it). "Stopped" means ``finished_at IS NOT
-    NULL``. Change ``status`` only through :class:`dbcancel.Jobs`. The model's metadata
-    also gets the :data:`WORKER_TABLE`, where each worker process beats.
+    Columns: `status` (not null, default `pending`, indexed, with a CHECK constraint
+    named `ck_<table>_status`), `cancel_requested_at`, `cancel_reason`,
+    `cancel_observed_at`, `started_at`, `finished_at`, `heartbeat_at` (aware UTC
+    datetimes, null), `error` (the text of the exception that failed the job) and
+    `worker_id` (the process running it). "Stopped" means `finished_at IS NOT
+    NULL`. Change `status` only through [`Jobs`][dbcancel.Jobs]. The model's metadata
+    also gets the `WORKER_TABLE`, where each worker process beats.
     """
 
     @declared_attr
     def status(cls) -> Mapped[Status]:
-        """The job's state; see :class:`Status` and :data:`TRANSITIONS`."""
+        """The job's state; see [`Status`][dbcancel.Status] and
+        [`TRANSITIONS`][dbcancel.TRANSITIONS]."""
         column = mapped_column(
             StatusType(),
             nullable=False,
@@ -183,7 +184,7 @@ class CancellableMixin:
     started_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), default=None, sort_order=_LAST
     )
-    """When a worker moved the job to ``in_progress``."""
+    """When a worker moved the job to `in_progress`."""
     finished_at: Mapped[dt.datetime | None] = mapped_column(
         UTCDateTime(), default=None, sort_order=_LAST
     )
@@ -192,12 +193,12 @@ class CancellableMixin:
         UTCDateTime(), default=None, sort_order=_LAST
     )
     """Kept for rows started by dbcancel 0.1, whose workers beat each job's row;
-    ``jobs.reap()`` reads it for rows without a ``worker_id``. Workers now beat their
+    `jobs.reap()` reads it for rows without a `worker_id`. Workers now beat their
     row in the worker table instead."""
     error: Mapped[str | None] = mapped_column(Text(), default=None, sort_order=_LAST)
     """The text of the exception that failed the job."""
     worker_id: Mapped[str | None] = mapped_column(
         String(WORKER_ID_LENGTH), default=None, sort_order=_LAST
     )
-    """The process running (or that ran) the job, ``host:pid:token``: its row in the
-    worker table (:data:`WORKER_TABLE`) says whether it is still alive."""
+    """The process running (or that ran) the job, `host:pid:token`: its row in the
+    worker table (`WORKER_TABLE`) says whether it is still alive."""

@@ -1,7 +1,7 @@
 """PostgreSQL push: a dedicated psycopg 3 connection that LISTENs for a table's cancels.
 
-A cancel on PostgreSQL (through :class:`dbcancel.Jobs` or ``DjangoJobs``) runs
-``pg_notify`` on the table's channel (:func:`channel_name`, named after its schema and
+A cancel on PostgreSQL (through [`Jobs`][dbcancel.Jobs] or `DjangoJobs`) runs
+`pg_notify` on the table's channel (`channel_name`, named after its schema and
 table) in the transaction of the status change, so a notification arrives only once the
 cancel has committed, and a cancel through either ORM wakes the watchers of both. The
 watcher waits on this connection between its polls and polls at once when a notification
@@ -32,7 +32,7 @@ _SCHEMA_OF_TABLE = (
 
 
 def channel_name(schema: str, table: str) -> str:
-    """The notification channel of the cancels of ``schema.table`` (at most 63 bytes).
+    """The notification channel of the cancels of `schema.table` (at most 63 bytes).
 
     Channels are per database, not per schema: the schema is part of the name so that
     a cancel of job 7 in one schema never reaches a watcher of job 7 in another.
@@ -47,9 +47,9 @@ def channel_name(schema: str, table: str) -> str:
 class Channel:
     """The channel of one table, resolved on the database once and then remembered.
 
-    ``table`` is the table's bare name, ``reference`` the same name quoted as SQL (and
+    `table` is the table's bare name, `reference` the same name quoted as SQL (and
     schema-qualified when the model names a schema). The schema is the one
-    ``reference`` resolves to on the connection's ``search_path`` (the current schema
+    `reference` resolves to on the connection's `search_path` (the current schema
     while the table does not exist), asked of the database so that the SQLAlchemy and
     the Django side, and the sender and the listener, agree on it.
     """
@@ -62,7 +62,7 @@ class Channel:
         self._name: str | None = None
 
     def name(self, scalar: Callable[[str, list[str]], Any]) -> str:
-        """The channel's name; ``scalar(sql, params)`` runs one query (``%s`` style) on
+        """The channel's name; `scalar(sql, params)` runs one query (`%s` style) on
         an open connection and returns the first column of its row."""
         if self._name is None:
             self._name = channel_name(str(scalar(_SCHEMA_OF_TABLE, [self.reference])), self.table)
@@ -70,7 +70,7 @@ class Channel:
 
 
 def connect_from_engine(engine: Engine) -> Callable[[], Any]:
-    """The connect step of a listener over a connection taken out of ``engine``'s pool
+    """The connect step of a listener over a connection taken out of `engine`'s pool
     for good: it has the engine's connect arguments and events, and is detached."""
 
     def connect() -> Any:
@@ -84,10 +84,10 @@ def connect_from_engine(engine: Engine) -> Callable[[], Any]:
 
 
 class PgListener:
-    """LISTEN on ``channel`` over a psycopg 3 connection that ``connect`` opens.
+    """LISTEN on `channel` over a psycopg 3 connection that `connect` opens.
 
-    The connection is switched to autocommit, and shows in ``pg_stat_activity`` under
-    the ``application_name`` it was opened with followed by ``dbcancel-listener``.
+    The connection is switched to autocommit, and shows in `pg_stat_activity` under
+    the `application_name` it was opened with followed by `dbcancel-listener`.
     """
 
     def __init__(self, connect: Callable[[], Any], channel: Channel) -> None:
@@ -121,7 +121,7 @@ class PgListener:
         self._conn = conn
 
     def wait(self, timeout: float) -> list[str] | None:
-        """The payloads that arrive within ``timeout`` seconds (returns at the first
+        """The payloads that arrive within `timeout` seconds (returns at the first
         batch); None when not connected. Raises when the connection breaks."""
         conn = self._conn
         if conn is None:

@@ -1,4 +1,4 @@
-"""The SQLAlchemy implementation of :class:`dbcancel.backend.Backend`."""
+"""The SQLAlchemy implementation of [`dbcancel.backend.Backend`][dbcancel.backend.Backend]."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ __all__ = [
 
 
 def resolve_engine(bind: Any) -> Engine:
-    """The Engine behind ``bind`` (an Engine, or a sessionmaker bound to one)."""
+    """The Engine behind `bind` (an Engine, or a sessionmaker bound to one)."""
     if isinstance(bind, Engine):
         return bind
     if isinstance(bind, sessionmaker):
@@ -90,7 +90,7 @@ def resolve_engine(bind: Any) -> Engine:
 
 
 def resolve_table(model: Any) -> tuple[Table, str]:
-    """The Table of ``model`` (a mapped class or a Table) and the name used in messages."""
+    """The Table of `model` (a mapped class or a Table) and the name used in messages."""
     if isinstance(model, Table):
         return model, model.name
     table = getattr(model, "__table__", None)
@@ -103,10 +103,10 @@ class exact_text(FunctionElement[str]):
     """A string operand in a form that compares exactly: same characters, same case,
     trailing spaces counted, whatever the column's collation.
 
-    MySQL/MariaDB compare the utf8mb4 bytes (their ``_ci`` collations ignore case and
-    accents, and PAD SPACE ignores trailing spaces even in ``_bin``); PostgreSQL
-    compares as text in the "C" collation (a nondeterministic or ``citext`` column
-    would not be exact); SQLite uses its BINARY collation (a ``NOCASE`` column would
+    MySQL/MariaDB compare the utf8mb4 bytes (their `_ci` collations ignore case and
+    accents, and PAD SPACE ignores trailing spaces even in `_bin`); PostgreSQL
+    compares as text in the "C" collation (a nondeterministic or `citext` column
+    would not be exact); SQLite uses its BINARY collation (a `NOCASE` column would
     not be exact).
     """
 
@@ -185,7 +185,7 @@ def _integer_bits(type_: Any) -> int:
 
 
 def filter_rule(column: Column[Any], dialect: Dialect) -> FilterRule:
-    """The values a filter on ``column`` accepts, and the integers it can hold."""
+    """The values a filter on `column` accepts, and the integers it can hold."""
     type_ = column.type
     while isinstance(type_, TypeDecorator):
         type_ = type_.impl_instance
@@ -312,7 +312,7 @@ class SQLAlchemyBackend:
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters with keys that are not column names, or values of the wrong
-        type for their column (see :class:`dbcancel.backend.FilterRule`)."""
+        type for their column (see [`dbcancel.backend.FilterRule`][dbcancel.backend.FilterRule])."""
         if filters is None:
             return
         check_filter_keys(self.model_name, filters, self._rules, ", ".join(self.table.c.keys()))
@@ -346,7 +346,7 @@ class SQLAlchemyBackend:
         filters: Mapping[str, Any] | None = None,
         using: Session | Connection | None = None,
     ) -> int:
-        """Run ``change`` as one ``UPDATE ... WHERE status IN (...)``; return the row count."""
+        """Run `change` as one `UPDATE ... WHERE status IN (...)`; return the row count."""
         if not self._can_match(job_id, filters):
             return 0
         c = self.table.c
@@ -381,7 +381,7 @@ class SQLAlchemyBackend:
 
     @staticmethod
     def _hinted(stmt: Any) -> Any:
-        """``stmt`` with InnoDB told to find rows through the primary key.
+        """`stmt` with InnoDB told to find rows through the primary key.
 
         InnoDB may reach "id = :id AND status IN (:one)" through the status index (it
         ends in the primary key), locking that index before the row, while a concurrent
@@ -405,7 +405,7 @@ class SQLAlchemyBackend:
         return None if row is None else JobRow(Status(row[0]), row[1], row[2], row[3])
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
-        """The rows of those ``job_ids`` that exist, in one query."""
+        """The rows of those `job_ids` that exist, in one query."""
         ids = [i for i in job_ids if self._id_rule.can_match(i)]
         if not ids:
             return {}
@@ -430,7 +430,7 @@ class SQLAlchemyBackend:
         return run_retried(read, _FAULTS, label=self.model_name, write=False)
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
-        """Stamp ``finished_at`` where it is still null (and ``cancel_observed_at``)."""
+        """Stamp `finished_at` where it is still null (and `cancel_observed_at`)."""
         self._write(
             self._mark_stopped, {"job_id": job_id, "now": utcnow(), "observed": observed_at}
         )
@@ -457,7 +457,7 @@ class SQLAlchemyBackend:
             ) from err
 
     def reap(self, stale_after: float, error: str) -> int:
-        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds."""
+        """Stop the jobs whose worker has not beaten for `stale_after` seconds."""
 
         def work(conn: Connection) -> int:
             now = conn.execute(self._server_now).scalar_one()
@@ -499,7 +499,7 @@ class SQLAlchemyBackend:
     def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
         """Run one write in its own transaction (retried after a deadlock); the row count.
 
-        ``notify``: a payload for ``pg_notify`` on this table's channel, sent in the same
+        `notify`: a payload for `pg_notify` on this table's channel, sent in the same
         transaction when the write changed a row.
         """
 
@@ -512,10 +512,11 @@ class SQLAlchemyBackend:
         return self._transaction(work)
 
     def _transaction(self, work: Callable[[Connection], _T]) -> _T:
-        """Run ``work`` in its own transaction, and again when running it again is safe
-        (see :func:`dbcancel.backend.run_retried`): after a deadlock or lock timeout, up
-        to five tries, and after a connection found dead (SQLAlchemy has then emptied
-        the pool, so the second try opens a fresh connection), once."""
+        """Run `work` in its own transaction, and again when running it again is safe
+        (see [`dbcancel.backend.run_retried`][dbcancel.backend.run_retried]): after a
+        deadlock or lock timeout, up to five tries, and after a connection found dead
+        (SQLAlchemy has then emptied the pool, so the second try opens a fresh connection),
+        once."""
 
         def transaction() -> _T:
             with self.engine.begin() as conn:

@@ -2,10 +2,10 @@
 
 The watcher polls every job of its table running in this process with ONE statement per
 interval, through the same poll step as a threadless checkpoint
-(:func:`dbcancel.checkpoint.poll_step`), and feeds the rows to their checkpoints: flags
-flip and ``on_cancel`` callbacks run in the watcher's thread, even while the workers are
+(`dbcancel.checkpoint.poll_step`), and feeds the rows to their checkpoints: flags
+flip and `on_cancel` callbacks run in the watcher's thread, even while the workers are
 blocked in I/O. It also polls the threadless checkpoints that asyncio code registers for
-the length of a block (``dbcancel.media``), so that no event loop waits on the database.
+the length of a block (`dbcancel.media`), so that no event loop waits on the database.
 On PostgreSQL it waits between polls on a LISTEN connection and polls at once when a
 cancel of one of its jobs is announced.
 
@@ -74,11 +74,11 @@ class Watcher:
     # -- used by JobRun ---------------------------------------------------------------
 
     def add(self, cp: Checkpoint) -> None:
-        """Watch ``cp`` from the next poll on; starts the thread if it is not running.
+        """Watch `cp` from the next poll on; starts the thread if it is not running.
 
-        The next poll comes at the end of the current wait, cut short to ``cp``'s
+        The next poll comes at the end of the current wait, cut short to `cp`'s
         interval when that is shorter than the one the wait was planned for (within
-        :data:`LISTEN_SLICE` while listening). A cancel issued in this process needs no
+        `LISTEN_SLICE` while listening). A cancel issued in this process needs no
         poll.
         """
         with self._cond:
@@ -95,7 +95,7 @@ class Watcher:
             self._cond.notify_all()
 
     def remove(self, cp: Checkpoint) -> None:
-        """Drop one hold on ``cp``; it stops being polled when the last one is dropped.
+        """Drop one hold on `cp`; it stops being polled when the last one is dropped.
 
         Harmless when it is not watched.
         """
@@ -111,7 +111,7 @@ class Watcher:
 
     def close_idle(self, timeout: float) -> bool:
         """Make the thread close its connections now if it watches nothing; True once
-        it has (or when it is not running), False when jobs are watched or ``timeout``
+        it has (or when it is not running), False when jobs are watched or `timeout`
         seconds pass first."""
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
@@ -157,7 +157,7 @@ class Watcher:
         """Block while nothing is watched; return the smallest interval of those that are.
 
         Idle, the thread gives back its database connection at once and closes its
-        listener after :data:`IDLE_GRACE` seconds (at once when :meth:`close_idle` asks).
+        listener after `IDLE_GRACE` seconds (at once when `close_idle` asks).
         """
         with self._cond:
             grace = True
@@ -200,7 +200,7 @@ class Watcher:
         return max(0.0, min(backoff(interval, self._failures), stale_in))
 
     def _wait(self, delay: float) -> None:
-        """Sleep ``delay`` seconds, or less when a cancel of a watched job is announced.
+        """Sleep `delay` seconds, or less when a cancel of a watched job is announced.
 
         With a listener, the wait is on its connection; while that is down, on the
         condition, waking to reconnect when the next attempt is due.
@@ -291,7 +291,7 @@ class Watcher:
 
         A payload is sent only by a committed cancel that changed the row, so one that
         names a job and its reason flips the checkpoint at once: no confirming poll, no
-        second hand-off of the GIL. ``"*"`` (``cancel_where``) and a bare id (from an
+        second hand-off of the GIL. `"*"` (`cancel_where`) and a bare id (from an
         older dbcancel) ask for a poll.
         """
         with self._cond:
@@ -339,7 +339,7 @@ class Watcher:
 def _listener_of(backend: Backend) -> Listener | None:
     """The backend's listener; None (poll only) when its driver cannot listen.
 
-    ``Jobs(watch=True)`` asks the backend first and so refuses such an engine; the
+    `Jobs(watch=True)` asks the backend first and so refuses such an engine; the
     default watched mode polls it without complaint.
     """
     try:
@@ -358,7 +358,7 @@ _orphans: list[Watcher] = []
 
 
 def watcher_for(key: Hashable, backend: Backend, health: Health) -> Watcher:
-    """The watcher of the table ``key`` in this process, created on first use."""
+    """The watcher of the table `key` in this process, created on first use."""
     with _lock:
         watcher = _watchers.get(key)
         if watcher is None:
@@ -368,7 +368,7 @@ def watcher_for(key: Hashable, backend: Backend, health: Health) -> Watcher:
 
 def close_idle_watchers(timeout: float) -> list[str]:
     """Make every idle watcher of this process close its connections now; the labels
-    of those that still watch jobs, or did not manage within ``timeout`` seconds."""
+    of those that still watch jobs, or did not manage within `timeout` seconds."""
     with _lock:
         watchers = list(_watchers.values())
     deadline = time.monotonic() + timeout
@@ -378,7 +378,7 @@ def close_idle_watchers(timeout: float) -> list[str]:
 
 
 def existing_watcher(key: Hashable) -> Watcher | None:
-    """The watcher of the table ``key`` if this process has one."""
+    """The watcher of the table `key` if this process has one."""
     with _lock:
         return _watchers.get(key)
 

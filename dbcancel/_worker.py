@@ -1,6 +1,6 @@
-"""The worker side of :class:`dbcancel.Jobs`: running a job and its checkpoint.
+"""The worker side of [`Jobs`][dbcancel.Jobs]: running a job and its checkpoint.
 
-``jobs.run()`` moves the job to in_progress, joins the process's heartbeat, hands the
+`jobs.run()` moves the job to in_progress, joins the process's heartbeat, hands the
 checkpoint to the watcher (in the watched mode), and records how the job ended. It
 builds on the client side only to read rows.
 """
@@ -30,7 +30,7 @@ from .backend import (
 )
 from .checkpoint import Checkpoint, _pop, _push
 from .errors import Cancelled, InvalidTransition
-from .models import Status
+from .models import JobId, Status
 from .registry import ActiveJob, registry
 
 __all__ = ["JobRun", "JobsWorker"]
@@ -39,8 +39,8 @@ log = logging.getLogger("dbcancel")
 
 
 class JobsWorker(JobsClient):
-    """Running: the methods of :class:`dbcancel.Jobs` that a worker calls, and what its
-    checkpoints and :class:`JobRun` call back into."""
+    """Running: the methods of [`Jobs`][dbcancel.Jobs] that a worker calls, and what its
+    checkpoints and [`JobRun`][dbcancel.JobRun] call back into."""
 
     _clock: Callable[[], float]
     _watch: bool
@@ -50,17 +50,18 @@ class JobsWorker(JobsClient):
 
     # -- running ----------------------------------------------------------------------
 
-    def run(self, job_id: Any, *, where: Mapping[str, Any] | None = None) -> JobRun:
-        """Run a job: a context manager (``with`` or ``async with``) yielding its Checkpoint.
+    def run(self, job_id: JobId, *, where: Mapping[str, Any] | None = None) -> JobRun:
+        """Run a job: a context manager (`with` or `async with`) yielding its Checkpoint.
 
         On enter: pending → in_progress. A job already cancelled yields a checkpoint
-        that is already cancelled; a missing row raises :class:`JobNotFound`; a job in
-        any other state raises :class:`InvalidTransition`. On exit: in_progress →
-        completed, unless it was cancelled meanwhile (then it stays cancelled); a
-        ``Cancelled`` of this job is swallowed; any other exception marks it failed and
-        propagates. Every exit of a run that started the job stamps ``finished_at``; a
-        run that found the job already cancelled writes nothing (its first worker, if
-        any, is the one that says when it has stopped).
+        that is already cancelled; a missing row raises
+        [`JobNotFound`][dbcancel.JobNotFound]; a job in any other state raises
+        [`InvalidTransition`][dbcancel.InvalidTransition]. On exit: in_progress → completed,
+        unless it was cancelled meanwhile (then it stays cancelled); a `Cancelled` of this
+        job is swallowed; any other exception marks it failed and propagates. Every exit of
+        a run that started the job stamps `finished_at`; a run that found the job already
+        cancelled writes nothing (its first worker, if any, is the one that says when it has
+        stopped).
         """
         self._backend.check_id(job_id)
         self._backend.check_filters(where)
@@ -73,7 +74,8 @@ class JobsWorker(JobsClient):
     # -- used by checkpoints and JobRun -----------------------------------------------
 
     def _poll_row(self, job_id: Any) -> tuple[Status | None, str | None]:
-        """The job's status and what the row says of it (see :func:`row_text`)."""
+        """The job's status and what the row says of it (see
+        [`row_text`][dbcancel.backend.row_text])."""
         row = self._backend.read(job_id)
         return (None, None) if row is None else (row.status, row_text(row))
 
@@ -97,7 +99,7 @@ class JobsWorker(JobsClient):
         """Move the job to in_progress; return its checkpoint and whether this call did it.
 
         The thread releases its hold on the database when the start fails (no exit will
-        follow) or runs in an executor (``async with``: the worker is elsewhere); a
+        follow) or runs in an executor (`async with`: the worker is elsewhere); a
         synchronous worker keeps its connection for its polls.
         """
         entered = False
@@ -147,9 +149,9 @@ class JobsWorker(JobsClient):
         return watcher_for(b.key, b, self._health)
 
     def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
-        """Record how the job ended; True when ``exc`` is to be swallowed.
+        """Record how the job ended; True when `exc` is to be swallowed.
 
-        A run that found its job already cancelled (``started`` False) writes nothing: the
+        A run that found its job already cancelled (`started` False) writes nothing: the
         job may still have a worker elsewhere (a cancelled duplicate delivery), and only
         that worker may say it has stopped. The thread then releases its hold on the
         database: the run is over.
@@ -209,7 +211,7 @@ class JobsWorker(JobsClient):
 
         The database is probably still down: a write that fails is logged, not raised,
         so the worker stops as asked; the row then stays in progress until
-        :meth:`reap` finds its heartbeat stale.
+        [`reap`][dbcancel.Jobs.reap] finds its heartbeat stale.
         """
         b = self._backend
         try:
@@ -233,9 +235,9 @@ def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:
 
 
 class JobRun:
-    """The context manager returned by :meth:`dbcancel.Jobs.run`; yields the job's Checkpoint.
+    """The context manager returned by [`Jobs.run`][dbcancel.Jobs.run]; yields the job's Checkpoint.
 
-    Usable once, with ``with`` in a thread or process, or ``async with`` in a task (the
+    Usable once, with `with` in a thread or process, or `async with` in a task (the
     database round trips of enter and exit then run in a worker thread).
     """
 

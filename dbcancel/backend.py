@@ -1,15 +1,16 @@
 """The seam between dbcancel's logic and an ORM: what a backend implements.
 
-Checkpoints, the registry, heartbeats, the watcher and :class:`dbcancel.Jobs` speak
-only to a :class:`Backend`: read one or many jobs, apply one :class:`Change` as a single
-conditional UPDATE, stamp a job as stopped, beat the worker row, reap the jobs of dead
-workers. dbcancel ships two: SQLAlchemy's (what ``Jobs(engine, Model)`` builds) and
-Django's (what :class:`dbcancel.contrib.django.DjangoJobs` builds). Another ORM, or a
-plain DB-API driver, implements the same few methods and hands its backend to
-:meth:`dbcancel.Jobs.from_backend`; the helpers here (the change constructors, the id and
-filter checks, the notification payloads, :func:`run_retried`) are what both shipped
-backends are written with. The docs' "Writing a backend" section says what each method
-must guarantee.
+Checkpoints, the registry, heartbeats, the watcher and [`Jobs`][dbcancel.Jobs] speak
+only to a [`Backend`][dbcancel.backend.Backend]: read one or many jobs, apply one
+[`Change`][dbcancel.backend.Change] as a single conditional UPDATE, stamp a job as stopped,
+beat the worker row, reap the jobs of dead workers. dbcancel ships two: SQLAlchemy's (what
+`Jobs(engine, Model)` builds) and Django's (what
+[`dbcancel.contrib.django.DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs] builds).
+Another ORM, or a plain DB-API driver, implements the same few methods and hands its backend
+to [`Jobs.from_backend`][dbcancel.Jobs.from_backend]; the helpers here (the change
+constructors, the id and filter checks, the notification payloads,
+[`run_retried`][dbcancel.backend.run_retried]) are what both shipped backends are written
+with. The docs' "Writing a backend" section says what each method must guarantee.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _T = TypeVar("_T")
 
 
 WORKER_LOST = "worker lost"
-"""The error text of a job that ``jobs.reap()`` marked failed: its heartbeat stopped."""
+"""The error text of a job that `jobs.reap()` marked failed: its heartbeat stopped."""
 
 
 def utcnow() -> dt.datetime:
@@ -85,10 +86,10 @@ def row_text(row: JobRow) -> str | None:
 class Change:
     """One status transition, described as data.
 
-    A backend turns it into ``UPDATE t SET status = :to, <stamp> = now, <values>
-    WHERE status IN (:sources) AND <filters>`` and returns the row count.
-    ``stamp_if_from`` columns are set to now only when the old status is in the given set
-    (a ``CASE`` evaluated against the old row).
+    A backend turns it into `UPDATE t SET status = :to, <stamp> = now, <values>
+    WHERE status IN (:sources) AND <filters>` and returns the row count.
+    `stamp_if_from` columns are set to now only when the old status is in the given set
+    (a `CASE` evaluated against the old row).
     """
 
     to: Status
@@ -111,9 +112,9 @@ def cut_reason(reason: str | None) -> str | None:
 
 
 def check_id_type(model_name: str, id_type: type | None, job_id: Any) -> None:
-    """Raise :class:`TypeError` when ``job_id`` cannot be an id of type ``id_type``.
+    """Raise `TypeError` when `job_id` cannot be an id of type `id_type`.
 
-    Shared by the backends' ``check_id``; ``id_type`` None accepts any non-None value
+    Shared by the backends' `check_id`; `id_type` None accepts any non-None value
     except a bool.
     """
     if (
@@ -131,12 +132,12 @@ def check_id_type(model_name: str, id_type: type | None, job_id: Any) -> None:
 def check_filter_keys(
     model_name: str, filters: Any, known: Collection[str], names: str, *, noun: str = "column"
 ) -> None:
-    """Refuse ``filters`` that are not a mapping of column names, before anything is sent.
+    """Refuse `filters` that are not a mapping of column names, before anything is sent.
 
-    Keys must be strings: a column collection also answers to positions (``{0: ...}``
+    Keys must be strings: a column collection also answers to positions (`{0: ...}`
     would select the first column), and a bool or a float key would do the same.
-    ``known`` are the names a filter may use; ``names`` lists them for the message,
-    which calls them ``noun`` (Django says "field").
+    `known` are the names a filter may use; `names` lists them for the message,
+    which calls them `noun` (Django says "field").
     """
     if not isinstance(filters, Mapping):
         raise TypeError(
@@ -161,23 +162,23 @@ def check_filter_keys(
 class FilterRule:
     """What values a filter on one column accepts, and which of them can match a row.
 
-    ``python_type`` is the type the column's values have in Python (None when the ORM
-    does not say: then any value but None and bools is sent as given). ``bounds`` is
-    the ``(lowest, highest)`` integer the column can hold, for integer columns. A value
+    `python_type` is the type the column's values have in Python (None when the ORM
+    does not say: then any value but None and bools is sent as given). `bounds` is
+    the `(lowest, highest)` integer the column can hold, for integer columns. A value
     of the right type outside the bounds can match no row, so callers answer "no such
-    row" without sending it: drivers raise on such values (``DataError`` on
-    PostgreSQL, ``OverflowError`` from sqlite3), which a web view would turn into a 500.
+    row" without sending it: drivers raise on such values (`DataError` on
+    PostgreSQL, `OverflowError` from sqlite3), which a web view would turn into a 500.
     """
 
     python_type: type | None
     bounds: tuple[int, int] | None = None
 
     def check(self, model_name: str, name: str, value: Any) -> None:
-        """Raise :class:`TypeError` when ``value`` cannot be a value of this column.
+        """Raise `TypeError` when `value` cannot be a value of this column.
 
         Exact types, because databases convert silently: MySQL compares a string column
         with the number 0 by converting every non-numeric string to 0, so an unchecked
-        ``{"user_id": 0}`` would match everyone's jobs. ``None`` is refused everywhere:
+        `{"user_id": 0}` would match everyone's jobs. `None` is refused everywhere:
         an ownership filter built from a missing request value must not match the rows
         that have no owner. Ints are accepted for float and decimal columns.
         """
@@ -206,32 +207,32 @@ class FilterRule:
 
 
 def integer_bounds(bits: int, *, unsigned: bool = False) -> tuple[int, int]:
-    """The range of a ``bits``-wide integer column."""
+    """The range of a `bits`-wide integer column."""
     if unsigned:
         return 0, 2**bits - 1
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 def start_change(worker_id: str) -> Change:
-    """pending → in_progress, stamping ``started_at`` and naming the worker process."""
+    """pending → in_progress, stamping `started_at` and naming the worker process."""
     return Change(Status.IN_PROGRESS, stamp=("started_at",), values={"worker_id": worker_id})
 
 
 def complete_change() -> Change:
-    """in_progress → completed, stamping ``finished_at``."""
+    """in_progress → completed, stamping `finished_at`."""
     return Change(Status.COMPLETED, stamp=("finished_at",))
 
 
 def fail_change(error: str) -> Change:
-    """in_progress → failed, keeping the error's text and stamping ``finished_at``."""
+    """in_progress → failed, keeping the error's text and stamping `finished_at`."""
     return Change(Status.FAILED, stamp=("finished_at",), values={"error": error[:ERROR_LENGTH]})
 
 
 def cancel_change(reason: str | None) -> Change:
     """pending/in_progress → cancelled.
 
-    ``finished_at`` is stamped only for a pending job: a job in progress has stopped only
-    when its worker leaves ``run()``.
+    `finished_at` is stamped only for a pending job: a job in progress has stopped only
+    when its worker leaves `run()`.
     """
     return Change(
         Status.CANCELLED,
@@ -244,15 +245,15 @@ def cancel_change(reason: str | None) -> Change:
 def cancel_payload(job_id: Any, reason: str | None) -> str:
     """The notification a committed cancel of one job sends: its id and reason, as JSON.
 
-    A cancel that changed several rows (``cancel_where``) sends ``"*"`` instead.
+    A cancel that changed several rows (`cancel_where`) sends `"*"` instead.
     """
     return json.dumps([str(job_id), reason])
 
 
 def read_cancel_payload(payload: str) -> tuple[str, str | None, bool] | None:
-    """``(job id, reason, exact)`` from a notification; None for ``"*"`` (poll them all).
+    """`(job id, reason, exact)` from a notification; None for `"*"` (poll them all).
 
-    ``exact`` is False for a bare id, as dbcancel 0.1 sent: it names the job but not the
+    `exact` is False for a bare id, as dbcancel 0.1 sent: it names the job but not the
     reason, so the listener confirms with a poll.
     """
     if payload == "*":
@@ -277,7 +278,7 @@ class Listener(Protocol):
         """Open the connection and start listening; raises when the database is down."""
 
     def wait(self, timeout: float) -> list[str] | None:
-        """Wait up to ``timeout`` seconds; the payloads that arrived (``[]`` if none).
+        """Wait up to `timeout` seconds; the payloads that arrived (`[]` if none).
 
         Returns None when not connected. Raises when the connection breaks (the caller
         closes it and connects again later).
@@ -289,10 +290,11 @@ class Listener(Protocol):
 
 class Backend(Protocol):
     """What dbcancel needs from an ORM. Every method that touches the database runs at
-    most one transaction of its own (or joins the caller's, for ``using``).
+    most one transaction of its own (or joins the caller's, for `using`).
 
-    Hand an implementation to :meth:`dbcancel.Jobs.from_backend`. Writes and reads go
-    through :func:`run_retried`, the one retry policy the shipped backends share.
+    Hand an implementation to [`Jobs.from_backend`][dbcancel.Jobs.from_backend]. Writes and reads go
+    through [`run_retried`][dbcancel.backend.run_retried], the one retry policy the shipped
+    backends share.
     """
 
     key: Hashable
@@ -300,18 +302,18 @@ class Backend(Protocol):
     model_name: str
     """The model's name, for messages."""
     label: str
-    """The model and its database (``Analysis@postgresql``), for logs and thread names."""
+    """The model and its database (`Analysis@postgresql`), for logs and thread names."""
 
     def check_id(self, job_id: Any) -> None:
-        """Raise :class:`TypeError` when ``job_id`` cannot be an id of this table."""
+        """Raise `TypeError` when `job_id` cannot be an id of this table."""
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
-        """Raise before anything is sent when ``filters`` could match rows the caller
-        did not mean: :class:`TypeError` for a key that is not a string or a value of
-        the wrong type for its column (see :class:`FilterRule`), :class:`ValueError`
-        for a key that names no column.
+        """Raise before anything is sent when `filters` could match rows the caller
+        did not mean: `TypeError` for a key that is not a string or a value of
+        the wrong type for its column (see [`FilterRule`][dbcancel.backend.FilterRule]),
+        `ValueError` for a key that names no column.
 
-        Filters that pass are compared exactly by ``apply`` and ``read``: a string
+        Filters that pass are compared exactly by `apply` and `read`: a string
         matches only the same characters, whatever the column's collation.
         """
 
@@ -323,28 +325,28 @@ class Backend(Protocol):
         filters: Mapping[str, Any] | None = None,
         using: Any = None,
     ) -> int:
-        """Apply ``change`` as one conditional UPDATE and commit; return the row count.
+        """Apply `change` as one conditional UPDATE and commit; return the row count.
 
-        ``job_id=None`` applies it to every row matching ``filters``. ``using`` is a
+        `job_id=None` applies it to every row matching `filters`. `using` is a
         caller's open transaction (session or connection) to run in, uncommitted. An id
         or filter value outside its column's range matches nothing: 0, with no query.
         A write whose connection turns out dead is run once more on a fresh one, and
         one the database rolled back for a deadlock or a lock timeout again, a few times
         (it is a conditional UPDATE: running it again cannot apply it twice; see
-        :func:`run_retried`).
+        [`run_retried`][dbcancel.backend.run_retried]).
         """
 
     def read(self, job_id: Any, filters: Mapping[str, Any] | None = None) -> JobRow | None:
-        """One job's row, or None when no row has this id (and matches ``filters``);
+        """One job's row, or None when no row has this id (and matches `filters`);
         None without a query for an id or value outside its column's range."""
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those jobs that still exist, by id."""
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
-        """Set ``finished_at`` to now where it is still null, and commit.
+        """Set `finished_at` to now where it is still null, and commit.
 
-        ``observed_at`` (when the worker saw the cancel) goes to ``cancel_observed_at``
+        `observed_at` (when the worker saw the cancel) goes to `cancel_observed_at`
         in the same UPDATE, unless that already holds an earlier value.
         """
 
@@ -353,7 +355,7 @@ class Backend(Protocol):
     One process beats one row there, whatever the number of its jobs and tables."""
 
     def beat_worker(self, worker_id: str) -> None:
-        """Stamp the worker row ``worker_id`` with the database's clock, and commit.
+        """Stamp the worker row `worker_id` with the database's clock, and commit.
 
         Inserts the row when it is missing (the first job of the process, or a reap
         removed it while the process was stalled). One UPDATE while the row exists.
@@ -362,11 +364,11 @@ class Backend(Protocol):
     def reap(self, stale_after: float, error: str) -> int:
         """Stop the jobs whose worker is gone; return how many, in one conditional UPDATE.
 
-        On the database's clock: rows not yet stopped (``finished_at`` null), in
+        On the database's clock: rows not yet stopped (`finished_at` null), in
         progress or cancelled, whose worker row is missing or has not beaten for
-        ``stale_after`` seconds (rows without a worker: whose ``heartbeat_at``, or
-        ``started_at``, is that old) get ``finished_at``; those in progress also become
-        failed with ``error``; cancelled ones stay cancelled. Worker rows that are that
+        `stale_after` seconds (rows without a worker: whose `heartbeat_at`, or
+        `started_at`, is that old) get `finished_at`; those in progress also become
+        failed with `error`; cancelled ones stay cancelled. Worker rows that are that
         stale and no longer named by an unfinished job of this table are deleted in the
         same transaction.
         """
@@ -397,14 +399,15 @@ BACKEND_MEMBERS: tuple[str, ...] = (
     "release",
     "listener",
 )
-"""The attributes and methods of :class:`Backend`, which :func:`check_backend` looks for."""
+"""The attributes and methods of [`Backend`][dbcancel.backend.Backend], which
+[`check_backend`][dbcancel.backend.check_backend] looks for."""
 
 
 def check_backend(backend: Any) -> None:
-    """Raise :class:`TypeError` naming what ``backend`` lacks of :class:`Backend`.
+    """Raise `TypeError` naming what `backend` lacks of [`Backend`][dbcancel.backend.Backend].
 
-    :meth:`dbcancel.Jobs.from_backend` calls it, so that a half-written backend fails
-    when the ``Jobs`` is built, not at the first cancel.
+    [`Jobs.from_backend`][dbcancel.Jobs.from_backend] calls it, so that a half-written backend fails
+    when the `Jobs` is built, not at the first cancel.
     """
     missing = [name for name in BACKEND_MEMBERS if not hasattr(backend, name)]
     if missing:
@@ -436,10 +439,10 @@ _MYSQL_TRANSIENT = frozenset({1213, 1205})
 
 
 def is_transient_error(driver_error: BaseException | None) -> bool:
-    """True when ``driver_error``, an exception of a DB-API driver, reports a deadlock or
+    """True when `driver_error`, an exception of a DB-API driver, reports a deadlock or
     serialization failure (PostgreSQL's SQLSTATE 40P01 and 40001, read from psycopg's
-    ``sqlstate`` or psycopg2's ``pgcode``) or a deadlock or lock wait timeout
-    (MySQL/MariaDB's error 1213 and 1205, the first of its ``args``).
+    `sqlstate` or psycopg2's `pgcode`) or a deadlock or lock wait timeout
+    (MySQL/MariaDB's error 1213 and 1205, the first of its `args`).
 
     The database has then rolled the transaction back whole, so running it again is safe.
     """
@@ -458,15 +461,16 @@ def _no(error: BaseException) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Faults:
-    """How :func:`run_retried` tells a backend's errors apart.
+    """How [`run_retried`][dbcancel.backend.run_retried] tells a backend's errors apart.
 
-    ``errors``: the exception types worth a look (any other propagates at once).
-    ``is_dead(err)``: True when ``err`` came from a connection found dead (the server
+    `errors`: the exception types worth a look (any other propagates at once).
+    `is_dead(err)`: True when `err` came from a connection found dead (the server
     restarted, or killed it, while it sat idle); it may close that connection, so that
     the next try opens a fresh one. It is asked once per call at most, before a retry on
-    a fresh connection. ``is_transient(err)``: True for a deadlock or lock timeout, after
-    which the database has rolled the transaction back (see :func:`is_transient_error`).
-    ``describe(err)``: what the log line shows of ``err``.
+    a fresh connection. `is_transient(err)`: True for a deadlock or lock timeout, after
+    which the database has rolled the transaction back (see
+    [`is_transient_error`][dbcancel.backend.is_transient_error]). `describe(err)`: what the
+    log line shows of `err`.
     """
 
     errors: tuple[type[BaseException], ...]
@@ -483,18 +487,18 @@ def run_retried(
     write: bool = True,
     retries: int = RETRIES,
 ) -> _T:
-    """Run ``work`` (one transaction of its own), and again when running it again is safe.
+    """Run `work` (one transaction of its own), and again when running it again is safe.
 
-    A write (``write=True``) is retried after a deadlock or lock timeout up to
-    ``retries`` tries in all, with a short random pause that grows with each try, and
+    A write (`write=True`) is retried after a deadlock or lock timeout up to
+    `retries` tries in all, with a short random pause that grows with each try, and
     once after a dead connection. That is safe because every write dbcancel makes is
-    conditional (``WHERE status IN ...``, ``WHERE finished_at IS NULL``): a second run
-    finds the row already changed and counts 0. A read (``write=False``) is retried only
-    after a dead connection, once. The last error propagates. ``label`` names the table
-    in the log lines (``INFO`` on the ``dbcancel`` logger).
+    conditional (`WHERE status IN ...`, `WHERE finished_at IS NULL`): a second run
+    finds the row already changed and counts 0. A read (`write=False`) is retried only
+    after a dead connection, once. The last error propagates. `label` names the table
+    in the log lines (`INFO` on the `dbcancel` logger).
 
-    ``work`` must open and commit its own transaction each time it is called: the retry
-    runs it whole. It never runs inside a caller's transaction (``apply(..., using=)``
+    `work` must open and commit its own transaction each time it is called: the retry
+    runs it whole. It never runs inside a caller's transaction (`apply(..., using=)`
     runs its statement directly, unretried).
     """
     reconnected = False

@@ -1,9 +1,9 @@
 """Checkpoints: the cheap per-item check a worker loop calls.
 
-A :class:`Checkpoint` belongs to one running job. Calling it costs a clock read and a
-comparison until a poll is due; then it re-reads the job's row (at most once per
-``interval`` of its clock). A cancel issued in this process flips it at once, without
-waiting for a poll. Cancellation is sticky: once observed, every later call raises.
+A [`Checkpoint`][dbcancel.Checkpoint] belongs to one running job. Calling it costs a clock
+read and a comparison until a poll is due; then it re-reads the job's row (at most once per
+`interval` of its clock). A cancel issued in this process flips it at once, without waiting
+for a poll. Cancellation is sticky: once observed, every later call raises.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Protocol, Self
 
 from ._health import Health
 from .errors import Cancelled
-from .models import Status
+from .models import JobId, Status
 
 __all__ = ["CallbackHandle", "Checkpoint", "checkpoint", "current"]
 
@@ -50,10 +50,10 @@ MAX_BACKOFF = 5.0
 
 
 def backoff(interval: float, failures: int) -> float:
-    """Seconds to wait before the next poll after ``failures`` failed polls in a row.
+    """Seconds to wait before the next poll after `failures` failed polls in a row.
 
-    The one backoff rule of every poller: ``interval * 2**(failures - 1)``, at most
-    :data:`MAX_BACKOFF` seconds (or the interval, when that is longer).
+    The one backoff rule of every poller: `interval * 2**(failures - 1)`, at most
+    `MAX_BACKOFF` seconds (or the interval, when that is longer).
     """
     return min(interval * 2.0 ** (failures - 1), max(interval, MAX_BACKOFF))
 
@@ -69,13 +69,13 @@ def poll_step(
     *,
     still_polled: Callable[[Checkpoint], bool] | None = None,
 ) -> Rows:
-    """Poll ``checkpoints`` (of one table) with ONE read; the only poll of dbcancel.
+    """Poll `checkpoints` (of one table) with ONE read; the only poll of dbcancel.
 
     The threadless checkpoint polls itself through this (a batch of one); the watcher
     thread polls every job it watches through it. On success the table's health is
     told, and each checkpoint takes in its row (a missing row: deleted) unless it is
-    cancelled already or ``still_polled`` says it left meanwhile. On failure the health
-    is told, each checkpoint backs off (or, past ``max_staleness``, is cancelled
+    cancelled already or `still_polled` says it left meanwhile. On failure the health
+    is told, each checkpoint backs off (or, past `max_staleness`, is cancelled
     locally), and the error propagates for the caller to log or swallow.
     """
     try:
@@ -101,9 +101,9 @@ _RUNNING = "running"
 class _Flag(dict[str, None]):
     """A watched checkpoint's flag: holds one key while the job runs.
 
-    A watched checkpoint is ``partial(flag.__getitem__, "running")``: while the key is
+    A watched checkpoint is `partial(flag.__getitem__, "running")`: while the key is
     there the call is a dict lookup done entirely in C; cancelling removes the key, and
-    the lookup falls through to ``__missing__``, which raises the job's ``Cancelled``.
+    the lookup falls through to `__missing__`, which raises the job's `Cancelled`.
     """
 
     __slots__ = ("_checkpoint",)
@@ -117,7 +117,7 @@ class _Flag(dict[str, None]):
 
 
 class _Source(Protocol):
-    """What a checkpoint needs from the object that created it (a ``Jobs``)."""
+    """What a checkpoint needs from the object that created it (a `Jobs`)."""
 
     def _poll_rows(self, job_ids: Collection[Any]) -> Rows: ...
 
@@ -127,7 +127,8 @@ class _Source(Protocol):
 
 
 class CallbackHandle:
-    """Returned by :meth:`Checkpoint.on_cancel`; ``remove()`` or ``with`` unregisters it."""
+    """Returned by [`Checkpoint.on_cancel`][dbcancel.Checkpoint.on_cancel]; `remove()` or
+    `with` unregisters it."""
 
     __slots__ = ("_checkpoint", "_fn")
 
@@ -152,18 +153,18 @@ class CallbackHandle:
 
 
 class Checkpoint(functools.partial[None]):
-    """The cancellation check of one running job; obtained from ``jobs.run(job_id)``.
+    """The cancellation check of one running job; obtained from `jobs.run(job_id)`.
 
-    ::
+    ```python
+    with jobs.run(analysis_id) as cp:
+        for path in files:
+            cp()              # raises Cancelled once the job is cancelled
+            process(path)
+    ```
 
-        with jobs.run(analysis_id) as cp:
-            for path in files:
-                cp()              # raises Cancelled once the job is cancelled
-                process(path)
-
-    Calling it raises :class:`Cancelled` once the job is cancelled, and re-reads the row
-    when a poll is due (at most once per ``interval`` of the clock). Thread-safe: any
-    thread may cancel it; the worker thread calls it.
+    Calling it raises [`Cancelled`][dbcancel.Cancelled] once the job is cancelled, and
+    re-reads the row when a poll is due (at most once per `interval` of the clock).
+    Thread-safe: any thread may cancel it; the worker thread calls it.
     """
 
     # Why a partial: CPython 3.11 calls a partial's function from C, while an instance's
@@ -195,7 +196,7 @@ class Checkpoint(functools.partial[None]):
         "job_id",
     )
 
-    job_id: Any
+    job_id: JobId
     """The id of the job this checkpoint watches."""
     _callbacks: list[CallbackHandle] | None
     _calling: tuple[threading.Thread, threading.Event] | None
@@ -222,7 +223,7 @@ class Checkpoint(functools.partial[None]):
     def __new__(
         cls,
         source: _Source,
-        job_id: Any,
+        job_id: JobId,
         *,
         interval: float,
         clock: Callable[[], float],
@@ -233,10 +234,10 @@ class Checkpoint(functools.partial[None]):
         max_staleness: float | None = None,
         health: Health | None = None,
     ) -> Self:
-        """Create the checkpoint of job ``job_id``; ``jobs.run()`` does this for you.
+        """Create the checkpoint of job `job_id`; `jobs.run()` does this for you.
 
-        ``watched``: a background watcher polls the row, and calling the checkpoint only
-        reads a flag. ``max_staleness``: seconds without a successful poll after which
+        `watched`: a background watcher polls the row, and calling the checkpoint only
+        reads a flag. `max_staleness`: seconds without a successful poll after which
         the job is cancelled locally (fail closed); None keeps it running (fail open).
         """
         flag: _Flag | None = None
@@ -295,7 +296,7 @@ class Checkpoint(functools.partial[None]):
         """Poll; a database error becomes a retry with backoff, never an exception.
 
         A failed poll must not kill the job: the database may be back soon. The table's
-        :class:`Health` logs the outage once, not once per call or per job.
+        `Health` logs the outage once, not once per call or per job.
         """
         with contextlib.suppress(Exception):
             self.poll()
@@ -336,7 +337,7 @@ class Checkpoint(functools.partial[None]):
 
     @property
     def reason(self) -> str | None:
-        """The cancel reason once cancelled (``"deleted"`` when the row vanished), else None."""
+        """The cancel reason once cancelled (`"deleted"` when the row vanished), else None."""
         return self._reason
 
     @property
@@ -346,24 +347,25 @@ class Checkpoint(functools.partial[None]):
 
     @property
     def watched(self) -> bool:
-        """True when a background watcher polls the row (``Jobs(watch=True)``)."""
+        """True when a background watcher polls the row (`Jobs(watch=True)`)."""
         return self._flag is not None
 
     @property
     def observed_at(self) -> dt.datetime | None:
         """When this process observed the cancellation (aware UTC), or None.
 
-        Written to the row's ``cancel_observed_at`` when the job stops, so that the
-        latency from ``cancel_requested_at`` to here, and on to ``finished_at``, can be
+        Written to the row's `cancel_observed_at` when the job stops, so that the
+        latency from `cancel_requested_at` to here, and on to `finished_at`, can be
         measured in production.
         """
         return self._observed_at
 
     def poll(self) -> Status:
-        """Re-read the row now and return its status (``cancelled`` when it was deleted).
+        """Re-read the row now and return its status (`cancelled` when it was deleted).
 
-        Observes a cancellation (flag, callbacks) but does not raise :class:`Cancelled`;
-        database errors propagate (and count as a failed poll: the next one backs off).
+        Observes a cancellation (flag, callbacks) but does not raise
+        [`Cancelled`][dbcancel.Cancelled]; database errors propagate (and count as a failed
+        poll: the next one backs off).
         """
         rows = poll_step(self._source._poll_rows, self._health, (self,))
         row = rows.get(self.job_id)
@@ -372,7 +374,7 @@ class Checkpoint(functools.partial[None]):
     def _apply_row(self, status: Status | None, text: str | None) -> Status:
         """Take in a freshly read row and schedule the next poll.
 
-        ``status`` None: the row was deleted. ``text`` is what the row says of its
+        `status` None: the row was deleted. `text` is what the row says of its
         status: the cancel reason, or the error of a failed job.
         """
         self._failures = 0
@@ -390,11 +392,11 @@ class Checkpoint(functools.partial[None]):
         return status
 
     def _fence(self, status: Status, text: str | None) -> None:
-        """The row left ``in_progress`` by another hand (``reap()``, an operator's
+        """The row left `in_progress` by another hand (`reap()`, an operator's
         UPDATE) while this worker runs: stop it as if cancelled, with that reason.
 
-        Its ``run()`` then writes nothing but ``finished_at`` where that is missing:
-        the status stays as the other hand left it, and ``cp.complete()`` refuses.
+        Its `run()` then writes nothing but `finished_at` where that is missing:
+        the status stays as the other hand left it, and `cp.complete()` refuses.
         """
         reason = status.value if not text else f"{status.value}: {text}"
         with self._lock:
@@ -409,16 +411,16 @@ class Checkpoint(functools.partial[None]):
             )
 
     def on_cancel(self, fn: Callable[[], object]) -> CallbackHandle:
-        """Run ``fn()`` once when cancellation is observed; at once if it already was.
+        """Run `fn()` once when cancellation is observed; at once if it already was.
 
         Callbacks run in the thread that observes the cancellation first: the worker's
         own thread after a poll, the watcher's thread (its poll, or on PostgreSQL the
-        cancel's notification), or the thread calling ``jobs.cancel()`` in this process,
+        cancel's notification), or the thread calling `jobs.cancel()` in this process,
         so they can close a socket the worker is blocked on. Either way they have run
-        when a ``jobs.cancel()`` of the job in this process returns. An exception in one
+        when a `jobs.cancel()` of the job in this process returns. An exception in one
         callback
-        is logged and does not stop the others. Returns a handle whose ``remove()`` (or
-        ``with`` block) unregisters ``fn``.
+        is logged and does not stop the others. Returns a handle whose `remove()` (or
+        `with` block) unregisters `fn`.
         """
         handle = CallbackHandle(self, fn)
         with self._lock:
@@ -429,15 +431,15 @@ class Checkpoint(functools.partial[None]):
         return handle
 
     def complete(self, using: Any) -> None:
-        """Mark the job completed inside the caller's open transaction ``using``.
+        """Mark the job completed inside the caller's open transaction `using`.
 
-        ``using`` is a SQLAlchemy ``Session`` or ``Connection`` in which the worker has
+        `using` is a SQLAlchemy `Session` or `Connection` in which the worker has
         written its results. The status change joins that transaction, so results and
         completion commit together. If the job was cancelled (or deleted) meanwhile,
-        raises :class:`Cancelled`: the caller's ``with session.begin():`` then rolls the
-        results back, and ``jobs.run()`` swallows the exception. Raises
-        :class:`dbcancel.InvalidTransition` when the job is neither in progress nor
-        cancelled (for example completed twice).
+        raises [`Cancelled`][dbcancel.Cancelled]: the caller's `with session.begin():` then
+        rolls the results back, and `jobs.run()` swallows the exception. Raises
+        [`InvalidTransition`][dbcancel.InvalidTransition] when the job is neither in
+        progress nor cancelled (for example completed twice).
         """
         if self._cancelled:
             raise self._exception()
@@ -466,9 +468,9 @@ class Checkpoint(functools.partial[None]):
     def _observe(self, reason: str | None, *, local: bool = False, fenced: bool = False) -> None:
         """Record the cancellation (first reason wins) and run the callbacks once.
 
-        ``local``: decided in this process, not read from the database (fail-closed after
-        ``max_staleness``); the row is then told when the job stops. ``fenced``: the row
-        left ``in_progress`` by another hand; it is not told anything.
+        `local`: decided in this process, not read from the database (fail-closed after
+        `max_staleness`); the row is then told when the job stops. `fenced`: the row
+        left `in_progress` by another hand; it is not told anything.
         """
         me = threading.current_thread()
         with self._lock:
@@ -502,12 +504,12 @@ class Checkpoint(functools.partial[None]):
 
     @property
     def _decided_here(self) -> bool:
-        """True when the cancel was decided in this process (``max_staleness``), not
+        """True when the cancel was decided in this process (`max_staleness`), not
         read from the database: the row is told when the job stops."""
         return self._local
 
     def _seen_at(self) -> dt.datetime | None:
-        """When the worker saw a cancel, for ``cancel_observed_at``; None for a fenced
+        """When the worker saw a cancel, for `cancel_observed_at`; None for a fenced
         job, which was not cancelled but taken away by another hand."""
         return None if self._fenced else self._observed_at
 
@@ -520,13 +522,13 @@ class Checkpoint(functools.partial[None]):
         return self._owner and not self._stopped.is_set()
 
     def _wait_ended(self, timeout: float | None) -> bool:
-        """Block until the job's run() has recorded how it ended, at most ``timeout``
+        """Block until the job's run() has recorded how it ended, at most `timeout`
         seconds; True when it has."""
         return self._stopped.wait(timeout)
 
     def _watcher(self) -> Any:
         """The watcher thread of this checkpoint's table in this process (a
-        :class:`dbcancel._watcher.Watcher`), created on first use."""
+        `dbcancel._watcher.Watcher`), created on first use."""
         return self._source._watcher()
 
     def _remove_callback(self, handle: CallbackHandle) -> None:
@@ -551,12 +553,14 @@ def current() -> Checkpoint | None:
 def checkpoint() -> None:
     """Check the job running in the current context; a no-op outside any job.
 
-    Deep code can stop a cancelled job without a checkpoint passed down to it::
+    Deep code can stop a cancelled job without a checkpoint passed down to it:
 
-        def decode(path):
-            for chunk in read_chunks(path):
-                dbcancel.checkpoint()
-                ...
+    ```python
+    def decode(path):
+        for chunk in read_chunks(path):
+            dbcancel.checkpoint()
+            ...
+    ```
     """
     stack = _current.get()
     if stack:

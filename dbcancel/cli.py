@@ -1,13 +1,13 @@
-"""The command line: ``python -m dbcancel demo|cancel|status|list|reap`` (or ``dbcancel ...``).
+"""The command line: `python -m dbcancel demo|cancel|status|list|reap` (or `dbcancel ...`).
 
-``demo`` runs :func:`dbcancel.demo.run_demo`. ``cancel``, ``status``, ``list`` and ``reap``
+`demo` runs `dbcancel.demo.run_demo`. `cancel`, `status`, `list` and `reap`
 work on an existing job table of any app: the table is reflected from the database, so
-they need nothing but its URL and name (``--url``/``$DBCANCEL_URL``,
-``--table``/``$DBCANCEL_TABLE``).
+they need nothing but its URL and name (`--url`/`$DBCANCEL_URL`,
+`--table`/`$DBCANCEL_TABLE`).
 Only the standard library and SQLAlchemy are used. Passwords in URLs are never printed.
 
 The table commands themselves, their wording and their exit statuses live in
-:mod:`dbcancel._commands`, shared with ``flask dbcancel`` and ``manage.py dbcancel``;
+`dbcancel._commands`, shared with `flask dbcancel` and `manage.py dbcancel`;
 this module parses arguments, reflects the table and prints the outcome.
 """
 
@@ -82,9 +82,9 @@ __all__ = [
 
 
 ENV_URL = "DBCANCEL_URL"
-"""The environment variable ``--url`` defaults to."""
+"""The environment variable `--url` defaults to."""
 ENV_TABLE = "DBCANCEL_TABLE"
-"""The environment variable ``--table`` defaults to."""
+"""The environment variable `--table` defaults to."""
 
 _EXIT_STATUS = """\
 exit status:
@@ -123,7 +123,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 class CommandError(Exception):
-    """A failure that ends a command with one line on stderr and exit status ``status``."""
+    """A failure that ends a command with one line on stderr and exit status `status`."""
 
     def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
         super().__init__(message)
@@ -131,13 +131,13 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "dbcancel") -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status.
+    """Run the command line with `argv` (default `sys.argv[1:]`); return the exit status.
 
-    ``prog`` is the program name shown in help and error lines.
+    `prog` is the program name shown in help and error lines.
 
     Never raises for a failure it can describe: usage errors, unknown jobs or tables
     and unreachable databases are reported on stderr (one line, no traceback) and turned
-    into the exit statuses listed by ``--help``.
+    into the exit statuses listed by `--help`.
     """
     parser = build_parser(prog)
     try:
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dbcancel") -> int:
 
 
 def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
-    """The argument parser of :func:`main`; environment defaults are read now."""
+    """The argument parser of `main`; environment defaults are read now."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Cancel, inspect, list and reap the jobs of a dbcancel job table, or run "
@@ -306,7 +306,7 @@ def _reap(args: argparse.Namespace) -> Outcome:
 
 @contextmanager
 def _open(args: argparse.Namespace) -> Iterator[tuple[Jobs, SQLAlchemyRows]]:
-    """Connect, reflect the table and wrap it in ``Jobs``; disposes the engine after."""
+    """Connect, reflect the table and wrap it in `Jobs`; disposes the engine after."""
     if not args.url:
         _usage(args, f"--url is required (or set {ENV_URL})")
     if not args.table:
@@ -372,7 +372,7 @@ def missing_driver(safe_url: str, exc: ImportError) -> str:
     """The message for a URL whose database driver is not installed: which Python
     module is missing and what to install (the dbcancel extra for psycopg and PyMySQL).
 
-    ``safe_url`` is the URL with its password hidden.
+    `safe_url` is the URL with its password hidden.
     """
     module = (exc.name or "").split(".")[0]
     if not module:
@@ -409,8 +409,8 @@ def _reflect(engine: Engine, qualified: str, safe: str) -> Table:
 
 
 def parse_job_id(table: Table, text: str) -> Any:
-    """``text`` converted to the primary key's Python type (int for integer keys).
+    """`text` converted to the primary key's Python type (int for integer keys).
 
-    Raises :class:`ValueError` naming the table when it cannot be one of its ids.
+    Raises `ValueError` naming the table when it cannot be one of its ids.
     """
     return sqlalchemy_id(table, text)

@@ -1,16 +1,18 @@
-"""The end-to-end demo behind ``python -m dbcancel demo``.
+"""The end-to-end demo behind `python -m dbcancel demo`.
 
 Several upload sessions each hold a few synthetic video clips on disk; one analysis job per
 session walks its clips frame by frame in a thread, calling its checkpoint per frame.
-Midway, the user deletes one session the proper way::
+Midway, the user deletes one session the proper way:
 
-    jobs.cancel(job_id, reason="session deleted")   # durable once it returns
-    jobs.wait(job_id, timeout=10)                   # the worker has really stopped
-    delete_files(...); delete_rows(...)             # only now
+```python
+jobs.cancel(job_id, reason="session deleted")   # durable once it returns
+jobs.wait(job_id, timeout=10)                   # the worker has really stopped
+delete_files(...); delete_rows(...)             # only now
+```
 
 The others finish. The demo then proves what matters: the deleted session's worker opened
-no file and read no frame after the delete began, its job ended ``cancelled`` (never
-``completed``), and the others ``completed``. It needs only the standard library and
+no file and read no frame after the delete began, its job ended `cancelled` (never
+`completed`), and the others `completed`. It needs only the standard library and
 SQLAlchemy, so it runs on a fresh install.
 """
 
@@ -104,14 +106,14 @@ def _declare_models(prefix: str) -> _Models:
 
 @dataclass(frozen=True, slots=True)
 class DemoRow:
-    """How one analysis job of the demo ended; :func:`run_demo` returns one per job."""
+    """How one analysis job of the demo ended; `run_demo` returns one per job."""
 
     job_id: int
     """The job's primary key."""
     session_id: str
-    """The upload session it analysed (``s1``, ``s2``, ...)."""
+    """The upload session it analysed (`s1`, `s2`, ...)."""
     status: Status
-    """Its final status, read from the database (from ``jobs.wait()`` when deleted)."""
+    """Its final status, read from the database (from `jobs.wait()` when deleted)."""
     frames: int
     """Frames the worker processed."""
     total_frames: int
@@ -123,7 +125,7 @@ class DemoRow:
     deleted: bool
     """True for the session the user deleted midway."""
     cancel_latency_ms: float | None
-    """Milliseconds from ``jobs.cancel()`` returning to the worker's loop exiting; None when
+    """Milliseconds from `jobs.cancel()` returning to the worker's loop exiting; None when
     the job was not cancelled."""
     touches_after_delete: int
     """File opens and frame reads by the worker after the session's delete began (must be
@@ -131,7 +133,7 @@ class DemoRow:
 
 
 class DemoError(RuntimeError):
-    """A check of the demo failed; ``rows`` holds what it measured."""
+    """A check of the demo failed; `rows` holds what it measured."""
 
     def __init__(self, message: str, rows: Sequence[DemoRow] = ()) -> None:
         super().__init__(message)
@@ -207,7 +209,7 @@ def _walk(cp: Checkpoint, p: _Progress, frame_delay: float, wake: threading.Even
 
 
 class _Display:
-    """Progress on ``out``: redrawn in place on a terminal, periodic plain lines otherwise."""
+    """Progress on `out`: redrawn in place on a terminal, periodic plain lines otherwise."""
 
     def __init__(self, out: TextIO) -> None:
         self.out = out
@@ -222,7 +224,7 @@ class _Display:
         self.out.flush()
 
     def start(self) -> None:
-        """Hide the cursor during the live display (restored by :meth:`stop`)."""
+        """Hide the cursor during the live display (restored by `stop`)."""
         if self.live:
             self._write("\x1b[?25l")
 
@@ -317,7 +319,7 @@ def _engine(url: str, *, embedded: bool, pool_size: int) -> Engine:
 def _make_sessions(
     root: Path, count: int, files: int, rng: random.Random
 ) -> list[tuple[str, Path, list[Path]]]:
-    """Write each session's clips (random frames) under ``root``."""
+    """Write each session's clips (random frames) under `root`."""
     sessions = []
     for i in range(1, count + 1):
         session_id = f"s{i}"
@@ -342,21 +344,21 @@ def run_demo(
     seed: int | None = 0,
     out: TextIO | None = None,
 ) -> list[DemoRow]:
-    """Run the demo and return one :class:`DemoRow` per job.
+    """Run the demo and return one `DemoRow` per job.
 
-    ``url`` is a SQLAlchemy database URL; by default an embedded SQLite file in a
+    `url` is a SQLAlchemy database URL; by default an embedded SQLite file in a
     temporary folder. On any database the demo creates its own two tables, named
-    ``dbcancel_demo_<random>_analysis`` and ``..._upload``, and drops them at the end;
-    it never reads or writes other tables. ``jobs`` sessions of ``files`` clips each are
-    analysed, one job per session; ``interval`` is the checkpoints' poll interval and
-    ``frame_delay`` the seconds of simulated work per frame (the defaults run for about
-    five seconds). Progress goes to ``out`` (default ``sys.stdout``): redrawn in place on
+    `dbcancel_demo_<random>_analysis` and `..._upload`, and drops them at the end;
+    it never reads or writes other tables. `jobs` sessions of `files` clips each are
+    analysed, one job per session; `interval` is the checkpoints' poll interval and
+    `frame_delay` the seconds of simulated work per frame (the defaults run for about
+    five seconds). Progress goes to `out` (default `sys.stdout`): redrawn in place on
     a terminal, plain periodic lines otherwise.
 
-    Raises :class:`DemoError` (after printing the final table) when a check fails: the
+    Raises `DemoError` (after printing the final table) when a check fails: the
     deleted session's job did not end cancelled, its worker touched a file after the
     delete began, or another job did not complete. On Ctrl-C it cancels every job,
-    waits for the workers to stop, cleans up and re-raises ``KeyboardInterrupt``.
+    waits for the workers to stop, cleans up and re-raises `KeyboardInterrupt`.
     """
     if jobs < 1 or files < 1:
         raise ValueError(f"the demo needs at least one job and one file, got {jobs=}, {files=}")

@@ -1,14 +1,16 @@
 """The exceptions dbcancel raises.
 
-``Cancelled`` derives from :class:`BaseException`, like :class:`asyncio.CancelledError`
-and :class:`KeyboardInterrupt`, so that a broad ``except Exception`` around one item of a
+`Cancelled` derives from `BaseException`, like `asyncio.CancelledError`
+and `KeyboardInterrupt`, so that a broad `except Exception` around one item of a
 worker loop cannot swallow a cancellation. Everything else derives from
-:class:`DbcancelError`.
+[`DbcancelError`][dbcancel.DbcancelError].
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from .models import JobId
 
 __all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound", "JobNotRunnable"]
 
@@ -16,13 +18,13 @@ __all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound", "Jo
 class Cancelled(BaseException):
     """Raised by a checkpoint when its job has been cancelled (or its row deleted).
 
-    ``job_id`` is the id of the cancelled job; ``reason`` is the reason given to
-    :meth:`dbcancel.Jobs.cancel`, ``"deleted"`` when the row disappeared, or ``None``.
-    ``jobs.run()`` swallows the ``Cancelled`` of its own job, so a worker normally never
+    `job_id` is the id of the cancelled job; `reason` is the reason given to
+    [`Jobs.cancel`][dbcancel.Jobs.cancel], `"deleted"` when the row disappeared, or `None`.
+    `jobs.run()` swallows the `Cancelled` of its own job, so a worker normally never
     needs to catch it.
     """
 
-    def __init__(self, job_id: Any, reason: str | None = None) -> None:
+    def __init__(self, job_id: JobId, reason: str | None = None) -> None:
         self.job_id = job_id
         self.reason = reason
         text = f"job {job_id!r} was cancelled"
@@ -35,17 +37,17 @@ class Cancelled(BaseException):
 
 
 class DbcancelError(Exception):
-    """Base class of every dbcancel error except :class:`Cancelled`."""
+    """Base class of every dbcancel error except [`Cancelled`][dbcancel.Cancelled]."""
 
 
 class JobNotFound(DbcancelError, LookupError):
-    """No job row has this id (or it exists but does not match the ``where`` filters).
+    """No job row has this id (or it exists but does not match the `where` filters).
 
     A row that exists but belongs to someone else is reported exactly like a missing row,
     so that callers cannot probe for other users' jobs.
     """
 
-    def __init__(self, model: str, job_id: Any, where: dict[str, Any] | None = None) -> None:
+    def __init__(self, model: str, job_id: JobId, where: dict[str, Any] | None = None) -> None:
         self.model = model
         self.job_id = job_id
         self.where = dict(where) if where else None
@@ -61,11 +63,11 @@ class JobNotFound(DbcancelError, LookupError):
 class InvalidTransition(DbcancelError):
     """A status change that the transition table does not allow.
 
-    ``current`` is the status the row had when the change was refused, ``wanted`` the
+    `current` is the status the row had when the change was refused, `wanted` the
     status that was asked for.
     """
 
-    def __init__(self, model: str, job_id: Any, current: str, wanted: str) -> None:
+    def __init__(self, model: str, job_id: JobId, current: str, wanted: str) -> None:
         self.model = model
         self.job_id = job_id
         self.current = current
@@ -82,14 +84,14 @@ class JobNotRunnable(DbcancelError):
     """A task of a task queue found its job failed, completed or in progress: nothing ran.
 
     Raised (and recorded as the task's failure) by the task-queue integrations,
-    :mod:`dbcancel.contrib.celery` and :mod:`dbcancel.contrib.django.tasks`, when a
-    retry or a second message arrives for a job whose body already ran (or runs in
-    another worker now), and when a job was reaped or failed by hand while its body
-    ran. ``status`` is the row's status, ``job_id`` the job's id and ``model`` the name
-    of the job model.
+    [`dbcancel.contrib.celery`][dbcancel.contrib.celery] and
+    [`dbcancel.contrib.django.tasks`][dbcancel.contrib.django.tasks], when a retry or a
+    second message arrives for a job whose body already ran (or runs in another worker now),
+    and when a job was reaped or failed by hand while its body ran. `status` is the row's
+    status, `job_id` the job's id and `model` the name of the job model.
     """
 
-    def __init__(self, model: str, job_id: Any, status: str) -> None:
+    def __init__(self, model: str, job_id: JobId, status: str) -> None:
         self.model = model
         self.job_id = job_id
         self.status = status

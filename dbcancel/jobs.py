@@ -1,8 +1,8 @@
-"""``Jobs``: request, run and wait for cancellable jobs stored in one table.
+"""`Jobs`: request, run and wait for cancellable jobs stored in one table.
 
-``Jobs`` is the two sides together, built on one backend: the client side
-(:mod:`dbcancel._client`: cancel, status, wait, reap) and the worker side
-(:mod:`dbcancel._worker`: run and the checkpoints), plus the options and ``stats()``.
+`Jobs` is the two sides together, built on one backend: the client side
+(`dbcancel._client`: cancel, status, wait, reap) and the worker side
+(`dbcancel._worker`: run and the checkpoints), plus the options and `stats()`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def check_options(
     watch: Any,
     max_staleness: Any,
 ) -> tuple[float, float | None]:
-    """Validate the options of :class:`Jobs`; return ``interval`` and ``max_staleness``
-    as floats. Shared with the integrations, which build their ``Jobs`` later."""
+    """Validate the options of [`Jobs`][dbcancel.Jobs]; return `interval` and `max_staleness`
+    as floats. Shared with the integrations, which build their `Jobs` later."""
     seconds = check_seconds("interval", interval)
     if clock is not None and not callable(clock):
         raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
@@ -47,16 +47,16 @@ def check_options(
 
 
 def watched_mode(watch: bool | None, clock: Callable[[], float] | None) -> bool:
-    """The mode ``watch`` stands for: None is watched unless a custom clock is given
+    """The mode `watch` stands for: None is watched unless a custom clock is given
     (a clock the caller drives cannot drive a background thread)."""
     return clock is None if watch is None else watch
 
 
 @dataclass(frozen=True, slots=True)
 class JobsStats:
-    """What this process has done for one job table, from :meth:`Jobs.stats`.
+    """What this process has done for one job table, from [`Jobs.stats`][dbcancel.Jobs.stats].
 
-    Counters cover every ``Jobs`` of the table in this process since it started (or
+    Counters cover every `Jobs` of the table in this process since it started (or
     forked), checkpoints and watcher together.
     """
 
@@ -88,30 +88,30 @@ class JobsStats:
 class Jobs(JobsWorker):
     """Cancel, run and wait for the jobs of one table.
 
-    ::
+    ```python
+    jobs = Jobs(engine, Analysis, interval=0.5)
+    with jobs.run(analysis_id) as cp:     # in the worker
+        for path in files:
+            cp()
+            process(path)
 
-        jobs = Jobs(engine, Analysis, interval=0.5)
-        with jobs.run(analysis_id) as cp:     # in the worker
-            for path in files:
-                cp()
-                process(path)
+    jobs.cancel(analysis_id, where={"user_id": uid})   # anywhere, any process
+    ```
 
-        jobs.cancel(analysis_id, where={"user_id": uid})   # anywhere, any process
-
-    ``bind`` is an Engine or a sessionmaker bound to one; ``model`` a mapped class using
-    :class:`dbcancel.CancellableMixin` (or a Table with the same columns). ``interval`` is
-    the number of seconds of ``clock`` (default :func:`time.monotonic`) between two polls
-    of a running job's row. Every status change is one conditional UPDATE, committed
+    `bind` is an Engine or a sessionmaker bound to one; `model` a mapped class using
+    [`CancellableMixin`][dbcancel.CancellableMixin] (or a Table with the same columns).
+    `interval` is the number of seconds of `clock` (default `time.monotonic`) between two
+    polls of a running job's row. Every status change is one conditional UPDATE, committed
     before the method returns.
 
     The watched mode (the default): one background watcher per process and table polls
     every running job of the table in one statement per interval, listens for cancel
-    notifications on PostgreSQL (with psycopg 3; other drivers are polled), and ``cp()``
-    only reads a flag. It polls on real time, so a custom ``clock`` makes the default
-    threadless. ``watch=False``, the threadless mode: each ``cp()`` reads the clock and
+    notifications on PostgreSQL (with psycopg 3; other drivers are polled), and `cp()`
+    only reads a flag. It polls on real time, so a custom `clock` makes the default
+    threadless. `watch=False`, the threadless mode: each `cp()` reads the clock and
     polls its own row when a poll is due (for tests driven by a fake clock, and servers
-    that forbid threads). ``watch=True`` insists on the watched mode: it refuses a custom
-    clock, and a PostgreSQL engine it cannot listen through. ``max_staleness``: seconds
+    that forbid threads). `watch=True` insists on the watched mode: it refuses a custom
+    clock, and a PostgreSQL engine it cannot listen through. `max_staleness`: seconds
     without a successful poll after which a running job is cancelled locally (fail
     closed); by default a database outage never stops a job (fail open).
     """
@@ -149,17 +149,18 @@ class Jobs(JobsWorker):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> Self:
-        """A ``Jobs`` on ``backend``, an implementation of :class:`dbcancel.backend.Backend`.
+        """A `Jobs` on `backend`, an implementation of
+        [`dbcancel.backend.Backend`][dbcancel.backend.Backend].
 
-        ::
-
-            jobs = Jobs.from_backend(MyBackend(connection_factory, "analysis"))
+        ```python
+        jobs = Jobs.from_backend(MyBackend(connection_factory, "analysis"))
+        ```
 
         For an ORM or driver dbcancel does not ship a backend for; the options are those
-        of :class:`Jobs`, and every method works as it does there. ``Jobs(engine,
-        Model)`` is ``Jobs.from_backend`` on dbcancel's SQLAlchemy backend, and
-        :class:`~dbcancel.contrib.django.DjangoJobs` on its Django one. Raises
-        :class:`TypeError` naming the members ``backend`` lacks.
+        of [`Jobs`][dbcancel.Jobs], and every method works as it does there. `Jobs(engine,
+        Model)` is `Jobs.from_backend` on dbcancel's SQLAlchemy backend, and
+        [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs] on its Django one. Raises
+        `TypeError` naming the members `backend` lacks.
         """
         jobs = cls.__new__(cls)
         jobs._setup(
@@ -182,7 +183,7 @@ class Jobs(JobsWorker):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
-        """What every way of building a ``Jobs`` shares: check the options, keep the backend."""
+        """What every way of building a `Jobs` shares: check the options, keep the backend."""
         check_backend(backend)
         self._interval, self._max_staleness = check_options(
             interval=interval, clock=clock, watch=watch, max_staleness=max_staleness

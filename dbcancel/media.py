@@ -1,18 +1,18 @@
-"""WebSocket frame loops that stop when their job is cancelled (extra ``[media]``).
+"""WebSocket frame loops that stop when their job is cancelled (extra `[media]`).
 
-Built on the ``websockets`` package (its asyncio API). Two pieces:
+Built on the `websockets` package (its asyncio API). Two pieces:
 
-* :func:`receive` — ``async for message in receive(ws, cp)``: the messages of a
+* [`receive`][dbcancel.media.receive] — `async for message in receive(ws, cp)`: the messages of a
   connection until the job is cancelled. Cancellation is noticed while waiting for a
-  frame: the connection is closed with code 1001, reason ``"cancelled"``, and
-  :class:`dbcancel.Cancelled` is raised.
-* :class:`MediaAnalysisService` — streams video frames to an analysis server over one
-  connection per analysis and collects one result per frame.
+  frame: the connection is closed with code 1001, reason `"cancelled"`, and
+  [`Cancelled`][dbcancel.Cancelled] is raised.
+* [`MediaAnalysisService`][dbcancel.media.MediaAnalysisService] — streams video frames to an
+  analysis server over one connection per analysis and collects one result per frame.
 
 Neither blocks the event loop on the database: the job's row is polled in a worker thread
-(one query per interval for all the streams of a loop), and a ``jobs.cancel()`` issued
+(one query per interval for all the streams of a loop), and a `jobs.cancel()` issued
 in this process — from any thread, such as a Flask request — reaches the loop at once
-through ``loop.call_soon_threadsafe``.
+through `loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from ._aio import watching
 from .checkpoint import Checkpoint, current
 from .errors import DbcancelError
+from .models import JobId
 
 try:
     from websockets.asyncio.client import ClientConnection, connect
@@ -62,7 +63,7 @@ log = logging.getLogger("dbcancel")
 CANCEL_CLOSE_CODE = 1001
 """The close code sent when a job's connection is closed because it was cancelled."""
 CANCEL_CLOSE_REASON = "cancelled"
-"""The close reason sent with :data:`CANCEL_CLOSE_CODE`."""
+"""The close reason sent with `CANCEL_CLOSE_CODE`."""
 
 Frame = bytes | bytearray | memoryview
 _T = TypeVar("_T")
@@ -71,12 +72,12 @@ _T = TypeVar("_T")
 class MediaError(DbcancelError):
     """An analysis failed: the server could not be reached, misbehaved or went silent.
 
-    ``job_id`` and ``uri`` say which analysis; the message says what happened. The
-    connection is closed when this is raised; inside ``jobs.run()`` the job is then
+    `job_id` and `uri` say which analysis; the message says what happened. The
+    connection is closed when this is raised; inside `jobs.run()` the job is then
     marked failed with this text.
     """
 
-    def __init__(self, job_id: Any, uri: str, problem: str) -> None:
+    def __init__(self, job_id: JobId, uri: str, problem: str) -> None:
         self.job_id = job_id
         self.uri = uri
         self.problem = problem
@@ -88,10 +89,10 @@ class MediaError(DbcancelError):
 
 @asynccontextmanager
 async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[None]:
-    """While inside, a cancellation of ``cp`` closes ``ws`` with 1001 "cancelled".
+    """While inside, a cancellation of `cp` closes `ws` with 1001 "cancelled".
 
     The checkpoint's row is polled off the loop; its callback may run in any thread
-    (the one calling ``jobs.cancel()``, or the poller's worker thread), so it only
+    (the one calling `jobs.cancel()`, or the poller's worker thread), so it only
     schedules the close on the connection's own loop.
     """
     loop = asyncio.get_running_loop()
@@ -125,9 +126,9 @@ async def _closing_on_cancel(ws: ClientConnection, cp: Checkpoint) -> AsyncItera
 
 
 async def _cancellable(aw: Coroutine[Any, Any, _T], cp: Checkpoint) -> _T:
-    """Await ``aw`` (connecting, say), giving up with Cancelled when ``cp`` is cancelled.
+    """Await `aw` (connecting, say), giving up with Cancelled when `cp` is cancelled.
 
-    Without this a cancel during a slow handshake would wait for ``open_timeout``.
+    Without this a cancel during a slow handshake would wait for `open_timeout`.
     """
     loop = asyncio.get_running_loop()
     task = loop.create_task(aw)
@@ -154,18 +155,18 @@ async def _raise_if_cancelled(ws: ClientConnection, cp: Checkpoint) -> None:
 
 
 async def receive(ws: ClientConnection, cp: Checkpoint) -> AsyncIterator[str | bytes]:
-    """Yield the messages of ``ws`` until the connection ends or ``cp``'s job is cancelled.
+    """Yield the messages of `ws` until the connection ends or `cp`'s job is cancelled.
 
-    ::
-
-        async with connect(uri) as ws:
-            async for message in dbcancel.media.receive(ws, cp):
-                handle(message)
+    ```python
+    async with connect(uri) as ws:
+        async for message in dbcancel.media.receive(ws, cp):
+            handle(message)
+    ```
 
     A cancellation is noticed while waiting for a message, however silent the peer: the
-    connection is closed with code 1001, reason ``"cancelled"``, and
-    :class:`dbcancel.Cancelled` is raised. A normal close of the connection ends the
-    iteration; an abnormal one raises ``websockets.exceptions.ConnectionClosedError``.
+    connection is closed with code 1001, reason `"cancelled"`, and
+    [`Cancelled`][dbcancel.Cancelled] is raised. A normal close of the connection ends the
+    iteration; an abnormal one raises `websockets.exceptions.ConnectionClosedError`.
     """
     await _raise_if_cancelled(ws, cp)
     async with _closing_on_cancel(ws, cp):
@@ -206,20 +207,20 @@ async def _frames(frames: Iterable[Frame] | AsyncIterable[Frame]) -> AsyncGenera
 class MediaAnalysisService:
     """A client of a WebSocket analysis server: one connection per analysis.
 
-    ::
+    ```python
+    service = MediaAnalysisService("ws://127.0.0.1:8765", token=api_token)
+    async with jobs.run(analysis_id) as cp:
+        results = await service.analyze(frames, view="front", checkpoint=cp)
+    ```
 
-        service = MediaAnalysisService("ws://127.0.0.1:8765", token=api_token)
-        async with jobs.run(analysis_id) as cp:
-            results = await service.analyze(frames, view="front", checkpoint=cp)
+    The protocol: the `token` goes in an `Authorization: Bearer` header; the first
+    message is `{"type": "start", "view": ..., "job": ...}` (JSON text); each frame is
+    one binary message, answered by one JSON result `{"frame": <index>, ...}` in order;
+    `{"type": "end"}` ends the stream and the server closes the connection.
 
-    The protocol: the ``token`` goes in an ``Authorization: Bearer`` header; the first
-    message is ``{"type": "start", "view": ..., "job": ...}`` (JSON text); each frame is
-    one binary message, answered by one JSON result ``{"frame": <index>, ...}`` in order;
-    ``{"type": "end"}`` ends the stream and the server closes the connection.
-
-    ``open_timeout`` bounds connecting and the handshake, ``receive_timeout`` the wait for
-    each result, ``close_timeout`` the closing handshake (seconds, None for no bound).
-    ``connect_options`` go to ``websockets.asyncio.client.connect`` as they are.
+    `open_timeout` bounds connecting and the handshake, `receive_timeout` the wait for
+    each result, `close_timeout` the closing handshake (seconds, None for no bound).
+    `connect_options` go to `websockets.asyncio.client.connect` as they are.
     """
 
     def __init__(
@@ -243,7 +244,7 @@ class MediaAnalysisService:
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be None or a number of seconds > 0, got {value!r}")
         self.uri = uri
-        """The analysis server's ``ws://`` or ``wss://`` URI."""
+        """The analysis server's `ws://` or `wss://` URI."""
         self.open_timeout = open_timeout
         """Seconds allowed for connecting and the opening handshake."""
         self.receive_timeout = receive_timeout
@@ -267,13 +268,13 @@ class MediaAnalysisService:
         view: str,
         checkpoint: Checkpoint | None = None,
     ) -> list[dict[str, Any]]:
-        """Stream ``frames`` (bytes) to the server; return one result dict per frame.
+        """Stream `frames` (bytes) to the server; return one result dict per frame.
 
-        ``checkpoint`` defaults to the job running in this context (``dbcancel.current()``).
+        `checkpoint` defaults to the job running in this context (`dbcancel.current()`).
         A cancellation of that job, between frames or while waiting for a result, closes
-        the connection with 1001 "cancelled" and raises :class:`dbcancel.Cancelled`. Any
-        other failure raises :class:`MediaError` naming the job and the URI. The connection
-        is closed on every exit path.
+        the connection with 1001 "cancelled" and raises [`Cancelled`][dbcancel.Cancelled]. Any
+        other failure raises [`MediaError`][dbcancel.media.MediaError] naming the job and
+        the URI. The connection is closed on every exit path.
         """
         cp = checkpoint if checkpoint is not None else current()
         if cp is None:

@@ -1,57 +1,58 @@
 """Alembic helpers that make an existing job table cancellable, and undo it.
 
-::
+```python
+# versions/xxxx_cancellable_analyses.py
+import dbcancel.migrations  # registers op.add_cancellation / op.drop_cancellation
 
-    # versions/xxxx_cancellable_analyses.py
-    import dbcancel.migrations  # registers op.add_cancellation / op.drop_cancellation
+def upgrade():
+    op.add_cancellation("analysis")
 
-    def upgrade():
-        op.add_cancellation("analysis")
+def downgrade():
+    op.drop_cancellation("analysis")
+```
 
-    def downgrade():
-        op.drop_cancellation("analysis")
-
-``add_cancellation`` gives the table what :class:`dbcancel.CancellableMixin` declares, so
-that the upgraded table equals ``metadata.create_all()`` of the model with the mixin: the
-columns of :data:`dbcancel.models.REQUIRED_COLUMNS` (same types, appended after the
-table's own), the index ``ix_<table>_status`` and the CHECK constraint
-``ck_<table>_status``. ``drop_cancellation`` removes exactly those again. Existing rows
+`add_cancellation` gives the table what [`CancellableMixin`][dbcancel.CancellableMixin] declares, so
+that the upgraded table equals `metadata.create_all()` of the model with the mixin: the
+columns of `dbcancel.models.REQUIRED_COLUMNS` (same types, appended after the
+table's own), the index `ix_<table>_status` and the CHECK constraint
+`ck_<table>_status`. `drop_cancellation` removes exactly those again. Existing rows
 keep their data. SQLite is altered in Alembic's batch mode (the table is copied into a
 new one, with Alembic's caveats: unnamed CHECK constraints are not carried over, which
 Alembic warns about, and tables that reference the job table need
-``PRAGMA foreign_keys=OFF`` meanwhile); PostgreSQL and MySQL/MariaDB are altered in place
+`PRAGMA foreign_keys=OFF` meanwhile); PostgreSQL and MySQL/MariaDB are altered in place
 (MySQL/MariaDB commit each statement: the checks below run before the first).
 
-What existing rows get, and tables that already have a ``status`` column:
+What existing rows get, and tables that already have a `status` column:
 
-* A table without ``status`` gets ``status VARCHAR(16) NOT NULL DEFAULT 'pending'``:
+* A table without `status` gets `status VARCHAR(16) NOT NULL DEFAULT 'pending'`:
   every existing row becomes a pending job. To mark historical rows as finished, update
-  them in the same migration, after ``add_cancellation`` (set ``finished_at`` too: a job
-  without it has not stopped, and ``jobs.wait()`` would wait for it).
-* A table whose own ``status`` column predates dbcancel is refused, with a message, unless
-  the call says ``existing_status=True``. The column is then kept as it is, with its type,
+  them in the same migration, after `add_cancellation` (set `finished_at` too: a job
+  without it has not stopped, and `jobs.wait()` would wait for it).
+* A table whose own `status` column predates dbcancel is refused, with a message, unless
+  the call says `existing_status=True`. The column is then kept as it is, with its type,
   nullability, default and values (it must be a string column with room for
-  ``in_progress``, not an ENUM); what the app stores there stays allowed: the CHECK
-  constraint ``ck_<table>_status`` is created, or a narrower one of that name is
+  `in_progress`, not an ENUM); what the app stores there stays allowed: the CHECK
+  constraint `ck_<table>_status` is created, or a narrower one of that name is
   replaced, to allow dbcancel's five states plus every value the column holds and every
   value the old constraint allowed. Rows whose status is not one of the five are not
-  jobs dbcancel can read: map them to dbcancel's states before using ``Jobs`` on them.
-  ``drop_cancellation(..., existing_status=True)`` then removes only the seven columns it
-  added and leaves the ``status`` column, its index and its (wider) constraint, so the
+  jobs dbcancel can read: map them to dbcancel's states before using `Jobs` on them.
+  `drop_cancellation(..., existing_status=True)` then removes only the seven columns it
+  added and leaves the `status` column, its index and its (wider) constraint, so the
   old code keeps working after a downgrade. The flag is explicit because nothing in the
-  table can tell afterwards whether ``status`` was there before: without it, a downgrade
+  table can tell afterwards whether `status` was there before: without it, a downgrade
   would drop the app's column.
 
 Both refuse to half-apply: everything is checked before the first statement, and a
-table that already has any of the parts (``add_cancellation`` twice) or lacks them
-raises :class:`MigrationError` naming the table and the parts, with nothing changed.
+table that already has any of the parts (`add_cancellation` twice) or lacks them
+raises [`MigrationError`][dbcancel.migrations.MigrationError] naming the table and the
+parts, with nothing changed.
 
-Offline mode (``alembic upgrade --sql``) cannot inspect the table: on PostgreSQL and
+Offline mode (`alembic upgrade --sql`) cannot inspect the table: on PostgreSQL and
 MySQL/MariaDB it writes the statements for a table that has none of the parts (for
-``add``) or all of them (for ``drop``); SQLite's batch mode and ``existing_status=True``
+`add`) or all of them (for `drop`); SQLite's batch mode and `existing_status=True`
 need a connection.
 
-Importing this module needs Alembic (``pip install 'dbcancel[alembic]'``).
+Importing this module needs Alembic (`pip install 'dbcancel[alembic]'`).
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class MigrationError(DbcancelError):
 
 
 def status_index_name(table: str) -> str:
-    """The name of the index on ``status``: ``ix_<table>_status``, as ``create_all()``
-    names the mixin's ``index=True`` column."""
+    """The name of the index on `status`: `ix_<table>_status`, as `create_all()`
+    names the mixin's `index=True` column."""
     return f"ix_{table}_status"
 
 
@@ -108,9 +109,9 @@ def status_index_name(table: str) -> str:
 
 @Operations.register_operation("add_cancellation")
 class AddCancellationOp(MigrateOperation):
-    """The Alembic operation behind ``op.add_cancellation(table_name)``.
+    """The Alembic operation behind `op.add_cancellation(table_name)`.
 
-    Its :meth:`reverse` is the matching :class:`DropCancellationOp`.
+    Its `reverse` is the matching `DropCancellationOp`.
     """
 
     def __init__(
@@ -130,10 +131,11 @@ class AddCancellationOp(MigrateOperation):
         schema: str | None = None,
         existing_status: bool = False,
     ) -> None:
-        """Make the existing table ``table_name`` cancellable (see :mod:`dbcancel.migrations`).
+        """Make the existing table `table_name` cancellable (see
+        [`dbcancel.migrations`][dbcancel.migrations]).
 
-        Adds dbcancel's columns, the index ``ix_<table>_status`` and the CHECK constraint
-        ``ck_<table>_status``. ``existing_status=True`` adopts a ``status`` column the
+        Adds dbcancel's columns, the index `ix_<table>_status` and the CHECK constraint
+        `ck_<table>_status`. `existing_status=True` adopts a `status` column the
         table already has instead of refusing it.
         """
         operations.invoke(cls(table_name, schema=schema, existing_status=existing_status))
@@ -150,9 +152,9 @@ class AddCancellationOp(MigrateOperation):
 
 @Operations.register_operation("drop_cancellation")
 class DropCancellationOp(MigrateOperation):
-    """The Alembic operation behind ``op.drop_cancellation(table_name)``.
+    """The Alembic operation behind `op.drop_cancellation(table_name)`.
 
-    Its :meth:`reverse` is the matching :class:`AddCancellationOp`.
+    Its `reverse` is the matching `AddCancellationOp`.
     """
 
     def __init__(
@@ -172,11 +174,11 @@ class DropCancellationOp(MigrateOperation):
         schema: str | None = None,
         existing_status: bool = False,
     ) -> None:
-        """Undo :meth:`AddCancellationOp.add_cancellation` on ``table_name``.
+        """Undo `AddCancellationOp.add_cancellation` on `table_name`.
 
         Drops the CHECK constraint, the status index and dbcancel's columns; with
-        ``existing_status=True`` (pass what the upgrade passed) only the seven columns
-        beside ``status``. The rows and their other columns stay.
+        `existing_status=True` (pass what the upgrade passed) only the seven columns
+        beside `status`. The rows and their other columns stay.
         """
         operations.invoke(cls(table_name, schema=schema, existing_status=existing_status))
 
@@ -192,7 +194,7 @@ class DropCancellationOp(MigrateOperation):
 
 @Operations.register_operation("upgrade_cancellation")
 class UpgradeCancellationOp(MigrateOperation):
-    """The Alembic operation behind ``op.upgrade_cancellation(table_name)``."""
+    """The Alembic operation behind `op.upgrade_cancellation(table_name)`."""
 
     def __init__(self, table_name: str, *, schema: str | None = None) -> None:
         _check_name(table_name)
@@ -217,13 +219,14 @@ class UpgradeCancellationOp(MigrateOperation):
 
 
 def upgrade_cancellation(op: Any, table_name: str, *, schema: str | None = None) -> None:
-    """Bring the job table ``table_name`` up to this dbcancel; ``op`` is Alembic's ``op``.
+    """Bring the job table `table_name` up to this dbcancel; `op` is Alembic's `op`.
 
-    The same as ``op.upgrade_cancellation(table_name)``: adds the nullable columns a
-    newer dbcancel needs (``cancel_observed_at``, ``worker_id``) and creates the worker
-    table, where they are missing. Raises :class:`MigrationError`, changing nothing,
-    when the table has no ``status`` column (use :func:`add_cancellation`). Its
-    downgrade is to leave the columns: older versions ignore them.
+    The same as `op.upgrade_cancellation(table_name)`: adds the nullable columns a
+    newer dbcancel needs (`cancel_observed_at`, `worker_id`) and creates the worker
+    table, where they are missing. Raises
+    [`MigrationError`][dbcancel.migrations.MigrationError], changing nothing, when the table
+    has no `status` column (use [`add_cancellation`][dbcancel.migrations.add_cancellation]).
+    Its downgrade is to leave the columns: older versions ignore them.
     """
     op.invoke(UpgradeCancellationOp(table_name, schema=schema))
 
@@ -231,11 +234,12 @@ def upgrade_cancellation(op: Any, table_name: str, *, schema: str | None = None)
 def add_cancellation(
     op: Any, table_name: str, *, schema: str | None = None, existing_status: bool = False
 ) -> None:
-    """Make the existing table ``table_name`` cancellable; ``op`` is Alembic's ``op``.
+    """Make the existing table `table_name` cancellable; `op` is Alembic's `op`.
 
-    The same as ``op.add_cancellation(table_name)``; see :mod:`dbcancel.migrations` for
-    what it adds and for ``existing_status``. Raises :class:`MigrationError`, changing
-    nothing, when the table is missing or already has any of the parts.
+    The same as `op.add_cancellation(table_name)`; see
+    [`dbcancel.migrations`][dbcancel.migrations] for what it adds and for `existing_status`.
+    Raises [`MigrationError`][dbcancel.migrations.MigrationError], changing nothing, when
+    the table is missing or already has any of the parts.
     """
     op.invoke(AddCancellationOp(table_name, schema=schema, existing_status=existing_status))
 
@@ -243,11 +247,12 @@ def add_cancellation(
 def drop_cancellation(
     op: Any, table_name: str, *, schema: str | None = None, existing_status: bool = False
 ) -> None:
-    """Undo :func:`add_cancellation` on ``table_name``; ``op`` is Alembic's ``op``.
+    """Undo [`add_cancellation`][dbcancel.migrations.add_cancellation] on `table_name`; `op`
+    is Alembic's `op`.
 
-    The same as ``op.drop_cancellation(table_name)``. Pass the ``existing_status`` the
-    upgrade passed. Raises :class:`MigrationError`, changing nothing, when the table
-    lacks any of the columns ``add_cancellation`` added.
+    The same as `op.drop_cancellation(table_name)`. Pass the `existing_status` the
+    upgrade passed. Raises [`MigrationError`][dbcancel.migrations.MigrationError], changing
+    nothing, when the table lacks any of the columns `add_cancellation` added.
     """
     op.invoke(DropCancellationOp(table_name, schema=schema, existing_status=existing_status))
 
@@ -281,7 +286,7 @@ class _Probe(CancellableMixin, _ProbeBase):
 
 
 def _new_column(name: str) -> sa.Column[Any]:
-    """A fresh copy of the mixin's column ``name`` (type, nullability, server default)."""
+    """A fresh copy of the mixin's column `name` (type, nullability, server default)."""
     source = _Probe.__table__.c[name]
     default = source.server_default
     arg = default.arg if isinstance(default, sa.DefaultClause) else None
@@ -498,7 +503,7 @@ def _plan_adopt(table: _Table) -> tuple[list[str], Any, bool, bool]:
 
 def _literals(sqltext: str, dialect: str) -> list[str]:
     """The string literals of a reflected CHECK constraint (PostgreSQL writes
-    ``'done'::character varying``, SQLite ``'done'``, MariaDB ``'it\\'s'``)."""
+    `'done'::character varying`, SQLite `'done'`, MariaDB `'it\\'s'`)."""
     if dialect in ("mysql", "mariadb"):
         return [
             re.sub(r"\\(.)", lambda m: _MYSQL_ESCAPES.get(m[1], m[1]), v.replace("''", "'"))

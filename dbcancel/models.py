@@ -1,18 +1,19 @@
 """Job states, the transition table and the SQLAlchemy mixin that stores them.
 
-The row is the single source of truth: a job's ``status`` column says whether it may run,
-and every change of it is one conditional ``UPDATE`` built from :data:`TRANSITIONS` (see
-:mod:`dbcancel.backend`). Nothing here talks to a database, and nothing here imports an
-ORM: the SQLAlchemy names (:class:`CancellableMixin`, :class:`StatusType`,
-:class:`UTCDateTime`, :func:`worker_table`) are imported from their private module when
-first asked for, so a Django project never imports SQLAlchemy through this module.
+The row is the single source of truth: a job's `status` column says whether it may run,
+and every change of it is one conditional `UPDATE` built from
+[`TRANSITIONS`][dbcancel.TRANSITIONS] (see [`dbcancel.backend`][dbcancel.backend]). Nothing
+here talks to a database, and nothing here imports an ORM: the SQLAlchemy names
+([`CancellableMixin`][dbcancel.CancellableMixin], `StatusType`, `UTCDateTime`,
+`worker_table`) are imported from their private module when first asked for, so a Django
+project never imports SQLAlchemy through this module.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Hashable, Mapping
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 if TYPE_CHECKING:
     from ._mixin import CancellableMixin, StatusType, UTCDateTime, worker_table
@@ -24,6 +25,7 @@ __all__ = [
     "WORKER_ID_LENGTH",
     "WORKER_TABLE",
     "CancellableMixin",
+    "JobId",
     "Status",
     "StatusType",
     "UTCDateTime",
@@ -34,8 +36,18 @@ __all__ = [
 ]
 
 
+JobId: TypeAlias = Hashable
+"""A job's id: the value of its row's primary key.
+
+Of the key column's Python type: an `int` for an integer key, a `str`, a `uuid.UUID`.
+None, a bool, or a value of another type than the column's raises `TypeError` before any
+query is sent. Ids are dictionary keys (of the jobs running in a process), hence
+`Hashable`.
+"""
+
+
 class Status(enum.StrEnum):
-    """The five states of a job. Values are the strings stored in the ``status`` column."""
+    """The five states of a job. Values are the strings stored in the `status` column."""
 
     PENDING = "pending"
     IN_PROGRESS = "in_progress"
@@ -64,11 +76,11 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.FAILED: frozenset(),
     Status.CANCELLED: frozenset(),
 }
-"""Every allowed status change, as ``{from: {to, ...}}``. The only place they are listed."""
+"""Every allowed status change, as `{from: {to, ...}}`. The only place they are listed."""
 
 
 def allowed_sources(to: Status) -> frozenset[Status]:
-    """The states from which a job may move to ``to`` (the ``status IN (...)`` of its UPDATE)."""
+    """The states from which a job may move to `to` (the `status IN (...)` of its UPDATE)."""
     return frozenset(src for src, targets in TRANSITIONS.items() if to in targets)
 
 
@@ -83,12 +95,13 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "error",
     "worker_id",
 )
-"""The columns :class:`CancellableMixin` adds and :class:`dbcancel.Jobs` needs."""
+"""The columns [`CancellableMixin`][dbcancel.CancellableMixin] adds and
+[`Jobs`][dbcancel.Jobs] needs."""
 
 CANCEL_REASON_LENGTH = 255
 ERROR_LENGTH = 2000
 WORKER_ID_LENGTH = 255
-"""The length of a worker id (``host:pid:token``)."""
+"""The length of a worker id (`host:pid:token`)."""
 
 WORKER_TABLE = "dbcancel_worker"
 """The table of worker processes: one row per process running jobs, beating while it
@@ -96,13 +109,13 @@ does. It lives beside the job tables (same schema) and serves all of them."""
 
 
 def status_check_sql(column: str = "status") -> str:
-    """The SQL of the CHECK constraint that limits ``column`` to the five status values."""
+    """The SQL of the CHECK constraint that limits `column` to the five status values."""
     values = ", ".join(f"'{s.value}'" for s in Status)
     return f"{column} IN ({values})"
 
 
 def status_check_name(table: str) -> str:
-    """The name of the status CHECK constraint of ``table``: ``ck_<table>_status``."""
+    """The name of the status CHECK constraint of `table`: `ck_<table>_status`."""
     return f"ck_{table}_status"
 
 

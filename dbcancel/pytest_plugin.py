@@ -1,19 +1,19 @@
 """The dbcancel pytest plugin: fixtures for testing your own cancellable code.
 
-Registered through the ``pytest11`` entry point ``dbcancel``, so installing dbcancel is
+Registered through the `pytest11` entry point `dbcancel`, so installing dbcancel is
 enough. Loading it imports nothing heavy (no SQLAlchemy engine, no Flask, Django or
 websockets); each fixture imports what it needs when a test asks for it.
 
 Fixtures:
 
-* ``dbcancel_clock`` — a :class:`dbcancel.testing.FakeClock`; pass it as
-  ``Jobs(..., clock=dbcancel_clock)`` and move time with ``dbcancel_clock.advance(0.5)``.
-* ``dbcancel_url`` — the database URL to test against: ``--dbcancel-url``, else the
-  ``DBCANCEL_TEST_URL`` environment variable, else a SQLite file in the test's temporary
+* `dbcancel_clock` — a [`dbcancel.testing.FakeClock`][dbcancel.testing.FakeClock]; pass it as
+  `Jobs(..., clock=dbcancel_clock)` and move time with `dbcancel_clock.advance(0.5)`.
+* `dbcancel_url` — the database URL to test against: `--dbcancel-url`, else the
+  `DBCANCEL_TEST_URL` environment variable, else a SQLite file in the test's temporary
   folder.
-* ``dbcancel_engine`` — a SQLAlchemy Engine on ``dbcancel_url``, disposed after the test.
+* `dbcancel_engine` — a SQLAlchemy Engine on `dbcancel_url`, disposed after the test.
 
-Marker: ``@pytest.mark.dbcancel_clock(start=0.0)`` sets the fake clock's first reading.
+Marker: `@pytest.mark.dbcancel_clock(start=0.0)` sets the fake clock's first reading.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ URL_ENV = "DBCANCEL_TEST_URL"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--dbcancel-url``."""
+    """Add `--dbcancel-url`."""
     group = parser.getgroup("dbcancel")
     group.addoption(
         "--dbcancel-url",
@@ -58,7 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def dbcancel_clock(request: pytest.FixtureRequest) -> FakeClock:
-    """A fake monotonic clock with ``.advance(seconds)``, for ``Jobs(clock=...)``."""
+    """A fake monotonic clock with `.advance(seconds)`, for `Jobs(clock=...)`."""
     from .testing import FakeClock
 
     marker = request.node.get_closest_marker("dbcancel_clock")
@@ -79,7 +79,7 @@ def dbcancel_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def dbcancel_engine(dbcancel_url: str) -> Iterator[Engine]:
-    """A SQLAlchemy Engine on ``dbcancel_url``; create your tables on it in the test."""
+    """A SQLAlchemy Engine on `dbcancel_url`; create your tables on it in the test."""
     try:
         from sqlalchemy import create_engine
     except ImportError as err:  # pragma: no cover - exercised in a subprocess

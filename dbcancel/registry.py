@@ -1,8 +1,8 @@
 """The jobs running in this process, so that a local cancel reaches them at once.
 
 One private, lock-protected registry per process, keyed by the backend's key (database and
-table) and job id. ``jobs.run()`` adds an entry on enter and removes it on exit, so the
-registry holds exactly the jobs running now, never finished ones. After ``fork`` the child
+table) and job id. `jobs.run()` adds an entry on enter and removes it on exit, so the
+registry holds exactly the jobs running now, never finished ones. After `fork` the child
 starts with an empty registry: the parent's threads do not exist there.
 """
 
@@ -16,22 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint
+from .models import JobId
 
 __all__ = ["ActiveJob"]
 
 
 @dataclass(frozen=True, slots=True)
 class ActiveJob:
-    """A job running in this process, as listed by ``jobs.active()``."""
+    """A job running in this process, as listed by `jobs.active()`."""
 
-    job_id: Any
+    job_id: JobId
     """The job's id."""
     checkpoint: Checkpoint = field(repr=False)
-    """The job's checkpoint (``.cancelled``, ``.reason``, ``.on_cancel``)."""
+    """The job's checkpoint (`.cancelled`, `.reason`, `.on_cancel`)."""
     thread: threading.Thread
-    """The thread that entered ``jobs.run()``."""
+    """The thread that entered `jobs.run()`."""
     started_at: dt.datetime
-    """When it entered ``jobs.run()`` (aware UTC)."""
+    """When it entered `jobs.run()` (aware UTC)."""
 
 
 class _Registry:

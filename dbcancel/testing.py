@@ -8,14 +8,14 @@ __all__ = ["FakeClock", "close_watchers"]
 
 
 class FakeClock:
-    """A monotonic clock that moves only when told to; pass it as ``Jobs(clock=...)``.
+    """A monotonic clock that moves only when told to; pass it as `Jobs(clock=...)`.
 
-    ::
-
-        clock = FakeClock()
-        jobs = Jobs(engine, Analysis, interval=0.5, clock=clock)
-        ...
-        clock.advance(0.5)   # the next checkpoint call polls the row
+    ```python
+    clock = FakeClock()
+    jobs = Jobs(engine, Analysis, interval=0.5, clock=clock)
+    ...
+    clock.advance(0.5)   # the next checkpoint call polls the row
+    ```
     """
 
     def __init__(self, start: float = 0.0) -> None:
@@ -27,7 +27,7 @@ class FakeClock:
         return self._now
 
     def advance(self, seconds: float) -> float:
-        """Move the clock forward by ``seconds`` (>= 0) and return the new reading."""
+        """Move the clock forward by `seconds` (>= 0) and return the new reading."""
         if not seconds >= 0:
             raise ValueError(f"a monotonic clock cannot go back: advance({seconds!r})")
         with self._lock:
@@ -41,15 +41,17 @@ def close_watchers(timeout: float = 10.0) -> None:
     A watcher thread (the default, watched mode) keeps its connection to the database,
     and on PostgreSQL a LISTEN connection, open for a few seconds after its last job
     ends. A test suite that drops its test database right after the last test (Django's
-    test runner and pytest-django on PostgreSQL do) calls this first, once no job runs::
+    test runner and pytest-django on PostgreSQL do) calls this first, once no job runs:
 
-        @pytest.fixture(scope="session", autouse=True)
-        def _dbcancel_watchers_closed(django_db_setup):
-            yield
-            dbcancel.testing.close_watchers()
+    ```python
+    @pytest.fixture(scope="session", autouse=True)
+    def _dbcancel_watchers_closed(django_db_setup):
+        yield
+        dbcancel.testing.close_watchers()
+    ```
 
-    The next watched job reopens them. Raises :class:`TimeoutError` when a watcher still
-    has running jobs, or has not closed them within ``timeout`` seconds.
+    The next watched job reopens them. Raises `TimeoutError` when a watcher still
+    has running jobs, or has not closed them within `timeout` seconds.
     """
     from ._watcher import close_idle_watchers
 

@@ -1,51 +1,54 @@
 """Celery integration: tasks whose first argument is a job id and whose body gets its checkpoint.
 
-::
+```python
+from celery import Celery
+from sqlalchemy import create_engine
+from dbcancel.contrib.celery import CeleryJobs
 
-    from celery import Celery
-    from sqlalchemy import create_engine
-    from dbcancel.contrib.celery import CeleryJobs
+app = Celery("proj", broker="amqp://...", backend="redis://...")
+engine = create_engine(DATABASE_URL)
+cancellable = CeleryJobs(app, engine, Analysis, interval=0.5)
 
-    app = Celery("proj", broker="amqp://...", backend="redis://...")
-    engine = create_engine(DATABASE_URL)
-    cancellable = CeleryJobs(app, engine, Analysis, interval=0.5)
+@cancellable.task(autoretry_for=(ConnectionError,))
+def analyse(cp, job_id, path):              # runs inside jobs.run(job_id)
+    for chunk in read(path):
+        cp()                                # raises Cancelled once cancelled
+        process(chunk)
 
-    @cancellable.task(autoretry_for=(ConnectionError,))
-    def analyse(cp, job_id, path):              # runs inside jobs.run(job_id)
-        for chunk in read(path):
-            cp()                                # raises Cancelled once cancelled
-            process(chunk)
+analyse.delay(job_id, "/data/a.bin")        # the job id first, then your arguments
+cancellable.jobs.cancel(job_id, reason="user deleted it")   # anywhere
+```
 
-    analyse.delay(job_id, "/data/a.bin")        # the job id first, then your arguments
-    cancellable.jobs.cancel(job_id, reason="user deleted it")   # anywhere
-
-Building a :class:`CeleryJobs` connects its Celery signal handlers (once per instance,
-whatever the number of tasks): ``worker_process_init`` disposes of the engine that a
-prefork child inherited (``engine.dispose(close=False)``) and makes the child build its
-own :class:`dbcancel.Jobs`; ``worker_shutting_down`` cancels the jobs this worker node is
-running, with the reason :data:`SHUTDOWN_REASON`, unless ``on_shutdown="wait"``;
-``task_revoked`` cancels the job of a task Celery revoked or let expire, so that its row
-does not stay pending (:data:`REVOKED_REASON`, :data:`EXPIRED_REASON`).
+Building a [`CeleryJobs`][dbcancel.contrib.celery.CeleryJobs] connects its Celery signal
+handlers (once per instance, whatever the number of tasks): `worker_process_init` disposes
+of the engine that a prefork child inherited (`engine.dispose(close=False)`) and makes the
+child build its own [`Jobs`][dbcancel.Jobs]; `worker_shutting_down` cancels the jobs this
+worker node is running, with the reason
+[`SHUTDOWN_REASON`][dbcancel.contrib.celery.SHUTDOWN_REASON], unless `on_shutdown="wait"`;
+`task_revoked` cancels the job of a task Celery revoked or let expire, so that its row does
+not stay pending ([`REVOKED_REASON`][dbcancel.contrib.celery.REVOKED_REASON],
+[`EXPIRED_REASON`][dbcancel.contrib.celery.EXPIRED_REASON]).
 
 What each delivery of a task does, by the state of the job's row:
 
-* ``pending``: the body runs inside ``jobs.run(job_id)``. It returns: the job is
-  ``completed`` and Celery records SUCCESS with the body's return value. It raises: the
-  job is ``failed`` and the exception goes to Celery as usual (FAILURE, or a retry).
-* ``cancelled`` (before or while the body ran, including an exception the body raised
+* `pending`: the body runs inside `jobs.run(job_id)`. It returns: the job is
+  `completed` and Celery records SUCCESS with the body's return value. It raises: the
+  job is `failed` and the exception goes to Celery as usual (FAILURE, or a retry).
+* `cancelled` (before or while the body ran, including an exception the body raised
   after the cancel), or deleted: Celery records REVOKED (the result raises
-  ``TaskRevokedError`` with the cancel reason) and the task neither succeeds nor retries.
-* ``failed`` (a retry of an attempt whose body raised) or ``completed`` (a duplicate
-  delivery): the body does not run; Celery records FAILURE with :class:`JobNotRunnable`
-  for this delivery. A job's body runs at most once.
-* ``in_progress`` (a duplicate delivery while another worker runs it, or one whose
-  worker died and that ``reap()`` will settle): the body does not run, a warning is
+  `TaskRevokedError` with the cancel reason) and the task neither succeeds nor retries.
+* `failed` (a retry of an attempt whose body raised) or `completed` (a duplicate
+  delivery): the body does not run; Celery records FAILURE with
+  [`JobNotRunnable`][dbcancel.JobNotRunnable] for this delivery. A job's body runs at most
+  once.
+* `in_progress` (a duplicate delivery while another worker runs it, or one whose
+  worker died and that `reap()` will settle): the body does not run, a warning is
   logged, and nothing is recorded: the running attempt records its own result.
 
-Results go to whatever result backend the app has; with none, or ``ignore_result=True``,
-nothing is recorded and such deliveries end as Celery's ``Ignore`` does.
+Results go to whatever result backend the app has; with none, or `ignore_result=True`,
+nothing is recorded and such deliveries end as Celery's `Ignore` does.
 
-Importing this module needs Celery: ``pip install 'dbcancel[celery]'``.
+Importing this module needs Celery: `pip install 'dbcancel[celery]'`.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from sqlalchemy import Engine
 
-from dbcancel import Checkpoint, InvalidTransition, JobNotFound, Jobs, Status
+from dbcancel import Checkpoint, InvalidTransition, JobId, JobNotFound, Jobs, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel.errors import JobNotRunnable
 
@@ -88,21 +91,22 @@ P = ParamSpec("P")
 R = TypeVar("R", covariant=True)
 
 SHUTDOWN_REASON = "worker shutdown"
-"""The cancel reason of the jobs a warm shutdown stops (``on_shutdown="cancel"``)."""
+"""The cancel reason of the jobs a warm shutdown stops (`on_shutdown="cancel"`)."""
 
 REVOKED_REASON = "revoked in Celery"
-"""The cancel reason of a job whose task Celery revoked (``AsyncResult.revoke()``)."""
+"""The cancel reason of a job whose task Celery revoked (`AsyncResult.revoke()`)."""
 
 EXPIRED_REASON = "expired in Celery"
-"""The cancel reason of a job whose task expired before it ran (``expires=``)."""
+"""The cancel reason of a job whose task expired before it ran (`expires=`)."""
 
 OnShutdown = Literal["cancel", "wait"]
 
 
 class CancellableTask(Protocol, Generic[P, R]):
-    """What :meth:`CeleryJobs.task` returns: a Celery task taking the job id first.
+    """What [`CeleryJobs.task`][dbcancel.contrib.celery.CeleryJobs.task] returns: a Celery
+    task taking the job id first.
 
-    It is the task object Celery registered (every method of ``celery.Task`` works); the
+    It is the task object Celery registered (every method of `celery.Task` works); the
     methods below are typed so that calls are checked against the body's signature minus
     its checkpoint.
     """
@@ -110,13 +114,13 @@ class CancellableTask(Protocol, Generic[P, R]):
     name: str
     """The task's registered name."""
 
-    def __call__(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task here, now, as Celery does for a direct call; a job that is not
-        pending, or is cancelled meanwhile, raises ``celery.exceptions.Ignore``."""
+        pending, or is cancelled meanwhile, raises `celery.exceptions.Ignore`."""
         ...
 
-    def delay(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """Send the task for job ``job_id``; returns Celery's ``AsyncResult``."""
+    def delay(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Send the task for job `job_id`; returns Celery's `AsyncResult`."""
         ...
 
     def apply_async(
@@ -125,24 +129,24 @@ class CancellableTask(Protocol, Generic[P, R]):
         kwargs: dict[str, Any] | None = None,
         **options: Any,
     ) -> Any:
-        """Send the task with Celery's options (``args`` starts with the job id)."""
+        """Send the task with Celery's options (`args` starts with the job id)."""
         ...
 
 
 class CeleryJobs:
     """Cancellable Celery tasks for the jobs of one table.
 
-    ``app`` is the Celery app, ``engine`` the SQLAlchemy Engine of the job table and
-    ``model`` its mapped class (or Table), as for :class:`dbcancel.Jobs`; ``interval``,
-    ``watch``, ``max_staleness`` and ``heartbeat`` are passed to the ``Jobs`` that each
+    `app` is the Celery app, `engine` the SQLAlchemy Engine of the job table and
+    `model` its mapped class (or Table), as for [`Jobs`][dbcancel.Jobs]; `interval`,
+    `watch`, `max_staleness` and `heartbeat` are passed to the `Jobs` that each
     worker process builds for itself on first use.
 
-    ``on_shutdown``: what a warm shutdown (SIGTERM) of a worker node does to the jobs it
-    runs. ``"cancel"`` (the default) cancels them with the reason
-    :data:`SHUTDOWN_REASON`: they stop at their next checkpoint (within ``interval`` in
-    a prefork child; at once in the threads and solo pools), end ``cancelled`` with
-    Celery's state REVOKED, and the node exits. ``"wait"`` keeps Celery's own behaviour:
-    the node finishes its running tasks before it exits.
+    `on_shutdown`: what a warm shutdown (SIGTERM) of a worker node does to the jobs it
+    runs. `"cancel"` (the default) cancels them with the reason
+    [`SHUTDOWN_REASON`][dbcancel.contrib.celery.SHUTDOWN_REASON]: they stop at their next
+    checkpoint (within `interval` in a prefork child; at once in the threads and solo
+    pools), end `cancelled` with Celery's state REVOKED, and the node exits. `"wait"` keeps
+    Celery's own behaviour: the node finishes its running tasks before it exits.
     """
 
     def __init__(
@@ -191,17 +195,18 @@ class CeleryJobs:
 
     @property
     def on_shutdown(self) -> OnShutdown:
-        """``"cancel"`` or ``"wait"``: what a warm shutdown does to running jobs."""
+        """`"cancel"` or `"wait"`: what a warm shutdown does to running jobs."""
         return self._on_shutdown
 
     @property
     def task_names(self) -> frozenset[str]:
-        """The names of the tasks declared through :meth:`task`."""
+        """The names of the tasks declared through
+        [`task`][dbcancel.contrib.celery.CeleryJobs.task]."""
         return frozenset(self._task_names)
 
     @property
     def jobs(self) -> Jobs:
-        """This process's :class:`dbcancel.Jobs`, built on first use after each fork."""
+        """This process's [`Jobs`][dbcancel.Jobs], built on first use after each fork."""
         with self._lock:
             if self._jobs is None or self._pid != os.getpid():
                 if self._pid != os.getpid():
@@ -212,12 +217,12 @@ class CeleryJobs:
     def task(
         self, **options: Any
     ) -> Callable[[Callable[Concatenate[Checkpoint, Any, P], R]], CancellableTask[P, R]]:
-        """Declare a cancellable task: ``@cancellable.task(**celery_options)``.
+        """Declare a cancellable task: `@cancellable.task(**celery_options)`.
 
-        The decorated body is called as ``body(cp, job_id, *args, **kwargs)`` inside
-        ``jobs.run(job_id)`` (with ``bind=True``: ``body(task, cp, job_id, ...)``); the
-        task is sent as ``task.delay(job_id, *args, **kwargs)``. ``options`` are Celery's
-        (``name``, ``queue``, ``autoretry_for``, ``acks_late``, ...). See the module's
+        The decorated body is called as `body(cp, job_id, *args, **kwargs)` inside
+        `jobs.run(job_id)` (with `bind=True`: `body(task, cp, job_id, ...)`); the
+        task is sent as `task.delay(job_id, *args, **kwargs)`. `options` are Celery's
+        (`name`, `queue`, `autoretry_for`, `acks_late`, ...). See the module's
         documentation for what each delivery does by the state of the row.
         """
         bind = bool(options.pop("bind", False))
@@ -411,5 +416,5 @@ class CeleryJobs:
 
 
 def _records(task: Any) -> bool:
-    """Whether the task's results are stored: a result backend, and no ``ignore_result``."""
+    """Whether the task's results are stored: a result backend, and no `ignore_result`."""
     return not (task.ignore_result or isinstance(task.backend, DisabledBackend))

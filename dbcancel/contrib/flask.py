@@ -1,45 +1,45 @@
-"""Flask integration: ``DBCancel``, background jobs in the app context, ``flask dbcancel``.
+"""Flask integration: `DBCancel`, background jobs in the app context, `flask dbcancel`.
 
-::
+```python
+from flask import Flask, request
+from flask_sqlalchemy import SQLAlchemy
+from dbcancel.contrib.flask import DBCancel
 
-    from flask import Flask, request
-    from flask_sqlalchemy import SQLAlchemy
-    from dbcancel.contrib.flask import DBCancel
+db = SQLAlchemy(model_class=Base)
+cancel = DBCancel(db=db, model=Analysis)        # or DBCancel(engine=engine, model=...)
 
-    db = SQLAlchemy(model_class=Base)
-    cancel = DBCancel(db=db, model=Analysis)        # or DBCancel(engine=engine, model=...)
+def create_app():
+    app = Flask(__name__)
+    db.init_app(app)
+    cancel.init_app(app)
+    return app
 
-    def create_app():
-        app = Flask(__name__)
-        db.init_app(app)
-        cancel.init_app(app)
-        return app
+def analyze(cp, session_id):                     # runs in a thread, in the app context
+    for path in files_of(session_id):
+        cp()                                     # raises Cancelled once cancelled
+        process(path)
 
-    def analyze(cp, session_id):                     # runs in a thread, in the app context
-        for path in files_of(session_id):
-            cp()                                     # raises Cancelled once cancelled
-            process(path)
+@app.post("/analysis/<int:analysis_id>/start")
+def start(analysis_id):
+    cancel.submit(analysis_id, analyze, request.json["session_id"])
+    return "", 202
 
-    @app.post("/analysis/<int:analysis_id>/start")
-    def start(analysis_id):
-        cancel.submit(analysis_id, analyze, request.json["session_id"])
-        return "", 202
+@app.delete("/analysis/<int:analysis_id>")
+def stop(analysis_id):
+    cancel.jobs.cancel(analysis_id, where={"user_id": current_user_id()})
+    cancel.jobs.wait(analysis_id, timeout=10)    # its worker has stopped
+    ...
+```
 
-    @app.delete("/analysis/<int:analysis_id>")
-    def stop(analysis_id):
-        cancel.jobs.cancel(analysis_id, where={"user_id": current_user_id()})
-        cancel.jobs.wait(analysis_id, timeout=10)    # its worker has stopped
-        ...
+Flask-SQLAlchemy's `db.engine` exists only once the app is set up, so each app's
+[`Jobs`][dbcancel.Jobs] is built on first use and kept in `app.extensions["dbcancel"]`
+(a [`DBCancelState`][dbcancel.contrib.flask.DBCancelState]). `init_app` also adds the
+`flask dbcancel` commands (`list [--all|--status S]`, `status ID`,
+`cancel ID [--reason TEXT]`, `reap --stale-after SECONDS`), which print the same lines and
+exit with the same statuses as `python -m dbcancel` and `manage.py dbcancel`.
 
-Flask-SQLAlchemy's ``db.engine`` exists only once the app is set up, so each app's
-:class:`dbcancel.Jobs` is built on first use and kept in ``app.extensions["dbcancel"]``
-(a :class:`DBCancelState`). ``init_app`` also adds the ``flask dbcancel`` commands
-(``list [--all|--status S]``, ``status ID``, ``cancel ID [--reason TEXT]``,
-``reap --stale-after SECONDS``), which print the same lines and exit with the same
-statuses as ``python -m dbcancel`` and ``manage.py dbcancel``.
-
-Importing this module needs Flask (``pip install 'dbcancel[flask]'``); Flask-SQLAlchemy
-only when ``db=`` is used.
+Importing this module needs Flask (`pip install 'dbcancel[flask]'`); Flask-SQLAlchemy
+only when `db=` is used.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
 from dbcancel.errors import InvalidTransition, JobNotFound
 from dbcancel.jobs import Jobs, check_options
-from dbcancel.models import REQUIRED_COLUMNS, Status
+from dbcancel.models import REQUIRED_COLUMNS, JobId, Status
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -90,21 +90,21 @@ if TYPE_CHECKING:
 __all__ = ["EXTENSION_KEY", "DBCancel", "DBCancelState", "cli"]
 
 EXTENSION_KEY = "dbcancel"
-"""The key of :class:`DBCancelState` in ``app.extensions``."""
+"""The key of [`DBCancelState`][dbcancel.contrib.flask.DBCancelState] in `app.extensions`."""
 
 _STARTABLE = frozenset({Status.PENDING, Status.CANCELLED})
 
 
 class DBCancel:
-    """The dbcancel extension for Flask: a :class:`dbcancel.Jobs` per app, background
-    jobs in the app context, and the ``flask dbcancel`` commands.
+    """The dbcancel extension for Flask: a [`Jobs`][dbcancel.Jobs] per app, background
+    jobs in the app context, and the `flask dbcancel` commands.
 
-    Pass ``db`` (a Flask-SQLAlchemy ``SQLAlchemy`` instance; its engine for the model's
-    bind key is used) or ``engine`` (an Engine, or a sessionmaker bound to one), and
-    ``model``, a mapped class with :class:`dbcancel.CancellableMixin`. ``interval``,
-    ``clock``, ``watch`` and ``max_staleness`` go to :class:`dbcancel.Jobs`. With
-    ``app``, ``init_app(app)`` is called at once and that app is used outside any app
-    context; otherwise call ``init_app`` in the app factory, once per app.
+    Pass `db` (a Flask-SQLAlchemy `SQLAlchemy` instance; its engine for the model's
+    bind key is used) or `engine` (an Engine, or a sessionmaker bound to one), and
+    `model`, a mapped class with [`CancellableMixin`][dbcancel.CancellableMixin]. `interval`,
+    `clock`, `watch` and `max_staleness` go to [`Jobs`][dbcancel.Jobs]. With
+    `app`, `init_app(app)` is called at once and that app is used outside any app
+    context; otherwise call `init_app` in the app factory, once per app.
     """
 
     def __init__(
@@ -133,7 +133,7 @@ class DBCancel:
         self.db = db
         """The Flask-SQLAlchemy instance, or None when an engine was given."""
         self.engine: Engine | None = None if engine is None else resolve_engine(engine)
-        """The engine given to the constructor, or None when ``db`` was given."""
+        """The engine given to the constructor, or None when `db` was given."""
         self.model = model
         """The job model."""
         self.table = _job_table(model)
@@ -146,11 +146,11 @@ class DBCancel:
         self.max_staleness = max_staleness
         """Seconds without a successful poll before jobs are cancelled locally, or None."""
         self.watch = watch
-        """The ``watch`` option given to :class:`dbcancel.Jobs`: None (the default) for
-        the watched mode unless a ``clock`` is given, True or False to insist; the app's
-        ``jobs.watch`` says which mode is in effect."""
+        """The `watch` option given to [`Jobs`][dbcancel.Jobs]: None (the default) for
+        the watched mode unless a `clock` is given, True or False to insist; the app's
+        `jobs.watch` says which mode is in effect."""
         self.clock = clock
-        """The clock given to :class:`dbcancel.Jobs`; None for :func:`time.monotonic`."""
+        """The clock given to [`Jobs`][dbcancel.Jobs]; None for `time.monotonic`."""
         self._app = app
         if app is not None:
             self.init_app(app)
@@ -161,9 +161,9 @@ class DBCancel:
         return f"<DBCancel {getattr(table, 'name', '?')} via {source}>"
 
     def init_app(self, app: Flask) -> None:
-        """Register the extension on ``app``: its state and the ``flask dbcancel`` commands.
+        """Register the extension on `app`: its state and the `flask dbcancel` commands.
 
-        Raises RuntimeError when ``app`` already has a dbcancel extension.
+        Raises RuntimeError when `app` already has a dbcancel extension.
         """
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
@@ -175,7 +175,7 @@ class DBCancel:
 
     @property
     def jobs(self) -> Jobs:
-        """The :class:`dbcancel.Jobs` of the current app (built on first use).
+        """The [`Jobs`][dbcancel.Jobs] of the current app (built on first use).
 
         Needs an app context, as in a request or a CLI command, unless an app was passed
         to the constructor: that one is used outside any context.
@@ -183,7 +183,7 @@ class DBCancel:
         return self.state().jobs
 
     def state(self, app: Flask | None = None) -> DBCancelState:
-        """The extension's state on ``app`` (default: the current app)."""
+        """The extension's state on `app` (default: the current app)."""
         if app is None:
             app = self._current_app()
         state = app.extensions.get(EXTENSION_KEY)
@@ -195,25 +195,25 @@ class DBCancel:
         return state
 
     def submit(
-        self, job_id: Any, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+        self, job_id: JobId, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> threading.Thread:
-        """Run ``fn(cp, *args, **kwargs)`` in a new daemon thread and return the thread.
+        """Run `fn(cp, *args, **kwargs)` in a new daemon thread and return the thread.
 
-        The thread (named ``dbcancel-job-<id>``) pushes an app context of the current app
-        and enters ``jobs.run(job_id)``; ``cp`` is the job's :class:`dbcancel.Checkpoint`
-        (``dbcancel.checkpoint()`` and ``dbcancel.current()`` work too). ``fn`` may be a
-        coroutine function: its coroutine then runs with :func:`asyncio.run`. When ``fn``
+        The thread (named `dbcancel-job-<id>`) pushes an app context of the current app
+        and enters `jobs.run(job_id)`; `cp` is the job's [`Checkpoint`][dbcancel.Checkpoint]
+        (`dbcancel.checkpoint()` and `dbcancel.current()` work too). `fn` may be a
+        coroutine function: its coroutine then runs with `asyncio.run`. When `fn`
         returns the job is completed; an exception marks it failed (its text is kept in
-        the ``error`` column) and is logged with ``app.logger``; a cancel stops it at its
-        next checkpoint. A job cancelled before the thread got to it never calls ``fn``.
+        the `error` column) and is logged with `app.logger`; a cancel stops it at its
+        next checkpoint. A job cancelled before the thread got to it never calls `fn`.
 
         The id is checked here, in the caller's thread: a missing job raises
-        :class:`dbcancel.JobNotFound`, and one that has already run
-        :class:`dbcancel.InvalidTransition`, with no thread started. With Flask-SQLAlchemy
-        the thread's ``db.session`` is removed (uncommitted work rolled back, its
-        connection returned) when ``fn`` returns, before the job's status changes.
-        The thread is a daemon: a worker still running when the interpreter exits is
-        killed with its job left in progress.
+        [`JobNotFound`][dbcancel.JobNotFound], and one that has already run
+        [`InvalidTransition`][dbcancel.InvalidTransition], with no thread started. With
+        Flask-SQLAlchemy the thread's `db.session` is removed (uncommitted work rolled back,
+        its connection returned) when `fn` returns, before the job's status changes. The
+        thread is a daemon: a worker still running when the interpreter exits is killed with
+        its job left in progress.
         """
         app = self._current_app()
         jobs = self.state(app).jobs
@@ -310,11 +310,12 @@ class DBCancel:
 
 
 class DBCancelState:
-    """What :class:`DBCancel` keeps per app, in ``app.extensions["dbcancel"]``."""
+    """What [`DBCancel`][dbcancel.contrib.flask.DBCancel] keeps per app, in
+    `app.extensions["dbcancel"]`."""
 
     def __init__(self, extension: DBCancel, app: Flask) -> None:
         self.extension = extension
-        """The :class:`DBCancel` that registered this state."""
+        """The [`DBCancel`][dbcancel.contrib.flask.DBCancel] that registered this state."""
         self.app = app
         """The app this state belongs to."""
         self._jobs: Jobs | None = None
@@ -322,7 +323,7 @@ class DBCancelState:
 
     @property
     def jobs(self) -> Jobs:
-        """The app's :class:`dbcancel.Jobs`, built on first use (needs the app's engine)."""
+        """The app's [`Jobs`][dbcancel.Jobs], built on first use (needs the app's engine)."""
         jobs = self._jobs
         if jobs is None:
             with self._lock:
@@ -365,10 +366,10 @@ cli = AppGroup(
     "UTC. Exit status: 0 success, 1 cancel refused (the job had already completed or "
     "failed), 2 usage error, unknown job or database error, 130 interrupted.",
 )
-"""The ``flask dbcancel`` command group that ``DBCancel.init_app`` adds to ``app.cli``.
+"""The `flask dbcancel` command group that `DBCancel.init_app` adds to `app.cli`.
 
-Its commands word their output and choose their exit statuses as ``python -m dbcancel``
-and ``manage.py dbcancel`` do: all three run :mod:`dbcancel._commands`.
+Its commands word their output and choose their exit statuses as `python -m dbcancel`
+and `manage.py dbcancel` do: all three run `dbcancel._commands`.
 """
 
 
@@ -396,7 +397,7 @@ def _run(command: Callable[[Jobs, SQLAlchemyRows], Outcome]) -> None:
 
 
 def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    """``--stale-after`` as ``python -m dbcancel`` reads it: seconds, finite and > 0."""
+    """`--stale-after` as `python -m dbcancel` reads it: seconds, finite and > 0."""
     if value is None:
         return None
     try:
@@ -411,7 +412,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> f
     "--status", type=click.Choice([s.value for s in Status]), metavar="S", help=STATUS_OPTION_HELP
 )
 def list_command(every: bool, status: str | None) -> None:
-    """``flask dbcancel list [--all | --status S]``."""
+    """`flask dbcancel list [--all | --status S]`."""
     if every and status:
         raise click.UsageError("argument --status: not allowed with argument --all")
     _run(lambda jobs, rows: commands.list_jobs(rows, every=every, status=status))
@@ -420,7 +421,7 @@ def list_command(every: bool, status: str | None) -> None:
 @cli.command("status", short_help=STATUS_SUMMARY, help=STATUS_HELP)
 @click.argument("job_id", metavar="ID")
 def status_command(job_id: str) -> None:
-    """``flask dbcancel status ID``."""
+    """`flask dbcancel status ID`."""
     _run(lambda jobs, rows: commands.status(jobs, rows, job_id))
 
 
@@ -428,7 +429,7 @@ def status_command(job_id: str) -> None:
 @click.argument("job_id", metavar="ID")
 @click.option("--reason", metavar="TEXT", help=REASON_HELP)
 def cancel_command(job_id: str, reason: str | None) -> None:
-    """``flask dbcancel cancel ID [--reason TEXT]``."""
+    """`flask dbcancel cancel ID [--reason TEXT]`."""
     _run(lambda jobs, rows: commands.cancel(jobs, rows, job_id, reason))
 
 
@@ -442,6 +443,6 @@ def cancel_command(job_id: str, reason: str | None) -> None:
     "three heartbeat periods (30 s with the default period of 10 s).",
 )
 def reap_command(stale_after: float) -> None:
-    """``flask dbcancel reap --stale-after SECONDS``."""
+    """`flask dbcancel reap --stale-after SECONDS`."""
     # --stale-after was checked by its callback: reap() has nothing left to refuse.
     _run(lambda jobs, rows: commands.reap(jobs, rows, stale_after))

@@ -1,27 +1,28 @@
-"""dbcancel for Django: add ``"dbcancel.contrib.django"`` to ``INSTALLED_APPS``.
+"""dbcancel for Django: add `"dbcancel.contrib.django"` to `INSTALLED_APPS`.
 
-::
+```python
+# models.py
+from dbcancel.contrib.django.models import CancellableModel
 
-    # models.py
-    from dbcancel.contrib.django.models import CancellableModel
+class Analysis(CancellableModel):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
 
-    class Analysis(CancellableModel):
-        user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+# anywhere
+from dbcancel.contrib.django import DjangoJobs
 
-    # anywhere
-    from dbcancel.contrib.django import DjangoJobs
+jobs = DjangoJobs(Analysis, interval=0.5)
+with jobs.run(analysis.pk) as cp:          # in the worker thread or process
+    for path in files:
+        cp()
+        process(path)
+jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
+```
 
-    jobs = DjangoJobs(Analysis, interval=0.5)
-    with jobs.run(analysis.pk) as cp:          # in the worker thread or process
-        for path in files:
-            cp()
-            process(path)
-    jobs.cancel(analysis.pk, where={"user_id": request.user.pk})
-
-The app (label ``dbcancel``) registers the system checks for job models and ships the
-``dbcancel`` management command and the admin action :func:`~.admin.cancel_selected_jobs`.
-``DjangoJobs`` is imported lazily, so importing this package does not import the ORM
-before the app registry is ready.
+The app (label `dbcancel`) registers the system checks for job models and ships the
+`dbcancel` management command and the admin action
+[`cancel_selected_jobs`][dbcancel.contrib.django.admin.cancel_selected_jobs]. `DjangoJobs`
+is imported lazily, so importing this package does not import the ORM before the app
+registry is ready.
 """
 
 from __future__ import annotations

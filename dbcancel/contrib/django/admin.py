@@ -1,14 +1,14 @@
 """The admin action "Cancel selected jobs", for the ModelAdmin of any job model.
 
-::
+```python
+from django.contrib import admin
+from dbcancel.contrib.django.admin import cancel_selected_jobs
 
-    from django.contrib import admin
-    from dbcancel.contrib.django.admin import cancel_selected_jobs
-
-    @admin.register(Analysis)
-    class AnalysisAdmin(admin.ModelAdmin):
-        list_display = ["id", "status", "started_at", "finished_at"]
-        actions = [cancel_selected_jobs]
+@admin.register(Analysis)
+class AnalysisAdmin(admin.ModelAdmin):
+    list_display = ["id", "status", "started_at", "finished_at"]
+    actions = [cancel_selected_jobs]
+```
 
 Nothing is registered with the admin site by this module.
 """
@@ -29,12 +29,14 @@ __all__ = ["cancel_selected_jobs"]
 
 
 def cancel_selected_jobs(modeladmin: Any, request: Any, queryset: Any) -> None:
-    """Cancel every selected job with :meth:`DjangoJobs.cancel`, one conditional update each.
+    """Cancel every selected job with
+    [`DjangoJobs.cancel`][dbcancel.contrib.django.jobs.DjangoJobs.cancel], one conditional
+    update each.
 
     Pending and running jobs become cancelled (a running worker stops at its next
     checkpoint); completed and failed ones are left as they are. The reason recorded is
-    "cancelled in the admin by <username>". Needs the change permission; reports the
-    counts with ``message_user``.
+    `"cancelled in the admin by <username>"`. Needs the change permission; reports the
+    counts with `message_user`.
     """
     jobs = DjangoJobs(queryset.model, using=queryset.db)
     user = getattr(request, "user", None)

@@ -1,9 +1,9 @@
 """The Django ORM implementation of dbcancel's backend seam.
 
-:class:`DjangoBackend` does for :class:`~dbcancel.contrib.django.DjangoJobs` what
-``dbcancel._sqla.SQLAlchemyBackend`` does for :class:`dbcancel.Jobs`: read one or many
-jobs, turn one :class:`dbcancel.backend.Change` into ONE conditional
-``filter(...).update(...)``, stamp stops and heartbeats, and stop the jobs of dead
+`DjangoBackend` does for [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs] what
+`dbcancel._sqla.SQLAlchemyBackend` does for [`Jobs`][dbcancel.Jobs]: read one or many
+jobs, turn one [`dbcancel.backend.Change`][dbcancel.backend.Change] into ONE conditional
+`filter(...).update(...)`, stamp stops and heartbeats, and stop the jobs of dead
 workers. Checkpoints, the registry and the run/cancel/wait logic are the core's,
 unchanged.
 """
@@ -62,7 +62,7 @@ _COLUMNS = ("status", "cancel_reason", "finished_at", "error")
 
 
 def resolve_model(model: Any) -> Any:
-    """The model class for ``model``: a model class, or an ``"app_label.ModelName"`` string."""
+    """The model class for `model`: a model class, or an `"app_label.ModelName"` string."""
     if isinstance(model, str):
         try:
             return apps.get_model(model)
@@ -93,7 +93,7 @@ _PYTHON_TYPES: tuple[tuple[type, type], ...] = (
 
 
 def _filter_rule(field: Any, connection: Any) -> FilterRule:
-    """The values a filter on ``field`` accepts (a relation: those of its target)."""
+    """The values a filter on `field` accepts (a relation: those of its target)."""
     target = field.target_field if field.is_relation else field
     python_type = next((t for cls, t in _PYTHON_TYPES if isinstance(target, cls)), None)
     bounds = None
@@ -115,7 +115,7 @@ _NOW_SQL = {
 
 
 class _ServerNow(Now):  # type: ignore[misc]
-    """Django's ``Now()`` in UTC on MySQL/MariaDB whatever the session's time zone,
+    """Django's `Now()` in UTC on MySQL/MariaDB whatever the session's time zone,
     and with microseconds on SQLite (the format Django stores datetimes in there)."""
 
     def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
@@ -129,7 +129,7 @@ class _ServerNow(Now):  # type: ignore[misc]
 class _ExactText(Func):  # type: ignore[misc]
     """A string operand in a form that compares exactly, whatever the collation.
 
-    The same SQL as the SQLAlchemy side's ``exact_text``: utf8mb4 bytes on
+    The same SQL as the SQLAlchemy side's `exact_text`: utf8mb4 bytes on
     MySQL/MariaDB, text in the "C" collation on PostgreSQL, the BINARY collation on
     SQLite.
     """
@@ -225,9 +225,9 @@ class DjangoBackend:
 
     def check_filters(self, filters: Mapping[str, Any] | None) -> None:
         """Refuse filters that name no field of the model (lookups such as
-        ``user__name`` included), or whose values have the wrong type for their field
-        (see :class:`dbcancel.backend.FilterRule`). A relation's name (``user``) also
-        takes a saved instance of the related model."""
+        `user__name` included), or whose values have the wrong type for their field
+        (see [`dbcancel.backend.FilterRule`][dbcancel.backend.FilterRule]). A relation's
+        name (`user`) also takes a saved instance of the related model."""
         if filters is None:
             return
         check_filter_keys(self.model_name, filters, self._rules, self._fields, noun="field")
@@ -248,7 +248,7 @@ class DjangoBackend:
         return all(self._rules[k].can_match(self._plain(k, v)) for k, v in (filters or {}).items())
 
     def _filtered(self, qs: Any, filters: Mapping[str, Any] | None) -> Any:
-        """``qs`` narrowed to ``filters``, strings compared exactly (see _ExactText)."""
+        """`qs` narrowed to `filters`, strings compared exactly (see _ExactText)."""
         if not filters:
             return qs
         qs = qs.filter(**filters)
@@ -265,10 +265,10 @@ class DjangoBackend:
         filters: Mapping[str, Any] | None = None,
         using: Any = None,
     ) -> int:
-        """Run ``change`` as one ``filter(status__in=...).update(...)``; return the row count.
+        """Run `change` as one `filter(status__in=...).update(...)`; return the row count.
 
-        ``using`` is the alias of the caller's open ``transaction.atomic()`` block
-        (from ``cp.complete(alias)``): the update then joins it, uncommitted.
+        `using` is the alias of the caller's open `transaction.atomic()` block
+        (from `cp.complete(alias)`): the update then joins it, uncommitted.
         """
         if not self._can_match(job_id, filters):
             return 0
@@ -329,7 +329,7 @@ class DjangoBackend:
         return JobRow(Status(status), reason, finished_at, error)
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
-        """The rows of those ``job_ids`` that exist, in one query."""
+        """The rows of those `job_ids` that exist, in one query."""
         ids = [i for i in job_ids if self._id_rule.can_match(i)]
         if not ids:
             return {}
@@ -342,10 +342,10 @@ class DjangoBackend:
         }
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
-        """Stamp ``finished_at`` where it is still null, in one committed UPDATE.
+        """Stamp `finished_at` where it is still null, in one committed UPDATE.
 
-        With ``observed_at`` (when this worker saw the cancel), the same UPDATE sets
-        ``cancel_observed_at`` unless the row already has one (the first observation
+        With `observed_at` (when this worker saw the cancel), the same UPDATE sets
+        `cancel_observed_at` unless the row already has one (the first observation
         counts). A row already stopped is left as it is.
         """
         qs = self._manager.using(self.alias).filter(pk=job_id, finished_at__isnull=True)
@@ -357,8 +357,9 @@ class DjangoBackend:
         self._write(lambda: int(qs.update(**updates)))
 
     def beat_worker(self, worker_id: str) -> None:
-        """Stamp this process's :class:`Worker` row with the database's clock; insert it
-        if it is missing. One committed UPDATE while the row exists."""
+        """Stamp this process's [`Worker`][dbcancel.contrib.django.models.Worker] row with
+        the database's clock; insert it if it is missing. One committed UPDATE while the
+        row exists."""
         workers = Worker.objects.using(self.alias)
 
         def beat() -> None:
@@ -379,19 +380,20 @@ class DjangoBackend:
             ) from err
 
     def reap(self, stale_after: float, error: str) -> int:
-        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds.
+        """Stop the jobs whose worker has not beaten for `stale_after` seconds.
 
-        ONE UPDATE of the rows not yet stopped, ``in_progress`` or ``cancelled``, whose
-        :class:`Worker` row is missing or older than that on the database's clock
-        (rows without a worker: whose ``heartbeat_at``, or ``started_at``, is): each
-        gets ``finished_at``; those in progress also become ``failed`` with ``error``.
+        ONE UPDATE of the rows not yet stopped, `in_progress` or `cancelled`, whose
+        [`Worker`][dbcancel.contrib.django.models.Worker] row is missing or older than that
+        on the database's clock (rows without a worker: whose `heartbeat_at`, or
+        `started_at`, is): each gets `finished_at`; those in progress also become `failed`
+        with `error`.
         Then, in the same transaction, the worker rows that stale and named by no
         unfinished job of this table are deleted.
         """
         meta = self.model._meta
 
         def if_running(name: str, value: str) -> Any:
-            # A CASE on the old status: ``value`` for a job in progress, else unchanged.
+            # A CASE on the old status: `value` for a job in progress, else unchanged.
             return Case(
                 When(status=Status.IN_PROGRESS.value, then=Value(value)),
                 default=F(name),
@@ -488,7 +490,7 @@ class DjangoBackend:
 
         Django opens one connection per thread and closes it only at the end of a
         request; a worker thread that ran a job would keep its connection until the
-        thread object is collected. A connection inside ``transaction.atomic()`` is the
+        thread object is collected. A connection inside `transaction.atomic()` is the
         caller's and stays open; a closed one reopens by itself on the next query.
         """
         if threading.current_thread() is threading.main_thread():
@@ -501,9 +503,10 @@ class DjangoBackend:
 
     def _write(self, update: Callable[[], _T]) -> _T:
         """Run one write in its own committed transaction, and again when that is safe
-        (see :func:`dbcancel.backend.run_retried`): after a deadlock or lock timeout,
-        up to five tries, and after a dead connection (the server restarted, or killed
-        it, since this thread last used it), once, on a fresh connection."""
+        (see [`dbcancel.backend.run_retried`][dbcancel.backend.run_retried]): after a
+        deadlock or lock timeout, up to five tries, and after a dead connection (the server
+        restarted, or killed it, since this thread last used it), once, on a fresh
+        connection."""
 
         def write() -> _T:
             with self._own_transaction():
@@ -532,12 +535,12 @@ class DjangoBackend:
         return run_retried(attempt, faults, label=self.model_name, write=write, retries=_RETRIES)
 
     def _drop_if_dead(self, before: Any) -> bool:
-        """After a failed query: True when it failed because the connection ``before``
+        """After a failed query: True when it failed because the connection `before`
         (the thread's when the query began) was dead, which is then closed.
 
         Django reconnects only between requests; a worker thread would keep failing on
         a connection the server closed. When the failed rollback made Django close the
-        dead connection, leaving ``atomic()`` may already have opened a new one: a
+        dead connection, leaving `atomic()` may already have opened a new one: a
         changed connection means the old one died. One inside the caller's atomic block
         is the caller's to handle.
         """
@@ -553,12 +556,12 @@ class DjangoBackend:
         return True
 
     def _own_transaction(self) -> Any:
-        """A transaction that commits when the write is done (``durable=True``).
+        """A transaction that commits when the write is done (`durable=True`).
 
-        Inside the caller's ``transaction.atomic()`` (``ATOMIC_REQUESTS``, say) a cancel
-        would stay invisible to the worker until that block commits, and ``wait()``
+        Inside the caller's `transaction.atomic()` (`ATOMIC_REQUESTS`, say) a cancel
+        would stay invisible to the worker until that block commits, and `wait()`
         after it would wait in vain: refuse with a message that says what to do.
-        Django's test cases are let through, as ``durable=True`` lets them through.
+        Django's test cases are let through, as `durable=True` lets them through.
         """
         conn = connections[self.alias]
         blocks = getattr(conn, "atomic_blocks", ())
@@ -587,11 +590,11 @@ class DjangoBackend:
     def _hinted(self, by_id: bool) -> Any:
         """On MySQL/MariaDB, make an update by id go through the primary key.
 
-        InnoDB may reach ``id = %s AND status IN (%s)`` through the status index (it
+        InnoDB may reach `id = %s AND status IN (%s)` through the status index (it
         ends in the primary key), locking that index entry before the row, while a
         concurrent update of the same row locks the row first and then needs the index
         entry: a deadlock. The ORM has no index hints, so the hint goes in through
-        Django's documented hook for rewriting SQL, ``connection.execute_wrapper()``.
+        Django's documented hook for rewriting SQL, `connection.execute_wrapper()`.
         """
         if self._hint is None or not by_id:
             return nullcontext()

@@ -1,14 +1,14 @@
-"""System checks for job models, run by ``manage.py check`` (and ``migrate``, ``runserver``).
+"""System checks for job models, run by `manage.py check` (and `migrate`, `runserver`).
 
 A job model is a concrete subclass of
-:class:`~dbcancel.contrib.django.models.CancellableModel`, or a model named in the
-setting ``DBCANCEL_MODELS`` (a list of ``"app_label.ModelName"``), for tables that
+[`CancellableModel`][dbcancel.contrib.django.models.CancellableModel], or a model named in the
+setting `DBCANCEL_MODELS` (a list of `"app_label.ModelName"`), for tables that
 declare the fields themselves.
 
-* ``dbcancel.E001`` — the model lacks some of dbcancel's fields.
-* ``dbcancel.E002`` — a field has the wrong type or nullability for what dbcancel writes.
-* ``dbcancel.E003`` — the model lacks the CHECK constraint on ``status``.
-* ``dbcancel.E004`` — ``DBCANCEL_MODELS`` names something that is not an installed model.
+* `dbcancel.E001` — the model lacks some of dbcancel's fields.
+* `dbcancel.E002` — a field has the wrong type or nullability for what dbcancel writes.
+* `dbcancel.E003` — the model lacks the CHECK constraint on `status`.
+* `dbcancel.E004` — `DBCANCEL_MODELS` names something that is not an installed model.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _listed() -> list[Any]:
 
 
 def job_models(app_configs: Iterable[Any] | None = None) -> list[Any]:
-    """The concrete job models of ``app_configs`` (default: every installed app)."""
+    """The concrete job models of `app_configs` (default: every installed app)."""
     configs = list(apps.get_app_configs() if app_configs is None else app_configs)
     listed = {str(label).lower() for label in _listed()}
     found = []

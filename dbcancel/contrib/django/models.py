@@ -1,16 +1,18 @@
-"""``CancellableModel``: the columns of a cancellable job as an abstract Django model.
+"""`CancellableModel`: the columns of a cancellable job as an abstract Django model.
 
-::
+```python
+from dbcancel.contrib.django.models import CancellableModel
 
-    from dbcancel.contrib.django.models import CancellableModel
+class Analysis(CancellableModel):
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    session_key = models.CharField(max_length=40, db_index=True)
+```
 
-    class Analysis(CancellableModel):
-        user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
-        session_key = models.CharField(max_length=40, db_index=True)
-
-The fields and the CHECK constraint are those of :class:`dbcancel.CancellableMixin`, so a
-table made by either ORM works with both. Change ``status`` only through
-:class:`dbcancel.contrib.django.DjangoJobs`: the fields are not editable in forms.
+The fields and the CHECK constraint are those of
+[`CancellableMixin`][dbcancel.CancellableMixin], so a table made by either ORM works with
+both. Change `status` only through
+[`dbcancel.contrib.django.DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs]: the fields
+are not editable in forms.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ __all__ = ["STATUS_CHOICES", "CancellableModel", "Worker", "status_check_constra
 STATUS_CHOICES: list[tuple[str, str]] = [
     (s.value, s.value.replace("_", " ").capitalize()) for s in Status
 ]
-"""``choices`` of the ``status`` field: the five values with readable labels."""
+"""`choices` of the `status` field: the five values with readable labels."""
 
 _STATUS_VALUES = [s.value for s in Status]
 # Interpolated by Django for every concrete subclass; equals ck_<db_table>_status while
@@ -45,16 +47,18 @@ _ABSTRACT_NAME = "ck_%(app_label)s_%(class)s_status"
 
 
 def status_check_constraint(name: str, field: str = "status") -> models.CheckConstraint:
-    """The CHECK constraint that limits ``field`` to the five status values.
+    """The CHECK constraint that limits `field` to the five status values.
 
-    :class:`CancellableModel` adds it for you, named ``ck_<db_table>_status``. Use this
-    for a job model that declares the fields itself (and lists it in
-    ``settings.DBCANCEL_MODELS``)::
+    [`CancellableModel`][dbcancel.contrib.django.models.CancellableModel] adds it for you,
+    named `ck_<db_table>_status`. Use this for a job model that declares the fields itself
+    (and lists it in `settings.DBCANCEL_MODELS`):
 
-        class Meta:
-            constraints = [status_check_constraint("ck_legacy_jobs_status")]
+    ```python
+    class Meta:
+        constraints = [status_check_constraint("ck_legacy_jobs_status")]
+    ```
 
-    Works on every supported Django (``check=`` became ``condition=`` in Django 5.1), so
+    Works on every supported Django (`check=` became `condition=` in Django 5.1), so
     migrations that call it load on both.
     """
     condition = models.Q(**{f"{field}__in": _STATUS_VALUES})
@@ -66,17 +70,17 @@ def status_check_constraint(name: str, field: str = "status") -> models.CheckCon
 class CancellableModel(models.Model):  # type: ignore[misc]
     """Adds the fields of a cancellable job to a Django model.
 
-    ``status`` (``CharField(16)``, choices from :class:`dbcancel.Status`, default
-    ``pending``, indexed), ``cancel_requested_at``, ``cancel_reason`` (at most 255
-    characters), ``cancel_observed_at``, ``started_at``, ``finished_at``, ``heartbeat_at``
-    (aware datetimes, null), ``error`` (the text of the exception that failed the
-    job) and ``worker_id`` (the process running it), plus a CHECK constraint named
-    ``ck_<db_table>_status`` that limits ``status`` to the five values. "Stopped" means
-    ``finished_at`` is set.
+    `status` (`CharField(16)`, choices from [`Status`][dbcancel.Status], default
+    `pending`, indexed), `cancel_requested_at`, `cancel_reason` (at most 255
+    characters), `cancel_observed_at`, `started_at`, `finished_at`, `heartbeat_at`
+    (aware datetimes, null), `error` (the text of the exception that failed the
+    job) and `worker_id` (the process running it), plus a CHECK constraint named
+    `ck_<db_table>_status` that limits `status` to the five values. "Stopped" means
+    `finished_at` is set.
 
-    A subclass that declares its own ``Meta.constraints`` must keep this one: write
-    ``class Meta(CancellableModel.Meta):`` and add to ``constraints``, or the
-    ``dbcancel.E003`` system check reports it.
+    A subclass that declares its own `Meta.constraints` must keep this one: write
+    `class Meta(CancellableModel.Meta):` and add to `constraints`, or the
+    `dbcancel.E003` system check reports it.
     """
 
     status = models.CharField(
@@ -86,7 +90,7 @@ class CancellableModel(models.Model):  # type: ignore[misc]
         db_index=True,
         editable=False,
     )
-    """The job's state, one of :class:`dbcancel.Status`' values; see ``TRANSITIONS``."""
+    """The job's state, one of [`Status`][dbcancel.Status]' values; see `TRANSITIONS`."""
     cancel_requested_at = models.DateTimeField(null=True, blank=True, editable=False)
     """When the first cancel was requested."""
     cancel_reason = models.CharField(
@@ -96,17 +100,17 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     cancel_observed_at = models.DateTimeField(null=True, blank=True, editable=False)
     """When a worker of the job first observed the cancel (stamped when it stops)."""
     started_at = models.DateTimeField(null=True, blank=True, editable=False)
-    """When a worker moved the job to ``in_progress``."""
+    """When a worker moved the job to `in_progress`."""
     finished_at = models.DateTimeField(null=True, blank=True, editable=False)
     """When the job really stopped; null while a worker may still be running it."""
     heartbeat_at = models.DateTimeField(null=True, blank=True, editable=False)
     """Kept for rows started by dbcancel 0.1, whose workers beat each job's row;
-    ``jobs.reap()`` reads it for rows without a ``worker_id``."""
+    `jobs.reap()` reads it for rows without a `worker_id`."""
     error = models.TextField(null=True, blank=True, editable=False)
     """The text of the exception that failed the job."""
     worker_id = models.CharField(max_length=WORKER_ID_LENGTH, null=True, blank=True, editable=False)
-    """The process running (or that ran) the job, ``host:pid:token``: its
-    :class:`Worker` row says whether it is still alive."""
+    """The process running (or that ran) the job, `host:pid:token`: its
+    [`Worker`][dbcancel.contrib.django.models.Worker] row says whether it is still alive."""
 
     class Meta:
         """Abstract; carries the status CHECK constraint to every concrete subclass."""
@@ -116,20 +120,20 @@ class CancellableModel(models.Model):  # type: ignore[misc]
 
     @property
     def job_status(self) -> Status:
-        """``status`` as a :class:`dbcancel.Status` (the field itself holds the string)."""
+        """`status` as a [`Status`][dbcancel.Status] (the field itself holds the string)."""
         return Status(self.status)
 
     @property
     def stopped(self) -> bool:
-        """True once the job has really stopped (``finished_at`` is set)."""
+        """True once the job has really stopped (`finished_at` is set)."""
         return self.finished_at is not None
 
 
 def _name_status_check(sender: type, **kwargs: Any) -> None:
-    """Name a job model's status constraint after its table, also when ``db_table`` is set.
+    """Name a job model's status constraint after its table, also when `db_table` is set.
 
-    Django interpolates ``%(app_label)s_%(class)s``, which is the table's name only while
-    the table has its default name; the constraint must be ``ck_<db_table>_status``, as
+    Django interpolates `%(app_label)s_%(class)s`, which is the table's name only while
+    the table has its default name; the constraint must be `ck_<db_table>_status`, as
     the SQLAlchemy mixin names it, so that either ORM finds it.
     """
     if not (isinstance(sender, type) and issubclass(sender, CancellableModel)):
@@ -151,13 +155,13 @@ class_prepared.connect(_name_status_check, dispatch_uid="dbcancel.name_status_ch
 class Worker(models.Model):  # type: ignore[misc]
     """A process that runs jobs: one row per process, beaten while its jobs run.
 
-    The table (``dbcancel_worker``, the same as the SQLAlchemy side's) comes with the
-    app's migration: add ``"dbcancel.contrib.django"`` to ``INSTALLED_APPS`` and run
-    ``migrate``. ``heartbeat_at`` is written on the database's clock.
+    The table (`dbcancel_worker`, the same as the SQLAlchemy side's) comes with the
+    app's migration: add `"dbcancel.contrib.django"` to `INSTALLED_APPS` and run
+    `migrate`. `heartbeat_at` is written on the database's clock.
     """
 
     id = models.CharField(primary_key=True, max_length=WORKER_ID_LENGTH)
-    """``host:pid:token``: what the jobs' ``worker_id`` holds."""
+    """`host:pid:token`: what the jobs' `worker_id` holds."""
     started_at = models.DateTimeField()
     """When the process first ran a job."""
     heartbeat_at = models.DateTimeField()
@@ -185,13 +189,13 @@ _DATETIMES = (
 
 
 def _missing_fields(model: Any) -> list[str]:
-    """The names of dbcancel's fields that ``model`` lacks (in the order dbcancel lists them)."""
+    """The names of dbcancel's fields that `model` lacks (in the order dbcancel lists them)."""
     names = {f.name for f in model._meta.concrete_fields}
     return [name for name in REQUIRED_COLUMNS if name not in names]
 
 
 def _wrong_fields(model: Any) -> list[str]:
-    """Why the fields ``model`` has cannot hold what dbcancel writes, one line per field."""
+    """Why the fields `model` has cannot hold what dbcancel writes, one line per field."""
     meta = model._meta
     fields = {f.name: f for f in meta.concrete_fields}
     problems: list[str] = []
@@ -231,11 +235,11 @@ def _wrong_fields(model: Any) -> list[str]:
 
 
 def _has_status_check(model: Any) -> bool:
-    """True when ``model`` declares a CHECK constraint limiting ``status`` to the five values."""
+    """True when `model` declares a CHECK constraint limiting `status` to the five values."""
     for constraint in model._meta.constraints:
         if not isinstance(constraint, models.CheckConstraint):
             continue
-        # Django 5.1 renamed ``check`` to ``condition`` (and deprecated reading ``check``).
+        # Django 5.1 renamed `check` to `condition` (and deprecated reading `check`).
         condition = vars(constraint).get("condition", vars(constraint).get("check"))
         if not isinstance(condition, models.Q) or condition.negated:
             continue

@@ -1,43 +1,45 @@
 """Django Tasks integration: tasks whose first argument is a job id and whose body gets its
 checkpoint.
 
-::
+```python
+# analyses/tasks.py
+from dbcancel.contrib.django.tasks import DjangoTaskJobs
 
-    # analyses/tasks.py
-    from dbcancel.contrib.django.tasks import DjangoTaskJobs
+cancellable = DjangoTaskJobs("analyses.Analysis", interval=0.5)
 
-    cancellable = DjangoTaskJobs("analyses.Analysis", interval=0.5)
+@cancellable.task(queue_name="default")
+def analyse(cp, job_id, folder):            # runs inside jobs.run(job_id)
+    for path in walk(folder):
+        cp()                                # raises Cancelled once cancelled
+        process(path)
 
-    @cancellable.task(queue_name="default")
-    def analyse(cp, job_id, folder):            # runs inside jobs.run(job_id)
-        for path in walk(folder):
-            cp()                                # raises Cancelled once cancelled
-            process(path)
+analyse.enqueue(analysis.pk, "/data/a")     # the job id first, then your arguments
+cancellable.jobs.cancel(analysis.pk, reason="user deleted it")   # anywhere
+```
 
-    analyse.enqueue(analysis.pk, "/data/a")     # the job id first, then your arguments
-    cancellable.jobs.cancel(analysis.pk, reason="user deleted it")   # anywhere
-
-Works with ``django.tasks`` (Django 6 and newer) and with the ``django-tasks`` backport
-(Django 5.2): the task is the framework's own ``Task``, sent by any backend, run by any
-worker (``manage.py db_worker`` of ``django-tasks-db``, say).
+Works with `django.tasks` (Django 6 and newer) and with the `django-tasks` backport
+(Django 5.2): the task is the framework's own `Task`, sent by any backend, run by any
+worker (`manage.py db_worker` of `django-tasks-db`, say).
 
 What each run of a task does, by the state of the job's row when it starts:
 
-* ``pending``: the body runs inside ``jobs.run(job_id)``. It returns: the job is
-  ``completed`` and the task result is SUCCESSFUL with the body's return value. It
-  raises: the job is ``failed`` and the task result FAILED with that exception.
-* ``cancelled`` (before or while the body ran, including an exception the body raised
-  after the cancel), or deleted: the body does not run (or stops at its next ``cp()``)
-  and the task result is FAILED with :class:`JobCancelled`. A cancelled job's task is
+* `pending`: the body runs inside `jobs.run(job_id)`. It returns: the job is
+  `completed` and the task result is SUCCESSFUL with the body's return value. It
+  raises: the job is `failed` and the task result FAILED with that exception.
+* `cancelled` (before or while the body ran, including an exception the body raised
+  after the cancel), or deleted: the body does not run (or stops at its next `cp()`)
+  and the task result is FAILED with
+  [`JobCancelled`][dbcancel.contrib.django.tasks.JobCancelled]. A cancelled job's task is
   never SUCCESSFUL.
-* ``failed``, ``completed`` or ``in_progress`` (the task enqueued again for a job whose
+* `failed`, `completed` or `in_progress` (the task enqueued again for a job whose
   body already ran, or runs elsewhere): the body does not run, the row is unchanged, and
-  the task result is FAILED with :class:`JobNotRunnable`. A job's body runs at most once.
+  the task result is FAILED with [`JobNotRunnable`][dbcancel.JobNotRunnable]. A job's body
+  runs at most once.
 
 Django Tasks has no hook before a task's function runs: all of this happens in the
 function the decorator registers, around the body.
 
-Importing this module needs Django Tasks: ``pip install 'dbcancel[django-tasks]'``.
+Importing this module needs Django Tasks: `pip install 'dbcancel[django-tasks]'`.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobNotFound, Status
+from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobId, JobNotFound, Status
 from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel.errors import JobNotRunnable
 
@@ -87,7 +89,7 @@ P = ParamSpec("P")
 R = TypeVar("R", covariant=True)
 
 SHUTDOWN_REASON = "worker shutdown"
-"""The cancel reason of the job a worker's warm shutdown stops (``on_shutdown="cancel"``)."""
+"""The cancel reason of the job a worker's warm shutdown stops (`on_shutdown="cancel"`)."""
 
 OnShutdown = Literal["cancel", "wait"]
 
@@ -100,13 +102,14 @@ class JobCancelled(DbcancelError):
     """A cancellable task's job was cancelled (or its row deleted): the body did not finish.
 
     The task result of such a run is FAILED with this exception:
-    ``result.errors[0].exception_class`` is :class:`JobCancelled`, and its traceback ends
-    with ``Analysis 12 was cancelled: user deleted it``. ``job_id`` is the job's id,
-    ``model`` the name of the job model and ``reason`` the cancel reason (``"deleted"``
-    for a missing row, or None).
+    `result.errors[0].exception_class` is
+    [`JobCancelled`][dbcancel.contrib.django.tasks.JobCancelled], and its traceback ends
+    with `Analysis 12 was cancelled: user deleted it`. `job_id` is the job's id, `model` the
+    name of the job model and `reason` the cancel reason (`"deleted"` for a missing row, or
+    None).
     """
 
-    def __init__(self, model: str, job_id: Any, reason: str | None = None) -> None:
+    def __init__(self, model: str, job_id: JobId, reason: str | None = None) -> None:
         self.model = model
         self.job_id = job_id
         self.reason = reason
@@ -118,10 +121,10 @@ class JobCancelled(DbcancelError):
 
 
 class CancellableTask(Protocol, Generic[P, R]):
-    """What :meth:`DjangoTaskJobs.task` returns: a Django Tasks ``Task`` taking the job id
-    first.
+    """What [`DjangoTaskJobs.task`][dbcancel.contrib.django.tasks.DjangoTaskJobs.task]
+    returns: a Django Tasks `Task` taking the job id first.
 
-    It is the framework's own ``Task`` object (every attribute and method of it works);
+    It is the framework's own `Task` object (every attribute and method of it works);
     the methods below are typed so that calls are checked against the body's signature
     minus its checkpoint.
     """
@@ -136,15 +139,15 @@ class CancellableTask(Protocol, Generic[P, R]):
         """The dotted path a worker imports the task by."""
         ...
 
-    def enqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """Queue the task for job ``job_id``; returns the backend's ``TaskResult``."""
+    def enqueue(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """Queue the task for job `job_id`; returns the backend's `TaskResult`."""
         ...
 
-    async def aenqueue(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> Any:
-        """:meth:`enqueue` for async code."""
+    async def aenqueue(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> Any:
+        """[`enqueue`][dbcancel.contrib.django.tasks.CancellableTask.enqueue] for async code."""
         ...
 
-    def call(self, job_id: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    def call(self, job_id: JobId, /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the task here, now, as a worker does (a job that is not pending raises)."""
         ...
 
@@ -156,30 +159,30 @@ class CancellableTask(Protocol, Generic[P, R]):
         run_after: Any = None,
         backend: str | None = None,
     ) -> CancellableTask[P, R]:
-        """The same task with other defaults (``Task.using()``)."""
+        """The same task with other defaults (`Task.using()`)."""
         ...
 
     def get_result(self, result_id: str) -> Any:
-        """The ``TaskResult`` of one run of this task, by its id."""
+        """The `TaskResult` of one run of this task, by its id."""
         ...
 
 
 class DjangoTaskJobs:
     """Cancellable Django Tasks for the jobs of one model.
 
-    ``model``, ``using``, ``interval``, ``watch``, ``max_staleness`` and ``heartbeat`` are
-    those of :class:`~dbcancel.contrib.django.DjangoJobs`, which each process builds for
-    itself on first use (:attr:`jobs`), so a module can declare its tasks while Django
-    loads its apps.
+    `model`, `using`, `interval`, `watch`, `max_staleness` and `heartbeat` are
+    those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process builds for
+    itself on first use ([`jobs`][dbcancel.contrib.django.tasks.DjangoTaskJobs.jobs]), so a
+    module can declare its tasks while Django loads its apps.
 
-    ``on_shutdown``: what a warm shutdown of the worker (its first SIGTERM or SIGINT)
-    does to the job it runs. ``"cancel"`` (the default) cancels it with the reason
-    :data:`SHUTDOWN_REASON`: it stops at its next checkpoint, ends ``cancelled`` with
-    ``finished_at`` set, its task result is FAILED with :class:`JobCancelled`, and the
-    worker exits. ``"wait"`` keeps the worker's own behaviour: it finishes the running
-    task, then exits. This works for workers that run tasks in their main thread and
-    handle these signals themselves, as ``manage.py db_worker`` does; elsewhere the
-    signals are left alone.
+    `on_shutdown`: what a warm shutdown of the worker (its first SIGTERM or SIGINT)
+    does to the job it runs. `"cancel"` (the default) cancels it with the reason
+    [`SHUTDOWN_REASON`][dbcancel.contrib.django.tasks.SHUTDOWN_REASON]: it stops at its next
+    checkpoint, ends `cancelled` with `finished_at` set, its task result is FAILED with
+    [`JobCancelled`][dbcancel.contrib.django.tasks.JobCancelled], and the worker exits.
+    `"wait"` keeps the worker's own behaviour: it finishes the running task, then exits.
+    This works for workers that run tasks in their main thread and handle these signals
+    themselves, as `manage.py db_worker` does; elsewhere the signals are left alone.
     """
 
     def __init__(
@@ -213,18 +216,19 @@ class DjangoTaskJobs:
 
     @property
     def on_shutdown(self) -> OnShutdown:
-        """``"cancel"`` or ``"wait"``: what a warm shutdown does to the running job."""
+        """`"cancel"` or `"wait"`: what a warm shutdown does to the running job."""
         return self._on_shutdown
 
     @property
     def task_names(self) -> frozenset[str]:
-        """The module paths of the tasks declared through :meth:`task`."""
+        """The module paths of the tasks declared through
+        [`task`][dbcancel.contrib.django.tasks.DjangoTaskJobs.task]."""
         return frozenset(self._task_names)
 
     @property
     def jobs(self) -> DjangoJobs:
-        """This process's :class:`~dbcancel.contrib.django.DjangoJobs`, built on first use
-        (and again after a fork)."""
+        """This process's [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], built on
+        first use (and again after a fork)."""
         with self._lock:
             if self._jobs is None or self._pid != os.getpid():
                 self._jobs = DjangoJobs(self._model, **self._options)
@@ -248,14 +252,14 @@ class DjangoTaskJobs:
     ) -> Callable[[Callable[Concatenate[Any, Checkpoint, Any, P], R]], CancellableTask[P, R]]: ...
 
     def task(self, *, takes_context: bool = False, **options: Any) -> Callable[[Any], Any]:
-        """Declare a cancellable task: ``@cancellable.task(**task_options)``.
+        """Declare a cancellable task: `@cancellable.task(**task_options)`.
 
-        The decorated body is called as ``body(cp, job_id, *args, **kwargs)`` inside
-        ``jobs.run(job_id)`` (with ``takes_context=True``: ``body(context, cp, job_id,
-        ...)``, the first parameter named ``context`` as Django Tasks asks); the task is
-        queued as ``task.enqueue(job_id, *args, **kwargs)``, with JSON-serialisable
-        arguments (a UUID job id as a string). ``options`` are those of Django Tasks'
-        ``@task`` (``priority``, ``queue_name``, ``backend``). The body is a plain
+        The decorated body is called as `body(cp, job_id, *args, **kwargs)` inside
+        `jobs.run(job_id)` (with `takes_context=True`: `body(context, cp, job_id,
+        ...)`, the first parameter named `context` as Django Tasks asks); the task is
+        queued as `task.enqueue(job_id, *args, **kwargs)`, with JSON-serialisable
+        arguments (a UUID job id as a string). `options` are those of Django Tasks'
+        `@task` (`priority`, `queue_name`, `backend`). The body is a plain
         function defined at module level; async bodies are not supported. See the
         module's documentation for what each run does by the state of the row.
         """

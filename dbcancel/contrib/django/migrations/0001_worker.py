@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):  # type: ignore[misc]
-    """Create ``dbcancel_worker``, the table the SQLAlchemy side shares."""
+    """Create `dbcancel_worker`, the table the SQLAlchemy side shares."""
 
     initial = True
     dependencies: ClassVar[list[tuple[str, str]]] = []

@@ -1,0 +1,1 @@
+"""The migrations of the dbcancel Django app: the worker table."""

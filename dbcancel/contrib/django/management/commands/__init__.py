@@ -1,1 +1,1 @@
-"""``manage.py dbcancel``."""
+"""`manage.py dbcancel`."""

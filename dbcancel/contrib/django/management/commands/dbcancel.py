@@ -1,22 +1,22 @@
-"""``manage.py dbcancel list|status|cancel|reap``: look at, cancel and reap jobs from a shell.
+"""`manage.py dbcancel list|status|cancel|reap`: look at, cancel and reap jobs from a shell.
 
-::
+```text
+manage.py dbcancel list [--all | --status S]
+manage.py dbcancel status 42
+manage.py dbcancel cancel 42 --reason "session deleted"
+manage.py dbcancel reap --stale-after 60
+```
 
-    manage.py dbcancel list [--all | --status S]
-    manage.py dbcancel status 42
-    manage.py dbcancel cancel 42 --reason "session deleted"
-    manage.py dbcancel reap --stale-after 60
-
-``--model app_label.ModelName`` names the job model (default: the setting
-``DBCANCEL_DEFAULT_MODEL``, else the only job model installed); ``--database`` the
-alias (default ``default``). The commands print the same lines and exit with the same
-statuses as ``python -m dbcancel`` and ``flask dbcancel`` (all three run
-:mod:`dbcancel._commands`; messages name the model's table): 0 on success, 1 when a
+`--model app_label.ModelName` names the job model (default: the setting
+`DBCANCEL_DEFAULT_MODEL`, else the only job model installed); `--database` the
+alias (default `default`). The commands print the same lines and exit with the same
+statuses as `python -m dbcancel` and `flask dbcancel` (all three run
+`dbcancel._commands`; messages name the model's table): 0 on success, 1 when a
 cancel is refused because the job had already completed or failed, 2 for an unknown job
-or model, a usage error (such as a bad ``--stale-after``) or a database error, 130 when
-interrupted. Through ``call_command`` a failure raises :class:`CommandError` with that
-status as its ``returncode``. Neither this module nor :mod:`dbcancel._commands` imports
-SQLAlchemy, and neither does ``import dbcancel``: the command runs where it is not
+or model, a usage error (such as a bad `--stale-after`) or a database error, 130 when
+interrupted. Through `call_command` a failure raises `CommandError` with that
+status as its `returncode`. Neither this module nor `dbcancel._commands` imports
+SQLAlchemy, and neither does `import dbcancel`: the command runs where it is not
 installed.
 """
 
@@ -64,10 +64,10 @@ __all__ = ["Command", "DjangoRows"]
 
 
 class DjangoRows:
-    """The rows of a Django job model, read for ``list`` and ``status``
-    (:class:`dbcancel._commands.Rows`).
+    """The rows of a Django job model, read for `list` and `status`
+    (`dbcancel._commands.Rows`).
 
-    A field whose column is ``worker_id`` is shown as the job's worker when the model
+    A field whose column is `worker_id` is shown as the job's worker when the model
     has one.
     """
 
@@ -98,7 +98,7 @@ class DjangoRows:
         self._worker_field = worker[0] if worker else None
 
     def parse_id(self, text: str) -> Any:
-        """``text`` as a primary key value, converted as ``python -m dbcancel`` does."""
+        """`text` as a primary key value, converted as `python -m dbcancel` does."""
         pk = self.model._meta.pk
         kind: type | None = None
         if isinstance(pk, models.IntegerField):  # AutoField and BigAutoField too
@@ -120,8 +120,8 @@ class DjangoRows:
             ) from None
 
     def _rows(self) -> Any:
-        """The jobs, each with ``beat``: its worker's last heartbeat (from the worker
-        table, where the job names one), else the job row's own ``heartbeat_at``."""
+        """The jobs, each with `beat`: its worker's last heartbeat (from the worker
+        table, where the job names one), else the job row's own `heartbeat_at`."""
         from django.db import connections
         from django.db.models import F, OuterRef, Subquery
         from django.db.models.functions import Coalesce
@@ -143,14 +143,14 @@ class DjangoRows:
         return None if row is None else _detail(row)
 
     def many(self, statuses: Collection[str] | None) -> list[JobDetail]:
-        """The rows in ``statuses`` (every row for None), in id order."""
+        """The rows in `statuses` (every row for None), in id order."""
         qs = self._rows()
         if statuses is not None:
             qs = qs.filter(status__in=sorted(statuses))
         return [_detail(r) for r in qs.order_by("pk").values_list(*self._fields)]
 
     def describe(self, exc: BaseException) -> str:
-        """``database error on database 'alias': first line of the driver's message``."""
+        """`database error on database 'alias': first line of the driver's message`."""
         from django.db import connections
 
         password = connections[self.using].settings_dict.get("PASSWORD") or None
@@ -173,8 +173,8 @@ def _detail(row: tuple[Any, ...]) -> JobDetail:
 
 
 class Command(BaseCommand):  # type: ignore[misc]
-    """``dbcancel list [--all | --status S]``, ``dbcancel status ID``,
-    ``dbcancel cancel ID [--reason TEXT]``, ``dbcancel reap --stale-after SECONDS``."""
+    """`dbcancel list [--all | --status S]`, `dbcancel status ID`,
+    `dbcancel cancel ID [--reason TEXT]`, `dbcancel reap --stale-after SECONDS`."""
 
     help = (
         "List, inspect, cancel and reap dbcancel jobs. Exit status: 0 success, 1 cancel "
@@ -182,10 +182,10 @@ class Command(BaseCommand):  # type: ignore[misc]
         "model, or database error, 130 interrupted. Times are UTC."
     )
     prog = "manage.py dbcancel"
-    """The program name of error lines; ``run_from_argv`` sets it from the command line."""
+    """The program name of error lines; `run_from_argv` sets it from the command line."""
 
     def add_arguments(self, parser: Any) -> None:
-        """The four subcommands; ``--model`` and ``--database`` go before or after them."""
+        """The four subcommands; `--model` and `--database` go before or after them."""
         self._common(parser, argparse_default=True)
         sub = parser.add_subparsers(
             dest="action", metavar="{list,status,cancel,reap}", required=True
@@ -223,16 +223,16 @@ class Command(BaseCommand):  # type: ignore[misc]
         )
 
     def run_from_argv(self, argv: list[str]) -> None:
-        """Run from ``manage.py``: error lines start with ``manage.py dbcancel:``."""
+        """Run from `manage.py`: error lines start with `manage.py dbcancel:`."""
         self.prog = f"{os.path.basename(argv[0])} {argv[1]}"
         super().run_from_argv(argv)
 
     def handle(self, *args: Any, **options: Any) -> None:
-        """Run the subcommand named in ``options["action"]`` and print its outcome.
+        """Run the subcommand named in `options["action"]` and print its outcome.
 
         From the command line: its lines on stdout and stderr, and its exit status.
-        Through ``call_command``: its lines on ``stdout``, or :class:`CommandError` with
-        the exit status as ``returncode`` when it is not 0.
+        Through `call_command`: its lines on `stdout`, or `CommandError` with
+        the exit status as `returncode` when it is not 0.
         """
         try:
             self._finish(self._outcome(options))
@@ -271,7 +271,7 @@ class Command(BaseCommand):  # type: ignore[misc]
             self.stdout.write(outcome.out)
 
     def _jobs(self, label: str | None, alias: str) -> DjangoJobs:
-        """The DjangoJobs of ``--model`` on ``--database``; ValueError saying what to fix."""
+        """The DjangoJobs of `--model` on `--database`; ValueError saying what to fix."""
         label = label or getattr(settings, "DBCANCEL_DEFAULT_MODEL", None)
         try:
             if label:
