@@ -23,16 +23,18 @@ import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import CallbackHandle, Checkpoint, checkpoint, current
+from .checkpoint import CallbackHandle, Checkpoint, bind_checkpoint, checkpoint, current
 from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound, JobNotRunnable
 from .jobs import JobRun, Jobs, JobsStats
 from .models import TERMINAL, TRANSITIONS, JobId, Status
 from .registry import ActiveJob
+from .runtime import SHUTDOWN_REASON, shutdown
 
 if TYPE_CHECKING:
     from ._mixin import CancellableMixin
 
 __all__ = [
+    "SHUTDOWN_REASON",
     "TERMINAL",
     "TRANSITIONS",
     "ActiveJob",
@@ -49,8 +51,10 @@ __all__ = [
     "Jobs",
     "JobsStats",
     "Status",
+    "bind_checkpoint",
     "checkpoint",
     "current",
+    "shutdown",
 ]
 
 try:

@@ -13,12 +13,17 @@ from collections.abc import Mapping
 from numbers import Real
 from typing import Any
 
+from ._runtime import runtime
 from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
 from .errors import JobNotFound
 from .models import JobId, Status
 from .registry import registry
 
-__all__ = ["JobsClient", "check_seconds"]
+__all__ = ["MAX_WAIT_POLL", "JobsClient", "check_seconds"]
+
+MAX_WAIT_POLL = 1.0
+"""The longest pause between two reads of a job's row in `wait()` (shorter when the
+`interval` is)."""
 
 log = logging.getLogger("dbcancel")
 
@@ -117,32 +122,44 @@ class JobsClient:
         if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
             raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            row = self._read(job_id)
-            remaining = math.inf if deadline is None else deadline - time.monotonic()
-            if row.finished_at is not None:
-                # The run of the job in this process has written its end but may still
-                # be leaving run(): return once it has left, so that what the caller does
-                # next (delete the job's files) never overlaps any part of the worker.
-                bound = None if deadline is None else max(remaining, 0.0)
-                for cp in registry.checkpoints(b.key, job_id):
-                    if cp._leaving() and not cp._wait_ended(bound):
-                        break
+        # Polling backs off to at most the interval, and at most a second: elsewhere
+        # than on PostgreSQL nothing announces a job's end. On PostgreSQL the runtime
+        # thread listens for the end (and cancel) notifications of the table, and wakes
+        # this wait at once; the polls are then only the safety net.
+        ceiling = min(self._interval, MAX_WAIT_POLL)
+        delay = min(0.005, ceiling)
+        with runtime().waiting(b, job_id) as woken:
+            while True:
+                if woken is not None:
+                    woken.clear()
+                row = self._read(job_id)
+                remaining = math.inf if deadline is None else deadline - time.monotonic()
+                if row.finished_at is not None:
+                    # The run of the job in this process has written its end but may
+                    # still be leaving run(): return once it has left, so that what the
+                    # caller does next (delete the job's files) never overlaps any part
+                    # of the worker.
+                    bound = None if deadline is None else max(remaining, 0.0)
+                    for cp in registry.checkpoints(b.key, job_id):
+                        if cp._leaving() and not cp._wait_ended(bound):
+                            break
+                    else:
+                        return row.status
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"{b.model_name} {job_id!r} has not stopped after {timeout}s "
+                        f"(status {row.status.value!r})"
+                    )
+                local = registry.checkpoints(b.key, job_id)
+                if local:
+                    # Running here: its run() sets this event after recording how it ended.
+                    local[0]._wait_ended(min(remaining, self._interval))
+                elif woken is not None:
+                    woken.wait(min(remaining, delay))
+                    delay = min(delay * 2, ceiling)
                 else:
-                    return row.status
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"{b.model_name} {job_id!r} has not stopped after {timeout}s "
-                    f"(status {row.status.value!r})"
-                )
-            local = registry.checkpoints(b.key, job_id)
-            if local:
-                # Running here: its run() sets this event after recording how it ended.
-                local[0]._wait_ended(min(remaining, self._interval))
-            else:
-                time.sleep(min(remaining, delay))
-                delay = min(delay * 2, self._interval)
+                    time.sleep(min(remaining, delay))
+                    delay = min(delay * 2, ceiling)
 
     # -- recovery and observability ---------------------------------------------------
 

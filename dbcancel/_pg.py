@@ -87,18 +87,20 @@ class PgListener:
     """LISTEN on `channel` over a psycopg 3 connection that `connect` opens.
 
     The connection is switched to autocommit, and shows in `pg_stat_activity` under
-    the `application_name` it was opened with followed by `dbcancel-listener`.
+    the `application_name` it was opened with followed by `dbcancel-listener`. One
+    connection can listen for several tables of its database: `add_channel` takes
+    over another listener's channel (the runtime keeps one listener per database).
     """
 
     def __init__(self, connect: Callable[[], Any], channel: Channel) -> None:
         self._connect = connect
         self._channel = channel
+        self._channels: list[Channel] = [channel]
+        self._listening: set[int] = set()  # ids of the channels LISTENed on this connection
         self._conn: Any = None
 
     def connect(self) -> None:
         """Open the connection and LISTEN; raises when the database cannot be reached."""
-        from psycopg import sql
-
         self.close()
         conn = self._connect()
         try:
@@ -110,23 +112,60 @@ class PgListener:
                 "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
                 "false)"
             )
-            name = self._channel.name(
-                lambda query, params: conn.execute(query, params).fetchone()[0]
-            )
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            self._conn = conn
+            self.listen_pending()
         except BaseException:
+            self._conn = None
+            self._listening.clear()
             with contextlib.suppress(Exception):
                 conn.close()
             raise
-        self._conn = conn
+
+    def add_channel(self, other: PgListener) -> None:
+        """Listen for `other`'s table too (from the next `listen_pending` or connect)."""
+        if all(c is not other._channel for c in self._channels):
+            self._channels.append(other._channel)
+
+    @property
+    def pending(self) -> bool:
+        """True when a channel was added since the connection last LISTENed."""
+        return self._conn is not None and len(self._listening) < len(self._channels)
+
+    def listen_pending(self) -> None:
+        """LISTEN on the channels added since the connection opened."""
+        from psycopg import sql
+
+        conn = self._conn
+        if conn is None:
+            return
+        for channel in list(self._channels):
+            if id(channel) in self._listening:
+                continue
+            name = channel.name(lambda query, params: conn.execute(query, params).fetchone()[0])
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            self._listening.add(id(channel))
+
+    def channel_name(self) -> str | None:
+        """This listener's own table's channel, once resolved (no query)."""
+        return self._channel._name
+
+    def fileno(self) -> int | None:
+        """The connection's socket, for waiting on several listeners at once."""
+        conn = self._conn
+        return None if conn is None else int(conn.fileno())
 
     def wait(self, timeout: float) -> list[str] | None:
         """The payloads that arrive within `timeout` seconds (returns at the first
         batch); None when not connected. Raises when the connection breaks."""
+        notes = self.receive(timeout)
+        return None if self._conn is None and not notes else [payload for _, payload in notes]
+
+    def receive(self, timeout: float) -> list[tuple[str, str]]:
+        """Like `wait`, as `(channel, payload)` pairs; `[]` when not connected."""
         conn = self._conn
         if conn is None:
-            return None
-        return [n.payload for n in conn.notifies(timeout=timeout, stop_after=1)]
+            return []
+        return [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
 
     @property
     def connected(self) -> bool:
@@ -136,6 +175,7 @@ class PgListener:
     def close(self) -> None:
         """Close the connection; harmless when it is not open."""
         conn, self._conn = self._conn, None
+        self._listening.clear()
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken: nothing to release
                 conn.close()

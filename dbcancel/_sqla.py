@@ -54,6 +54,7 @@ from .backend import (
     cancel_payload,
     check_filter_keys,
     check_id_type,
+    end_payload,
     integer_bounds,
     is_transient_error,
     run_retried,
@@ -368,8 +369,6 @@ class SQLAlchemyBackend:
         )
         if job_id is not None:
             stmt = self._hinted(stmt)
-        if using is not None:
-            return int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
         notify = None
         if self._postgresql and change.to is Status.CANCELLED:
             # Watchers in other processes LISTEN for this; sent only if the UPDATE
@@ -377,6 +376,15 @@ class SQLAlchemyBackend:
             # payload that names the job is as good as the row, and spares them a poll.
             reason = change.values.get("cancel_reason")
             notify = "*" if job_id is None else cancel_payload(job_id, reason)
+        elif self._postgresql and "finished_at" in change.stamp:
+            # The job has stopped: wake the wait() calls of other processes.
+            notify = end_payload(job_id)
+        if using is not None:
+            count = int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            if notify is not None and count:
+                conn = using if isinstance(using, Connection) else using.connection()
+                conn.execute(select(func.pg_notify(self._channel_on(conn), notify)))
+            return count
         return self._write(stmt, {}, notify=notify)
 
     @staticmethod
@@ -432,7 +440,9 @@ class SQLAlchemyBackend:
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp `finished_at` where it is still null (and `cancel_observed_at`)."""
         self._write(
-            self._mark_stopped, {"job_id": job_id, "now": utcnow(), "observed": observed_at}
+            self._mark_stopped,
+            {"job_id": job_id, "now": utcnow(), "observed": observed_at},
+            notify=end_payload(job_id) if self._postgresql else None,
         )
 
     def beat_worker(self, worker_id: str) -> None:
@@ -464,9 +474,15 @@ class SQLAlchemyBackend:
             params = {"cutoff": now - dt.timedelta(seconds=stale_after), "error": error}
             count = int(conn.execute(self._reap, {**params, "now": now}).rowcount)
             conn.execute(self._forget_workers, params)
+            if count and self._postgresql:
+                conn.execute(select(func.pg_notify(self._channel_on(conn), end_payload(None))))
             return count
 
         return self._transaction(work)
+
+    def transaction_open(self, using: Session | Connection) -> bool:
+        """True while `using` (a caller's Session or Connection) is in a transaction."""
+        return bool(using.in_transaction())
 
     def release(self) -> None:
         """Nothing to give back: connections return to the engine's pool after each use."""

@@ -8,17 +8,18 @@ builds on the client side only to read rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any
 
 from ._client import JobsClient
 from ._health import Health
-from ._liveness import heartbeat_for
-from ._watcher import Watcher, watcher_for
+from ._runtime import runtime
 from .backend import (
     cancel_change,
     complete_change,
@@ -116,10 +117,19 @@ class JobsWorker(JobsClient):
         started, reason = True, None
         # Before the job names this process as its worker, the process's row must be
         # there and fresh; the job leaves the heartbeat once it has stopped.
-        heartbeat = heartbeat_for(b, b.label)
-        worker = heartbeat.join(self._heartbeat_period, b)
+        rt = runtime()
+        worker = rt.join(b, self._heartbeat_period)
         try:
-            if not b.apply(start_change(worker), job_id=job_id, filters=where):
+            try:
+                applied = b.apply(start_change(worker), job_id=job_id, filters=where)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    # Interrupted (Ctrl-C, a task cancelled, SystemExit) while the start
+                    # was under way: it may have committed. Settle it, or no one would.
+                    self._settle_interrupted_start(job_id, worker, exc)
+                started = False
+                raise
+            if not applied:
                 started = False
                 row = self._read(job_id, where)
                 if row.status is not Status.CANCELLED:
@@ -129,7 +139,7 @@ class JobsWorker(JobsClient):
                 reason = row.cancel_reason
         finally:
             if not started:
-                heartbeat.leave(self._heartbeat_period)
+                rt.leave(b, self._heartbeat_period)
         cp = Checkpoint(
             self,
             job_id,
@@ -144,9 +154,55 @@ class JobsWorker(JobsClient):
         )
         return cp, started
 
-    def _watcher(self) -> Watcher:
+    def _settle_interrupted_start(self, job_id: Any, worker: str, exc: BaseException) -> None:
+        """End a job whose start this process committed, or may have, but whose run
+        will not go on: failed with the interruption, unless it was cancelled meanwhile
+        (then only `finished_at`). Only a row that names this process as its worker
+        is touched: another worker may have started it instead."""
         b = self._backend
-        return watcher_for(b.key, b, self._health)
+        mine = {"worker_id": worker}
+        text = f"interrupted while starting ({type(exc).__name__})"
+        try:
+            if not b.apply(fail_change(text), job_id=job_id, filters=mine):
+                row = b.read(job_id, mine)
+                if row is not None and row.finished_at is None:
+                    b.mark_stopped(job_id)
+        except Exception:
+            log.error(
+                "dbcancel: %s %r was interrupted while starting and its row could not be "
+                "settled; it stays in progress",
+                b.model_name,
+                job_id,
+                exc_info=True,
+            )
+
+    def _abandon(self, cp: Checkpoint, started: bool, exc: BaseException) -> None:
+        """End a run whose start succeeded but whose body will never run (its task was
+        cancelled, or Ctrl-C came, between the start and the `with` block): the job
+        ends as if the body had raised `exc`. Safe from any thread."""
+        try:
+            self._finish(cp, exc, started)
+        except Exception:
+            log.error(
+                "dbcancel: %s %r could not be settled after its start was interrupted",
+                self.model_name,
+                cp.job_id,
+                exc_info=True,
+            )
+        finally:
+            cp._ended()
+
+    def _runtime_add(self, cp: Checkpoint) -> None:
+        """Have the runtime thread poll `cp` (until as many `_runtime_remove` calls)."""
+        runtime().watch(self._backend, self._health, cp)
+
+    def _runtime_remove(self, cp: Checkpoint) -> None:
+        runtime().unwatch(self._backend, cp)
+
+    def _beat_due(self) -> None:
+        """Beat the worker row if due: a threadless checkpoint's poll calls this, so
+        that a process without a runtime thread keeps its jobs alive to `reap()`."""
+        runtime().beat_if_due(self._backend)
 
     def _finish(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
         """Record how the job ended; True when `exc` is to be swallowed.
@@ -157,7 +213,16 @@ class JobsWorker(JobsClient):
         database: the run is over.
         """
         try:
-            return self._finish_job(cp, exc, started)
+            try:
+                return self._finish_job(cp, exc, started)
+            except BaseException as interrupt:
+                if isinstance(interrupt, Exception) or not started:
+                    raise
+                # Interrupted while writing the end: write it again (every write is
+                # conditional, so a second one cannot apply twice), then go on raising.
+                with contextlib.suppress(Exception):
+                    self._finish_job(cp, exc if exc is not None else interrupt, started)
+                raise
         except Exception as err:
             if started:
                 # The database refused twice (the write was retried on a fresh
@@ -171,7 +236,7 @@ class JobsWorker(JobsClient):
             raise
         finally:
             if started:
-                heartbeat_for(self._backend, self._backend.label).leave(self._heartbeat_period)
+                runtime().leave(self._backend, self._heartbeat_period)
             self._backend.release()
 
     def _finish_job(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
@@ -181,6 +246,14 @@ class JobsWorker(JobsClient):
         if not started:
             return own_cancel
         if exc is None:
+            using = cp._completed_in
+            if using is not None and _still_open(b, using):
+                # cp.complete(using) wrote the end in the caller's transaction, which is
+                # still open: a write of ours on another connection would wait for its
+                # row lock forever (the caller commits after this block, in this very
+                # thread). Its commit ends the job; a rollback is settled when it comes.
+                _settle_after_caller(b, job_id)
+                return False
             if b.apply(complete_change(), job_id=job_id):
                 return False
             # Not in progress any more: completed through cp.complete(), cancelled or
@@ -241,7 +314,7 @@ class JobRun:
     database round trips of enter and exit then run in a worker thread).
     """
 
-    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_watcher", "_where")
+    __slots__ = ("_cp", "_entry", "_job_id", "_jobs", "_started", "_watched", "_where")
 
     def __init__(self, jobs: JobsWorker, job_id: Any, where: Mapping[str, Any] | None) -> None:
         self._jobs = jobs
@@ -250,7 +323,7 @@ class JobRun:
         self._cp: Checkpoint | None = None
         self._entry: ActiveJob | None = None
         self._started = False
-        self._watcher: Watcher | None = None
+        self._watched = False
 
     def _enter(self, cp: Checkpoint, started: bool) -> Checkpoint:
         self._cp = cp
@@ -258,31 +331,46 @@ class JobRun:
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(self._jobs._backend.key, self._entry)
         if cp.watched and started:
-            self._watcher = self._jobs._watcher()
-            self._watcher.add(cp)
+            self._jobs._runtime_add(cp)
+            self._watched = True
         _push(cp)
         return cp
 
     def _unwatch(self) -> None:
         # Before the final write: once the job has stopped, the row may be deleted (the
-        # cancel-then-delete flow), and the watcher must not report that to a finished job.
-        if self._watcher is not None:
+        # cancel-then-delete flow), and the runtime must not report that to a finished job.
+        if self._watched:
             assert self._cp is not None
-            self._watcher.remove(self._cp)
-            self._watcher = None
+            self._jobs._runtime_remove(self._cp)
+            self._watched = False
 
     def _leave(self) -> None:
+        """Leave the run: this context's current checkpoint first, then the process's
+        registry (the last step: wait() returns once it is done)."""
         assert self._cp is not None
-        assert self._entry is not None
         _pop(self._cp)
+        self._leave_process()
+
+    def _leave_process(self) -> None:
+        assert self._cp is not None
         self._unwatch()
-        registry.remove(self._jobs._backend.key, self._entry)
+        if self._entry is not None:
+            registry.remove(self._jobs._backend.key, self._entry)
         self._cp._ended()
+
+    def _enter_or_abandon(self, cp: Checkpoint, started: bool) -> Checkpoint:
+        try:
+            return self._enter(cp, started)
+        except BaseException as exc:  # Ctrl-C between the start and the body
+            self._cp = cp
+            self._leave()
+            self._jobs._abandon(cp, started, exc)
+            raise
 
     def __enter__(self) -> Checkpoint:
         if self._cp is not None:
             raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
-        return self._enter(*self._jobs._start(self._job_id, self._where))
+        return self._enter_or_abandon(*self._jobs._start(self._job_id, self._where))
 
     def __exit__(
         self,
@@ -300,10 +388,35 @@ class JobRun:
     async def __aenter__(self) -> Checkpoint:
         if self._cp is not None:
             raise RuntimeError("a JobRun can be entered only once; call jobs.run() again")
-        cp, started = await asyncio.to_thread(
-            functools.partial(self._jobs._start, self._job_id, self._where, in_executor=True)
-        )
-        return self._enter(cp, started)
+        handoff = _Handoff()
+        jobs, job_id, where = self._jobs, self._job_id, self._where
+
+        def start() -> tuple[Checkpoint, bool]:
+            result = jobs._start(job_id, where, in_executor=True)
+            if not handoff.give(result):
+                # The task stopped waiting (cancelled, a timeout) while the job started:
+                # its run will never go on, so it ends here, in this thread.
+                jobs._abandon(*result, _Interrupted("the task was cancelled while starting"))
+            return result
+
+        try:
+            cp, started = await asyncio.to_thread(start)
+        except BaseException as exc:
+            result = handoff.take_back()
+            if result is not None:  # started, but the task never saw it: settle it
+                await _shielded(functools.partial(jobs._abandon, *result, exc))
+            raise
+        if not cp.watched and started:
+            cp._serve()  # the loop must not poll: the runtime thread does
+        try:
+            return self._enter(cp, started)
+        except BaseException as exc:
+            self._cp = cp
+            self._leave()
+            if not cp.watched and started:
+                cp._unserve()
+            await _shielded(functools.partial(jobs._abandon, cp, started, exc))
+            raise
 
     async def __aexit__(
         self,
@@ -311,9 +424,105 @@ class JobRun:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        assert self._cp is not None
+        cp = self._cp
+        assert cp is not None
+        _pop(cp)
+        if not cp.watched and self._started:
+            cp._unserve()
         self._unwatch()
-        try:
-            return await asyncio.to_thread(self._jobs._finish, self._cp, exc, self._started)
-        finally:
-            self._leave()
+        jobs, started = self._jobs, self._started
+
+        def finish() -> bool:
+            try:
+                return jobs._finish(cp, exc, started)
+            finally:
+                self._leave_process()
+
+        # Shielded: a task cancelled while the end is written (a timeout, a server
+        # shutting down) still has its end written, and wait() returns only after it.
+        return await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(finish)))
+
+
+class _Interrupted(BaseException):
+    """Why a run whose task gave up while it started was ended (as its error text)."""
+
+
+class _Handoff:
+    """The result of a start running in a thread, handed to a task that may stop
+    waiting for it: exactly one of the two sides ends up owning it."""
+
+    __slots__ = ("_abandoned", "_lock", "_result")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._result: tuple[Checkpoint, bool] | None = None
+        self._abandoned = False
+
+    def give(self, result: tuple[Checkpoint, bool]) -> bool:
+        """The thread's side: False when the task has given up (the thread owns it)."""
+        with self._lock:
+            if self._abandoned:
+                return False
+            self._result = result
+            return True
+
+    def take_back(self) -> tuple[Checkpoint, bool] | None:
+        """The task's side, giving up: the result if the thread had handed it over
+        (the task then owns it), else None (the thread will settle it)."""
+        with self._lock:
+            self._abandoned = True
+            result, self._result = self._result, None
+            return result
+
+
+async def _shielded(fn: Callable[[], object]) -> None:
+    """Run `fn` in a thread to its end, even if this task is cancelled meanwhile."""
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(fn)))
+
+
+def _still_open(backend: Any, using: Any) -> bool:
+    """True when `using` (what `cp.complete()` was given) is still inside the
+    transaction in which it completed the job."""
+    probe = getattr(backend, "transaction_open", None)
+    return bool(probe(using)) if callable(probe) else False
+
+
+def _settle_after_caller(backend: Any, job_id: Any) -> None:
+    """Fail the job once the caller's open transaction ends, if that transaction was
+    rolled back (its commit completes the job, and then this writes nothing).
+
+    Runs in a thread of its own: the conditional UPDATE waits for the caller's row
+    lock, that is, for the caller's commit or rollback.
+    """
+
+    def settle() -> None:
+        text = "the transaction of cp.complete() was rolled back after the run ended"
+        deadline = time.monotonic() + _SETTLE_FOR
+        delay = 0.05
+        while True:
+            try:
+                if backend.apply(fail_change(text), job_id=job_id):
+                    log.warning("dbcancel: %s %r failed: %s", backend.model_name, job_id, text)
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    log.error(
+                        "dbcancel: %s %r: could not check the end of its run after the "
+                        "caller's transaction; it may stay in progress",
+                        backend.model_name,
+                        job_id,
+                        exc_info=True,
+                    )
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    backend.release()
+
+    threading.Thread(target=settle, name="dbcancel-settle", daemon=True).start()
+
+
+_SETTLE_FOR = 3600.0
+"""Seconds a settle thread keeps trying while the caller's transaction stays open."""

@@ -29,6 +29,7 @@ from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 
 __all__ = [
     "BACKEND_MEMBERS",
+    "ENDED",
     "RETRIES",
     "WORKER_LOST",
     "Backend",
@@ -44,10 +45,12 @@ __all__ = [
     "check_id_type",
     "complete_change",
     "cut_reason",
+    "end_payload",
     "fail_change",
     "integer_bounds",
     "is_transient_error",
     "read_cancel_payload",
+    "read_payload",
     "row_text",
     "run_retried",
     "start_change",
@@ -265,6 +268,48 @@ def read_cancel_payload(payload: str) -> tuple[str, str | None, bool] | None:
     if not isinstance(job_id, str) or not (reason is None or isinstance(reason, str)):
         return payload, None, False
     return job_id, reason, True
+
+
+ENDED = "stopped"
+"""The third element of an end notification (see [`end_payload`][dbcancel.backend.end_payload])."""
+
+
+def end_payload(job_id: Any) -> str:
+    """The notification a write that stopped a job sends (its end, `finished_at` set):
+    `["<id>", null, "stopped"]`; `job_id` None (a reap of several jobs) names `"*"`.
+
+    It wakes the `wait()` calls of other processes at once. A listener of dbcancel 0.2
+    reads it as the bare id of no job it runs, and ignores it.
+    """
+    return json.dumps(["*" if job_id is None else str(job_id), None, ENDED])
+
+
+def read_payload(payload: str) -> tuple[str, str | None, str | None]:
+    """`(kind, job id, reason)` of any notification on a table's channel.
+
+    `kind` is `"cancel"` (a cancel of the named job, with its reason; job id None
+    for `"*"`, several jobs: poll them), `"stopped"` (the named job, or every job for
+    `"*"`, has stopped) or `"poll"` (a payload that names a job without its reason,
+    as dbcancel 0.1 sent: poll to learn more).
+    """
+    if payload == "*":
+        return "cancel", None, None
+    try:
+        parts = json.loads(payload)
+    except (ValueError, TypeError):
+        return "poll", payload, None
+    if (
+        isinstance(parts, list)
+        and len(parts) == 3
+        and parts[2] == ENDED
+        and isinstance(parts[0], str)
+    ):
+        return ENDED, None if parts[0] == "*" else parts[0], None
+    named = read_cancel_payload(payload)
+    if named is None:
+        return "cancel", None, None
+    job_id, reason, exact = named
+    return ("cancel" if exact else "poll"), job_id, reason
 
 
 class Listener(Protocol):

@@ -17,15 +17,18 @@ import threading
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, ParamSpec, Protocol, Self, TypeVar
 
 from ._health import Health
-from .errors import Cancelled
+from .errors import Cancelled, DbcancelError
 from .models import JobId, Status
 
-__all__ = ["CallbackHandle", "Checkpoint", "checkpoint", "current"]
+__all__ = ["CallbackHandle", "Checkpoint", "bind_checkpoint", "checkpoint", "current"]
 
 log = logging.getLogger("dbcancel")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # The checkpoints of the jobs running in this context, innermost last. A stack rather
 # than one value reset by tokens: runs left out of order (manual __enter__/__exit__)
@@ -121,7 +124,11 @@ class _Source(Protocol):
 
     def _poll_rows(self, job_ids: Collection[Any]) -> Rows: ...
 
-    def _watcher(self) -> Any: ...
+    def _runtime_add(self, cp: Checkpoint) -> None: ...
+
+    def _runtime_remove(self, cp: Checkpoint) -> None: ...
+
+    def _beat_due(self) -> None: ...
 
     def _complete_in(self, job_id: Any, using: Any) -> tuple[Status | None, str | None] | None: ...
 
@@ -177,10 +184,12 @@ class Checkpoint(functools.partial[None]):
         "_cancelled",
         "_clock",
         "_completed",
+        "_completed_in",
         "_due",
         "_failures",
         "_fenced",
         "_flag",
+        "_forked",
         "_health",
         "_interval",
         "_key",
@@ -191,8 +200,10 @@ class Checkpoint(functools.partial[None]):
         "_ok_at",
         "_owner",
         "_reason",
+        "_served",
         "_source",
         "_stopped",
+        "_watched",
         "job_id",
     )
 
@@ -203,10 +214,12 @@ class Checkpoint(functools.partial[None]):
     _cancelled: bool
     _clock: Callable[[], float]
     _completed: bool
+    _completed_in: Any
     _due: float
     _failures: int
     _fenced: bool
     _flag: _Flag | None
+    _forked: int
     _health: Health
     _interval: float
     _key: Hashable
@@ -217,8 +230,10 @@ class Checkpoint(functools.partial[None]):
     _owner: bool
     _ok_at: float
     _reason: str | None
+    _served: int
     _source: _Source
     _stopped: threading.Event
+    _watched: bool
 
     def __new__(
         cls,
@@ -241,14 +256,17 @@ class Checkpoint(functools.partial[None]):
         the job is cancelled locally (fail closed); None keeps it running (fail open).
         """
         flag: _Flag | None = None
-        if watched:
+        if watched and max_staleness is None:
+            # The hot path of the default mode: a dict lookup done entirely in C.
             flag = _Flag()
             self = super().__new__(cls, flag.__getitem__, _RUNNING)
             flag._checkpoint = self
         else:
 
             def check() -> None:
-                # The hot path: one clock read and one comparison when nothing is due.
+                # One clock read and one comparison when nothing is due: a poll of its
+                # own (threadless), or, for a watched job with max_staleness, the time
+                # at which it goes stale unless the runtime polls successfully before.
                 if clock() >= self._due:
                     self._slow_check()
 
@@ -259,6 +277,9 @@ class Checkpoint(functools.partial[None]):
         self._clock = clock
         self._key = key
         self._flag = flag
+        self._watched = watched
+        self._served = 0
+        self._forked = 0  # the parent's pid in a forked child
         self._health = health if health is not None else Health("jobs")
         self._max_staleness = max_staleness
         self._lock = threading.Lock()
@@ -266,6 +287,7 @@ class Checkpoint(functools.partial[None]):
         self._calling = None
         self._cancelled = False
         self._completed = False
+        self._completed_in = None
         self._fenced = False
         self._local = False
         self._reason = None
@@ -274,10 +296,9 @@ class Checkpoint(functools.partial[None]):
         self._stopped = threading.Event()
         now = clock()
         self._ok_at = now
-        # The clock reading at which the next poll is due; -inf once cancelled, so that
-        # the hot path needs only one comparison to know it has nothing to do. A watched
-        # checkpoint never polls by itself.
-        self._due = math.inf if watched else now + interval
+        # The clock reading at which the hot path must look closer; -inf once
+        # cancelled, so that it needs only one comparison to know it has nothing to do.
+        self._due = self._next_due(now)
         # A run that found its job already cancelled is not the job's worker: it writes
         # nothing when it ends, and wait() does not wait for it.
         self._owner = not cancelled
@@ -285,12 +306,46 @@ class Checkpoint(functools.partial[None]):
             self._observe(reason)
         return self
 
+    def _next_due(self, now: float) -> float:
+        """When the hot path must next look closer, after a successful poll at `now`."""
+        if self._watched or self._served:
+            # Polled by the runtime thread: only staleness is the checkpoint's business.
+            return math.inf if self._max_staleness is None else self._ok_at + self._max_staleness
+        return now + self._interval
+
     def _slow_check(self) -> None:
         if self._cancelled:
             raise self._exception()
-        self._poll_logged()
+        if self._watched or self._served:
+            self._check_staleness()
+        else:
+            self._poll_logged()
+            self._source._beat_due()
         if self._cancelled:
             raise self._exception()
+
+    def _check_staleness(self) -> None:
+        """A job polled by the runtime thread: cancel it locally once no poll has
+        worked for `max_staleness` seconds, whatever the runtime thread is doing (a
+        poll may hang on a frozen network: the runtime cannot say so itself)."""
+        from ._runtime import runtime
+
+        runtime().ensure_serving()  # a dead runtime thread is started again
+        now = self._clock()
+        with self._lock:
+            stale_at = self._ok_at + self._max_staleness if self._max_staleness else math.inf
+            if now < stale_at and not self._cancelled:
+                self._due = stale_at
+                return
+        if now >= stale_at:
+            self._observe_stale(now)
+
+    def _observe_stale(self, now: float) -> None:
+        self._observe(
+            f"no successful poll for {now - self._ok_at:.1f}s "
+            f"(max_staleness={self._max_staleness}s)",
+            local=True,
+        )
 
     def _poll_logged(self) -> None:
         """Poll; a database error becomes a retry with backoff, never an exception.
@@ -307,13 +362,10 @@ class Checkpoint(functools.partial[None]):
         now = self._clock()
         stale_at = math.inf if self._max_staleness is None else self._ok_at + self._max_staleness
         if now >= stale_at:
-            self._observe(
-                f"no successful poll for {now - self._ok_at:.1f}s "
-                f"(max_staleness={self._max_staleness}s)",
-                local=True,
-            )
+            self._observe_stale(now)
             return
-        self._schedule_next_poll(min(now + backoff(self._interval, self._failures), stale_at))
+        if not (self._watched or self._served):
+            self._schedule_next_poll(min(now + backoff(self._interval, self._failures), stale_at))
 
     def _stale_in(self) -> float:
         """Seconds of the clock until a failing job is cancelled locally (inf: never)."""
@@ -326,7 +378,7 @@ class Checkpoint(functools.partial[None]):
             # Under the lock: a cancel observed by another thread meanwhile keeps _due at
             # -inf, so a stale row read (or a failed read) cannot make the hot path skip it.
             if not self._cancelled and self._flag is None:
-                self._due = self._clock() + self._interval if due is None else due
+                self._due = self._next_due(self._clock()) if due is None else due
 
     # -- public API -------------------------------------------------------------------
 
@@ -347,8 +399,9 @@ class Checkpoint(functools.partial[None]):
 
     @property
     def watched(self) -> bool:
-        """True when a background watcher polls the row (`Jobs(watch=True)`)."""
-        return self._flag is not None
+        """True when the runtime thread polls the row (the watched mode), False when
+        each call polls it when a poll is due (the threadless mode)."""
+        return self._watched
 
     @property
     def observed_at(self) -> dt.datetime | None:
@@ -427,7 +480,9 @@ class Checkpoint(functools.partial[None]):
             if self._callbacks is not None:
                 self._callbacks.append(handle)
                 return handle
-        _run_callback(self.job_id, handle)
+        interrupt = _run_callback(self.job_id, handle)
+        if interrupt is not None:
+            raise interrupt
         return handle
 
     def complete(self, using: Any) -> None:
@@ -446,6 +501,7 @@ class Checkpoint(functools.partial[None]):
         refused = self._source._complete_in(self.job_id, using)
         if refused is None:
             self._completed = True
+            self._completed_in = using
             return
         status, text = refused
         if status is None or status is Status.CANCELLED:
@@ -460,10 +516,26 @@ class Checkpoint(functools.partial[None]):
 
     # -- internals --------------------------------------------------------------------
 
-    def _exception(self) -> Cancelled:
+    def _exception(self) -> BaseException:
+        if self._forked:
+            return DbcancelError(
+                f"the checkpoint of job {self.job_id!r} belongs to the process that runs "
+                f"the job (pid {self._forked}); this process was forked from it and cannot "
+                "see its cancels. Run the child's work in a jobs.run() of its own, or pass "
+                "the child a way to stop (a pipe, an event) that the parent's on_cancel "
+                "callback triggers"
+            )
         exc = Cancelled(self.job_id, self._reason)
         exc._dbcancel_key = self._key  # type: ignore[attr-defined]
         return exc
+
+    def _orphaned(self, parent: int) -> None:
+        """This process is a fork of `parent`, where the job runs: from now on every
+        call raises (the child never sees the job's cancels), never a silent no-op."""
+        self._forked = parent
+        self._due = -math.inf
+        if self._flag is not None:
+            self._flag.clear()
 
     def _observe(self, reason: str | None, *, local: bool = False, fenced: bool = False) -> None:
         """Record the cancellation (first reason wins) and run the callbacks once.
@@ -493,12 +565,15 @@ class Checkpoint(functools.partial[None]):
             if calling is not None and calling[0] is not me:
                 calling[1].wait()
             return
+        interrupt = None
         try:
             for handle in callbacks:
-                _run_callback(self.job_id, handle)
+                interrupt = _run_callback(self.job_id, handle) or interrupt
         finally:
             assert calling is not None
             calling[1].set()
+        if interrupt is not None:
+            raise interrupt
 
     # -- the interface of Jobs, JobRun and the watcher ---------------------------------
 
@@ -526,10 +601,25 @@ class Checkpoint(functools.partial[None]):
         seconds; True when it has."""
         return self._stopped.wait(timeout)
 
-    def _watcher(self) -> Any:
-        """The watcher thread of this checkpoint's table in this process (a
-        `dbcancel._watcher.Watcher`), created on first use."""
-        return self._source._watcher()
+    def _serve(self) -> None:
+        """Have the runtime thread poll this (threadless) checkpoint until `_unserve`:
+        asyncio code must not poll on the event loop. Calls nest."""
+        with self._lock:
+            self._served += 1
+            first = self._served == 1
+            if not self._cancelled and self._flag is None:
+                self._due = self._next_due(self._clock())
+        if first:
+            self._source._runtime_add(self)
+
+    def _unserve(self) -> None:
+        with self._lock:
+            self._served -= 1
+            last = self._served == 0
+            if last and not self._cancelled and self._flag is None:
+                self._due = self._next_due(self._clock())
+        if last:
+            self._source._runtime_remove(self)
 
     def _remove_callback(self, handle: CallbackHandle) -> None:
         with self._lock:
@@ -537,11 +627,28 @@ class Checkpoint(functools.partial[None]):
                 self._callbacks.remove(handle)
 
 
-def _run_callback(job_id: Any, handle: CallbackHandle) -> None:
+def _run_callback(job_id: Any, handle: CallbackHandle) -> KeyboardInterrupt | None:
+    """Run one callback, isolated: whatever it raises (`SystemExit`, a `Cancelled`,
+    anything) is logged with the job and goes no further, so that it can neither stop
+    the other callbacks nor end the thread that observed the cancel (the runtime's,
+    which serves every job). A `KeyboardInterrupt` in the main thread is returned, for
+    the caller to raise once the other callbacks have run: it may be the user's Ctrl-C."""
     try:
         handle._fn()
-    except Exception:
-        log.exception("dbcancel: on_cancel callback %r of job %r failed", handle._fn, job_id)
+    except BaseException as exc:
+        log.error(
+            "dbcancel: on_cancel callback %r of job %r raised %s; it is ignored "
+            "(callbacks must not raise)",
+            handle._fn,
+            job_id,
+            type(exc).__name__,
+            exc_info=True,
+        )
+        if isinstance(exc, KeyboardInterrupt) and (
+            threading.current_thread() is threading.main_thread()
+        ):
+            return exc
+    return None
 
 
 def current() -> Checkpoint | None:
@@ -565,3 +672,36 @@ def checkpoint() -> None:
     stack = _current.get()
     if stack:
         stack[-1]()
+
+
+def bind_checkpoint(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`fn`, made to check the job running here now, from whatever thread calls it.
+
+    Threads of a pool do not inherit the context of the code that submits work to them,
+    so inside them [`checkpoint`][dbcancel.checkpoint.checkpoint] would find no job and
+    do nothing. Wrap what you submit:
+
+    ```python
+    with jobs.run(job_id) as cp, ThreadPoolExecutor(4) as pool:
+        for _ in pool.map(dbcancel.bind_checkpoint(decode), paths):
+            cp()
+    ```
+
+    `decode()` (and what it calls) then stops at its next `dbcancel.checkpoint()`
+    once the job is cancelled, raising [`Cancelled`][dbcancel.Cancelled] in the pool's
+    thread (`pool.map` raises it again in the job's thread). Outside any job it wraps
+    nothing: `fn` runs as it is.
+    """
+    stack = _current.get()
+    if not stack:
+        return fn
+
+    @functools.wraps(fn)
+    def bound(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        token = _current.set(stack)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _current.reset(token)
+
+    return bound

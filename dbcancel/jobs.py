@@ -14,8 +14,8 @@ from typing import Any, Self
 
 from ._client import check_seconds
 from ._health import health_for
-from ._liveness import DEFAULT_HEARTBEAT, heartbeat_for
-from ._watcher import existing_watcher
+from ._liveness import DEFAULT_HEARTBEAT
+from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
 from .backend import Backend, check_backend
 
@@ -83,6 +83,9 @@ class JobsStats:
     table there)."""
     heartbeat_errors: int = 0
     """Beats of the worker row that failed (each is logged once per outage)."""
+    restarts: int = 0
+    """Times this process's runtime thread was found dead and started again (it serves
+    every table; see [`dbcancel.shutdown`][dbcancel.shutdown])."""
 
 
 class Jobs(JobsWorker):
@@ -227,19 +230,20 @@ class Jobs(JobsWorker):
     def stats(self) -> JobsStats:
         """Counters and state of this process's polling of this table; see JobsStats."""
         h = self._health
-        watcher = existing_watcher(self._backend.key)
+        rt = runtime()
+        watching, listening, beats, beat_errors = rt.table_stats(self._backend)
         polls, errors, notifications, listener_errors, last_outage = h.snapshot()
-        beat = heartbeat_for(self._backend, self._backend.label)
         return JobsStats(
             active_jobs=len(self.active()),
-            watching=watcher is not None and watcher.running,
-            listening=watcher is not None and watcher.listening,
+            watching=watching,
+            listening=listening,
             polls=polls,
             poll_errors=errors,
             notifications=notifications,
             listener_errors=listener_errors,
             outage=h.outage(),
             last_outage=last_outage,
-            heartbeats=beat.beats,
-            heartbeat_errors=beat.errors,
+            heartbeats=beats,
+            heartbeat_errors=beat_errors,
+            restarts=rt.restarts,
         )

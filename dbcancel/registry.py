@@ -69,11 +69,28 @@ class _Registry:
             entries = self._jobs.get(key, {}).get(job_id, ())
             return tuple(e.checkpoint for e in entries)
 
+    def everything(self) -> list[tuple[Hashable, ActiveJob]]:
+        """Every job running in this process, with its table's key."""
+        with self._lock:
+            return [
+                (key, e)
+                for key, table in self._jobs.items()
+                for entries in table.values()
+                for e in entries
+            ]
+
     def size(self) -> int:
         with self._lock:
             return sum(len(e) for table in self._jobs.values() for e in table.values())
 
     def _reset_after_fork(self) -> None:
+        # The parent's jobs do not run here: a checkpoint of theirs that the child
+        # still holds (a worker forked inside a job) raises on use from now on.
+        parent = os.getppid()
+        for table in self._jobs.values():
+            for entries in table.values():
+                for entry in entries:
+                    entry.checkpoint._orphaned(parent)
         self._lock = threading.Lock()
         self._jobs = {}
 

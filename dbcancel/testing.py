@@ -53,9 +53,10 @@ def close_watchers(timeout: float = 10.0) -> None:
     The next watched job reopens them. Raises `TimeoutError` when a watcher still
     has running jobs, or has not closed them within `timeout` seconds.
     """
-    from ._watcher import close_idle_watchers
+    from ._runtime import current_runtime
 
-    busy = close_idle_watchers(timeout)
+    rt = current_runtime()
+    busy = [] if rt is None else rt.close_idle(timeout)
     if busy:
         raise TimeoutError(
             f"the watcher(s) of {', '.join(busy)} did not close their connections within "

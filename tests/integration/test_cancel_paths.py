@@ -283,7 +283,7 @@ def test_cancel_from_another_process_reaches_a_worker_here(db, workers, spawn, w
         assert seen["callback thread"] is w.thread
     else:
         # Observed by the watcher (its poll or, on PostgreSQL, the notification).
-        assert seen["callback thread"].name.startswith("dbcancel-watcher")
+        assert seen["callback thread"].name.startswith("dbcancel-runtime")
     assert child.proc.wait(MARGIN) == 0, child.stderr()
     row = read_row(db, job)
     assert row["status"] is Status.CANCELLED

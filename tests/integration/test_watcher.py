@@ -93,7 +93,7 @@ class StatusQueries:
         event.listen(engine, "before_cursor_execute", self._seen)
 
     def _seen(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not threading.current_thread().name.startswith("dbcancel-watcher"):
+        if not threading.current_thread().name.startswith("dbcancel-runtime"):
             return
         sql = " ".join(statement.split()).upper()
         if "ANALYSIS" not in sql:
@@ -136,7 +136,7 @@ def test_a_watched_checkpoint_never_queries_and_sees_a_cancel_from_elsewhere(db,
         assert info.value.reason == "from another process"
     # The callbacks ran in the watcher's thread, not in a worker's.
     assert calls
-    assert calls[0].startswith("dbcancel-watcher")
+    assert calls[0].startswith("dbcancel-runtime")
     assert jobs.status(job) is Status.CANCELLED
     assert jobs.wait(job, timeout=5) is Status.CANCELLED
 
@@ -555,7 +555,7 @@ engine = create_engine({db.url!r})
 jobs = Jobs(engine, Analysis, interval=0.1, watch=True)
 with jobs.run({db.add()}) as cp:
     cp()
-assert any(t.name.startswith("dbcancel-watcher") for t in threading.enumerate())
+assert any(t.name.startswith("dbcancel-runtime") for t in threading.enumerate())
 print("done", flush=True)
 """
     started = time.monotonic()
@@ -787,7 +787,7 @@ def test_watcher_and_listener_recover_from_terminated_connections(pg, caplog):
 
 @postgresql_only
 def test_an_idle_watcher_closes_its_listener(pg, monkeypatch):
-    monkeypatch.setattr("dbcancel._watcher.IDLE_GRACE", 0.2)
+    monkeypatch.setattr("dbcancel._runtime.IDLE_GRACE", 0.2)
     jobs = pg.jobs(interval=INTERVAL, watch=True)
     job = pg.add()
     with jobs.run(job):

@@ -2,9 +2,10 @@
 
 ``Checkpoint`` talks to whatever created it through ``_Source`` in
 ``dbcancel/checkpoint.py``: ``_poll_rows(job_ids)`` (its poll, a batch of one),
-``_complete_in(job_id, using)`` and ``_watcher()``. ``FakeSource`` implements the first
-two (no watcher: these checkpoints are threadless), so these tests pin down throttling, stickiness,
-callbacks, error handling and thread safety without any SQL.
+``_complete_in(job_id, using)``, ``_runtime_add(cp)``/``_runtime_remove(cp)`` and
+``_beat_due()``. ``FakeSource`` implements the first two (the rest do nothing: these
+checkpoints are threadless, no runtime thread serves them), so these tests pin down
+throttling, stickiness, callbacks, error handling and thread safety without any SQL.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ class FakeSource:
         assert job_id == JOB
         self.complete_calls.append(using)
         return self.complete_answer
+
+    def _runtime_add(self, cp: Checkpoint) -> None:
+        pass
+
+    def _runtime_remove(self, cp: Checkpoint) -> None:
+        pass
+
+    def _beat_due(self) -> None:
+        pass
 
 
 def make(

@@ -19,7 +19,16 @@ import pytest
 
 import dbcancel
 
-PUBLIC_MODULES = ["models", "backend", "checkpoint", "errors", "jobs", "registry", "testing"]
+PUBLIC_MODULES = [
+    "models",
+    "backend",
+    "checkpoint",
+    "errors",
+    "jobs",
+    "registry",
+    "runtime",
+    "testing",
+]
 OPTIONAL_PACKAGES = [
     "sqlalchemy",
     "websockets",

@@ -44,6 +44,7 @@ from dbcancel.backend import (
     cancel_payload,
     check_filter_keys,
     check_id_type,
+    end_payload,
     is_transient_error,
     run_retried,
 )
@@ -301,14 +302,14 @@ class DjangoBackend:
             # watchers of both ORMs take it as the row itself.
             reason = change.values.get("cancel_reason")
             notify = "*" if job_id is None else cancel_payload(job_id, reason)
+        elif self._postgresql and "finished_at" in change.stamp:
+            notify = end_payload(job_id)  # the job has stopped: wake remote wait()s
 
         def update() -> int:
             with self._hinted(job_id is not None):
                 count = int(qs.update(**updates))
             if notify is not None and count:
-                with connections[self.alias].cursor() as cursor:
-                    channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
-                    cursor.execute("SELECT pg_notify(%s, %s)", [channel, notify])
+                self._notify(notify)
             return count
 
         if using is not None:
@@ -354,7 +355,20 @@ class DjangoBackend:
             updates["cancel_observed_at"] = Coalesce(
                 F("cancel_observed_at"), Value(observed_at, output_field=models.DateTimeField())
             )
-        self._write(lambda: int(qs.update(**updates)))
+
+        def update() -> int:
+            count = int(qs.update(**updates))
+            if count and self._postgresql:
+                self._notify(end_payload(job_id))
+            return count
+
+        self._write(update)
+
+    def _notify(self, payload: str) -> None:
+        """`pg_notify` on this table's channel, in the current transaction."""
+        with connections[self.alias].cursor() as cursor:
+            channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
+            cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
 
     def beat_worker(self, worker_id: str) -> None:
         """Stamp this process's [`Worker`][dbcancel.contrib.django.models.Worker] row with
@@ -432,6 +446,8 @@ class DjangoBackend:
             Worker.objects.using(self.alias).filter(heartbeat_at__lt=cutoff).exclude(
                 Exists(busy)
             ).delete()
+            if count and self._postgresql:
+                self._notify(end_payload(None))
             return count
 
         return self._write(reap)

@@ -125,7 +125,7 @@ def test_a_watched_job_is_cancelled_from_another_process(alias, add, threads):
     assert w.left_at - committed_at < INTERVAL + 5
     # Seen by the watcher (its poll, or the notification), not by the worker's cp().
     assert w.callback_thread is not None
-    assert w.callback_thread.name.startswith("dbcancel-watcher")
+    assert w.callback_thread.name.startswith("dbcancel-runtime")
     assert jobs.wait(job, timeout=JOIN_TIMEOUT) is Status.CANCELLED
 
 
