@@ -27,6 +27,12 @@ VENV = ROOT / ".venv"
 # each, in a virtualenv of its own. The first one is the one ``python3`` must be.
 PYTHONS = {"3.11": ".venv", "3.12": ".venv-3.12", "3.13": ".venv-3.13"}
 
+# What ``test-all`` runs on each: a marker expression, or None for everything. The
+# stress, property, fault and benchmark tests (``slow``) exercise dbcancel's own logic,
+# which does not change with the Python, so they run once, on the first one; every
+# other test runs on all three (Django 6 only exists on 3.12+).
+SELECTION: dict[str, str | None] = {"3.11": None, "3.12": "not slow", "3.13": "not slow"}
+
 
 def _python(venv_dir: Path) -> Path:
     return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
@@ -108,9 +114,43 @@ def _pytest(py: Path, args: list[str]) -> int:
     return code
 
 
+WORKERS = os.environ.get("DBCANCEL_TEST_WORKERS", "4")
+"""pytest-xdist workers of the parallel phase. Most of the suite waits on databases,
+servers and sleeps rather than on the CPU, so four workers pay off on two cores."""
+
+SLOWEST = "--durations=20"
+
+
+def _phases(select: str | None) -> list[list[str]]:
+    """The suite as two pytest runs: every test not marked ``serial`` on xdist workers
+    (a module's tests stay on one worker, so its module fixtures start once), then the
+    ``serial`` ones (timing-sensitive, or heavy enough to starve their neighbours) one at
+    a time. ``select`` is a marker expression that narrows both (``"not slow"``)."""
+
+    def marks(phase: str) -> str:
+        return phase if select is None else f"({phase}) and ({select})"
+
+    return [
+        ["-n", WORKERS, "--dist", "loadscope", "-m", marks("not serial"), SLOWEST],
+        ["-m", marks("serial"), SLOWEST],
+    ]
+
+
+def _suite(py: Path, select: str | None = None) -> int:
+    """Run both phases; the first failure's exit code, or 0."""
+    worst = 0
+    for args in _phases(select):
+        code = _pytest(py, args)
+        worst = worst or code
+    return worst
+
+
 def test(args: list[str]) -> int:
-    """Install .[dev] and run the whole test suite on this Python (extra args go to pytest)."""
-    return _pytest(_install("dev"), args)
+    """Install .[dev] and run the whole suite on this Python (extra args go to pytest)."""
+    py = _install("dev")
+    if args:
+        return _pytest(py, [SLOWEST, *args])
+    return _suite(py)
 
 
 def _find_python(version: str) -> str | None:
@@ -129,7 +169,7 @@ def _find_python(version: str) -> str | None:
 
 
 def test_all(args: list[str]) -> int:
-    """Run the suite on Python 3.11, 3.12 and 3.13, each in its own venv; fail if any fails."""
+    """Run the suite on Python 3.11, 3.12 and 3.13 (see SELECTION), each in its own venv."""
     results: list[tuple[str, int, float]] = []
     for version, name in PYTHONS.items():
         if sys.version_info[:2] == tuple(int(p) for p in version.split(".")):
@@ -144,12 +184,15 @@ def test_all(args: list[str]) -> int:
         start = time.monotonic()
         print(f"=== Python {version} in {name}", flush=True)
         py = _install("dev", ROOT / name, base)
-        code = _pytest(py, args)
+        code = _pytest(py, [SLOWEST, *args]) if args else _suite(py, SELECTION[version])
         results.append((version, code, time.monotonic() - start))
     print("=== summary", flush=True)
     for version, code, seconds in results:
         verdict = "passed" if code == 0 else f"FAILED (exit {code})"
-        print(f"Python {version}: {verdict} in {seconds / 60:.1f} min", flush=True)
+        selected = SELECTION[version] or "every test"
+        print(f"Python {version} ({selected}): {verdict} in {seconds / 60:.1f} min", flush=True)
+    total = sum(seconds for _, _, seconds in results)
+    print(f"All Pythons: {total / 60:.1f} min", flush=True)
     return 0 if all(code == 0 for _, code, _ in results) else 1
 
 

@@ -64,3 +64,33 @@ def test_a_changed_setup_cfg_or_extra_installs_again(tasks, tmp_path: Path) -> N
     (tmp_path / "setup.cfg").write_text((tmp_path / "setup.cfg").read_text() + "\n# changed\n")
     tasks._install("docs", venv)
     assert pip_installs(tasks)[-1][-1] == ".[docs]"
+
+
+def _runs(expression: str, marks: set[str]) -> bool:
+    from _pytest.mark.expression import Expression
+
+    return bool(Expression.compile(expression).evaluate(lambda name: name in marks))
+
+
+@pytest.mark.parametrize(
+    "marks", [set(), {"slow"}, {"serial"}, {"slow", "serial"}, {"sqlite", "slow"}], ids=str
+)
+def test_every_test_runs_in_exactly_one_phase_on_some_python(tasks, marks: set[str]) -> None:
+    """test-all narrows what runs on the later Pythons: a test with any mix of the
+    suite's markers still runs on one of them, in exactly one of its two phases."""
+    runs = []
+    for version, select in tasks.SELECTION.items():
+        expressions = [args[args.index("-m") + 1] for args in tasks._phases(select)]
+        phases = [e for e in expressions if _runs(e, marks)]
+        assert len(phases) <= 1, (version, phases)
+        runs += [version] * len(phases)
+    assert runs, f"a test marked {marks or 'nothing'} runs on no Python"
+    assert tasks.SELECTION[next(iter(tasks.PYTHONS))] is None  # the first runs everything
+
+
+def test_the_suite_fails_when_a_phase_collects_nothing(tasks, tmp_path: Path, monkeypatch) -> None:
+    codes = iter([0, 5])
+    monkeypatch.setattr(
+        tasks, "_run", lambda *args, env=None: next(codes, 0) if "pytest" in args else 0
+    )
+    assert tasks._suite(tmp_path / "venv" / "bin" / "python") == 1

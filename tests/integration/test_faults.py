@@ -130,7 +130,7 @@ class Killer:
                 if self.name == "postgresql":
                     # With a timeout, returns once the backend has exited.
                     ended = conn.execute(
-                        text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": session}
+                        text("SELECT pg_terminate_backend(:pid, 60000)"), {"pid": session}
                     ).scalar_one()
                     assert ended, f"backend {session} did not exit"
                 else:

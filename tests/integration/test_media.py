@@ -726,6 +726,7 @@ def test_100_streams_cancelled_at_random_moments_leave_nothing_behind(db):
     assert not jobs.active()
 
 
+@pytest.mark.serial
 def test_event_loop_stall_p99_under_25ms_with_50_streams(db):
     """The loop stays responsive while 50 streams run, the poller polls every 20 ms and
     another process cancels half of them: a 5 ms ticker is late by < 25 ms at p99.

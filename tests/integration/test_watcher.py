@@ -167,6 +167,7 @@ def test_callbacks_run_while_the_worker_is_blocked(db):
     assert jobs.status(job) is Status.CANCELLED
 
 
+@pytest.mark.serial  # a thousand threads: alone, it takes a quarter of the time
 def test_one_batched_query_per_interval_for_1000_jobs(db, queries):
     jobs = db.jobs(interval=INTERVAL, watch=True)
     ids = [db.add() for _ in range(1000)]
