@@ -73,7 +73,9 @@ def _runs(expression: str, marks: set[str]) -> bool:
 
 
 @pytest.mark.parametrize(
-    "marks", [set(), {"slow"}, {"serial"}, {"slow", "serial"}, {"sqlite", "slow"}], ids=str
+    "marks",
+    [set(), {"slow"}, {"serial"}, {"slow", "serial"}, {"sqlite", "slow"}],
+    ids=lambda marks: "+".join(sorted(marks)) or "unmarked",  # the same in every xdist worker
 )
 def test_every_test_runs_in_exactly_one_phase_on_some_python(tasks, marks: set[str]) -> None:
     """test-all narrows what runs on the later Pythons: a test with any mix of the
