@@ -3,7 +3,7 @@
 dbcancel runs one background thread per process (the runtime): it polls the running jobs
 of every table, listens for PostgreSQL notifications, and beats the process's worker row.
 It starts with the first job that needs it and serves every database and table of the
-process. An application stops it with [`shutdown`][dbcancel.runtime.shutdown] (an
+process. An application stops it with [`shutdown`][dbcancel.shutdown] (an
 `atexit` hook does it at the interpreter's exit).
 """
 

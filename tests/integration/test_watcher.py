@@ -32,8 +32,8 @@ from sqlalchemy.pool import NullPool
 
 from dbcancel import Cancelled, Jobs, Status
 from dbcancel._liveness import worker_id
-from dbcancel._watcher import existing_watcher
-from dbcancel.backend import cancel_payload
+from dbcancel._runtime import runtime
+from dbcancel.backend import cancel_payload, end_payload
 from dbcancel.models import worker_table
 from tests.models import Analysis, Base
 
@@ -65,18 +65,19 @@ BACKEND_NAMES = {"sqlite": "sqlite", "postgresql": "postgresql", "mariadb": "mys
 
 
 def watcher_threads(db: Any) -> list[threading.Thread]:
-    """The watcher threads of the test table in this database (one per table), told by
-    the key of the watcher they run: other tests' watchers of the same model name (on
-    other URLs, or kept by a copy of dbcancel that an inline pytester run imported) have
-    threads of the same name."""
-    name = f"dbcancel-watcher[Analysis@{BACKEND_NAMES[db.name]}]"
-    ours = ("sqlalchemy", db_key_url(db), TABLE.fullname)
+    """The runtime threads of this process's runtime (one, however many tables and
+    databases it serves); a copy of dbcancel that an inline pytester run imported has
+    threads of the same name, told apart by the runtime they run."""
+    ours = runtime()
 
-    def key_of(thread: threading.Thread) -> Any:
-        watcher = getattr(getattr(thread, "_target", None), "__self__", None)
-        return getattr(getattr(watcher, "_backend", None), "key", None)
+    def runtime_of(thread: threading.Thread) -> Any:
+        return getattr(getattr(thread, "_target", None), "__self__", None)
 
-    return [t for t in threading.enumerate() if t.name == name and key_of(t) == ours]
+    return [
+        t
+        for t in threading.enumerate()
+        if t.name == "dbcancel-runtime" and runtime_of(t) is ours and t.is_alive()
+    ]
 
 
 def db_key_url(db: Any) -> str:
@@ -210,7 +211,7 @@ def test_the_watcher_idles_when_no_job_runs(db, queries):
     assert jobs.stats().active_jobs == 0
 
 
-def test_one_watcher_thread_per_table_however_many_jobs_objects_and_threads(db):
+def test_one_runtime_thread_however_many_jobs_objects_and_threads(db):
     many = [db.jobs(interval=INTERVAL * (1 + i % 3), watch=True) for i in range(5)]
     ids = [db.add() for _ in range(20)]
     go = threading.Event()
@@ -248,8 +249,9 @@ def test_jobs_that_found_their_job_cancelled_are_not_watched(db, queries):
     queries.reset()
     with jobs.run(job) as cp:
         assert cp.cancelled
-        watcher = existing_watcher(jobs._backend.key)
-        assert watcher is None or cp not in watcher._watched
+        served = runtime().database_of(jobs._backend)
+        table = None if served is None else served.tables.get(jobs._backend.key)
+        assert table is None or cp not in table.watched
 
 
 def test_stats_count_polls_and_show_the_watcher(db):
@@ -679,8 +681,10 @@ def test_cancel_notifies_in_its_transaction_and_only_when_it_changed_a_row(pg):
         assert payloads(conn, 1.0) == ["*"]  # cancel_where: "poll now", whoever you are
         with jobs.run(third):
             pass
+        # Its completion announces the end (for wait() elsewhere), not a cancel...
+        assert payloads(conn, 1.0) == [end_payload(third)]
         assert jobs.cancel(third) is False
-        assert payloads(conn, 0.5) == []
+        assert payloads(conn, 0.5) == []  # ... and a cancel that changed nothing, nothing
     assert jobs.status(second) is Status.CANCELLED
 
 
@@ -794,7 +798,8 @@ def test_an_idle_watcher_closes_its_listener(pg, monkeypatch):
     with jobs.run(job):
         wait_until(lambda: jobs.stats().listening, 10, "the listener")
     wait_until(lambda: not jobs.stats().listening, 10, "the idle listener to close")
-    assert jobs.stats().watching  # the thread stays, blocked until the next job
+    assert not jobs.stats().watching
+    assert runtime().stats().running  # the thread stays, asleep until the next job
     with jobs.run(pg.add()):
         wait_until(lambda: jobs.stats().listening, 10, "the listener again")
 

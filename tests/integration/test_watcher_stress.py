@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from sqlalchemy import delete, update
 
 from dbcancel import Cancelled, Status
-from dbcancel._watcher import existing_watcher
+from dbcancel._runtime import runtime
 from dbcancel.registry import registry
 from tests.models import Analysis
 
@@ -101,7 +101,7 @@ def test_random_interleavings_of_watched_jobs(db, case):
             assert jobs.wait(w.job, timeout=10) is Status.CANCELLED
             with pytest.raises(Cancelled):
                 w.cp()
-    watcher = existing_watcher(jobs._backend.key)
-    assert watcher is not None
-    assert not watcher._watched  # every hold on every checkpoint was dropped
+    served = runtime().database_of(jobs._backend)
+    table = None if served is None else served.tables.get(jobs._backend.key)
+    assert table is None or not table.watched  # every hold on every checkpoint was dropped
     assert registry.active(jobs._backend.key) == ()
