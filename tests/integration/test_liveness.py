@@ -56,10 +56,13 @@ def read(db: Any, job: int) -> dict[str, Any]:
 
 
 def make_stale(db: Any, worker: str, seconds: float = 3600) -> None:
-    """What a stalled process (stopped, swapped out) leaves: a worker row gone quiet."""
+    """What a stalled process (stopped, swapped out) leaves: a worker row gone quiet,
+    its last beat and the expiry that beat promised both ``seconds`` in the past."""
     old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
     with db.engine.begin() as conn:
-        conn.execute(update(WORKERS).where(WORKERS.c.id == worker).values(heartbeat_at=old))
+        conn.execute(
+            update(WORKERS).where(WORKERS.c.id == worker).values(heartbeat_at=old, expires_at=old)
+        )
 
 
 class Reaper:
