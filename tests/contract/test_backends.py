@@ -29,7 +29,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, JobNotFound, Jobs, Status
 from dbcancel._liveness import worker_id
-from dbcancel.backend import WORKER_LOST
+from dbcancel.backend import MISSED_BEATS, WORKER_LOST
 from dbcancel.models import WORKER_TABLE, worker_table
 from dbcancel.testing import FakeClock
 from tests.contract import sqlite3_backend
@@ -140,12 +140,19 @@ class Backend:
     def results(self, job_id: Any) -> list[str]:
         raise NotImplementedError
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
-        """Insert a row in the worker table, as another process's heartbeat would."""
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
+        """Insert a row in the worker table, as another process's heartbeat would (an
+        earlier dbcancel's, without ``expires_at``, unless it is given)."""
         raise NotImplementedError
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
         """The ``heartbeat_at`` of a worker row; None when there is no such row."""
+        raise NotImplementedError
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        """The ``expires_at`` of a worker row (which must exist)."""
         raise NotImplementedError
 
     def seam(self) -> Any:
@@ -230,11 +237,16 @@ class SQLAlchemyBackend(Backend):
             stmt = select(SqlResult.value).where(SqlResult.analysis_id == job_id)
             return list(conn.execute(stmt).scalars())
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 WORKERS.insert().values(
-                    id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+                    id=worker,
+                    started_at=heartbeat_at,
+                    heartbeat_at=heartbeat_at,
+                    expires_at=expires_at,
                 )
             )
 
@@ -242,6 +254,11 @@ class SQLAlchemyBackend(Backend):
         with self.engine.connect() as conn:
             stmt = select(WORKERS.c.heartbeat_at).where(WORKERS.c.id == worker)
             return conn.execute(stmt).scalar()
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        with self.engine.connect() as conn:
+            stmt = select(WORKERS.c.expires_at).where(WORKERS.c.id == worker)
+            return conn.execute(stmt).scalar_one()
 
     def seam(self) -> Any:
         from dbcancel._sqla import SQLAlchemyBackend as Seam
@@ -308,11 +325,13 @@ class DjangoBackend(Backend):
     def results(self, job_id: Any) -> list[str]:
         return list(self.result_rows.filter(analysis_id=job_id).values_list("value", flat=True))
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         from dbcancel.contrib.django.models import Worker
 
         Worker.objects.using(self.alias).create(
-            id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+            id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at, expires_at=expires_at
         )
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
@@ -320,6 +339,12 @@ class DjangoBackend(Backend):
 
         row = Worker.objects.using(self.alias).filter(pk=worker).first()
         return None if row is None else row.heartbeat_at
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        from dbcancel.contrib.django.models import Worker
+
+        expires_at: dt.datetime | None = Worker.objects.using(self.alias).get(pk=worker).expires_at
+        return expires_at
 
     def seam(self) -> Any:
         from dbcancel.contrib.django.backend import DjangoBackend as Seam
@@ -408,13 +433,23 @@ class Sqlite3Backend(Backend):
             ).fetchall()
         return [r[0] for r in rows]
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         stamp = sqlite3_backend.to_db(heartbeat_at)
         with self.connect() as conn, conn:
             conn.execute(
-                f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at) VALUES (?, ?, ?)",
-                [worker, stamp, stamp],
+                f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                [worker, stamp, stamp, sqlite3_backend.to_db(expires_at)],
             )
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        with self.connect() as conn:
+            (found,) = conn.execute(
+                f"SELECT expires_at FROM {WORKER_TABLE} WHERE id = ?", [worker]
+            ).fetchone()
+        return sqlite3_backend.from_db(found)
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
         with self.connect() as conn:
@@ -1046,3 +1081,64 @@ def test_reap_shorter_than_a_live_workers_period_fails_none_of_its_jobs(backend)
         assert jobs.reap(3) == 1
     row = backend.row(job)
     assert (row["status"], row["error"]) == (Status.FAILED, WORKER_LOST)
+
+
+def test_a_beat_writes_its_expiry_missed_beats_periods_ahead(backend):
+    """``beat_worker(id, period)`` stamps ``heartbeat_at`` and ``expires_at`` =
+    ``heartbeat_at`` + MISSED_BEATS periods, both on the database's clock, when it
+    inserts the row and when it updates it."""
+    seam = backend.seam()
+    worker = f"{OTHER}beats"
+    for period in (6, 0.25):
+        t0 = now()
+        seam.beat_worker(worker, period)
+        t1 = now()
+        beat = backend.heartbeat(worker)
+        assert_between(beat, t0, t1)
+        assert beat is not None
+        lifetime = backend.expiry(worker) - beat
+        # SQLite's clock keeps milliseconds: the expiry may lose a part of one.
+        exact = dt.timedelta(seconds=MISSED_BEATS * period)
+        assert exact - dt.timedelta(milliseconds=1) <= lifetime <= exact, (period, lifetime)
+
+
+def test_reap_judges_each_worker_by_its_own_period_with_stale_after_as_a_floor(backend):
+    """A worker is dead when its last beat is older than max(stale_after, MISSED_BEATS
+    periods of its own); a row without expires_at (an earlier dbcancel's) by stale_after
+    alone. Live workers' rows stay, even when no unfinished job names them."""
+    jobs = backend.jobs()
+    t = now()
+
+    def ago(seconds: float) -> dt.datetime:
+        return t - dt.timedelta(seconds=seconds)
+
+    # (last beat, expiry) of each worker, for reap(stale_after=3); periods in the names.
+    workers = {
+        "6s, beat 4 s ago": (ago(4), ago(4 - 18)),
+        "6s, beat 15 s ago": (ago(15), ago(15 - 18)),
+        "6s, beat 21 s ago": (ago(21), ago(21 - 18)),
+        "0.1s, beat 1 s ago": (ago(1), ago(1 - 0.3)),  # stale_after is the floor
+        "0.1s, beat 5 s ago": (ago(5), ago(5 - 0.3)),
+        "earlier, beat 1 s ago": (ago(1), None),
+        "earlier, beat 5 s ago": (ago(5), None),
+    }
+    alive = {"6s, beat 4 s ago", "6s, beat 15 s ago", "0.1s, beat 1 s ago", "earlier, beat 1 s ago"}
+    ids: dict[str, Any] = {}
+    for name, (beat, expires) in workers.items():
+        worker = f"{OTHER}{name}"
+        backend.add_worker(worker, beat, expires)
+        ids[name] = backend.add(status=Status.IN_PROGRESS, worker_id=worker, started_at=ago(60))
+    idle = {name: f"{OTHER}idle {name}" for name in ("6s, beat 4 s ago", "6s, beat 21 s ago")}
+    for name, worker in idle.items():
+        backend.add_worker(worker, *workers[name])
+
+    assert jobs.reap(3) == len(workers) - len(alive)
+    for name, job in ids.items():
+        want = Status.IN_PROGRESS if name in alive else Status.FAILED
+        assert backend.row(job)["status"] is want, name
+    # Worker rows go by the same rule, once no unfinished job names them.
+    assert backend.heartbeat(idle["6s, beat 4 s ago"]) is not None
+    assert backend.heartbeat(idle["6s, beat 21 s ago"]) is None
+    for name in workers:
+        assert (backend.heartbeat(f"{OTHER}{name}") is None) is (name not in alive), name
+    assert jobs.reap(3) == 0
