@@ -26,7 +26,6 @@ from alembic.operations import Operations
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dbcancel import CancellableMixin, Cancelled, Jobs, Status
-from dbcancel._liveness import worker_id
 from dbcancel._sqla import SQLAlchemyBackend
 from dbcancel.migrations import (
     AddCancellationOp,
@@ -535,6 +534,10 @@ def scratch(db: Database, tmp_path: Any) -> Iterator[sa.Engine]:
             conn.execute(sa.text(drop))
 
 
+OTHER = "other-host:1:aa"
+"""The worker row of another (made-up) process."""
+
+
 def old_worker_table(engine: sa.Engine) -> sa.Table:
     """The worker table as a dbcancel without ``expires_at`` made it."""
     table = sa.Table(
@@ -580,23 +583,31 @@ def test_an_old_worker_table_keeps_jobs_running_and_upgrade_adds_expires_at(
     with scratch.begin() as conn:
         conn.execute(Model.__table__.insert(), [{**r, "session_id": "s"} for r in ROWS])
 
-    # A worker key of its own (this engine's): its first job beats as it starts.
-    jobs = Jobs(scratch, Model, interval=3600, heartbeat=6)
-    with jobs.run(1):
-        with scratch.connect() as conn:
-            beat = conn.execute(
-                sa.select(workers.c.heartbeat_at).where(workers.c.id == worker_id())
-            ).scalar_one()
-        assert abs(beat - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
-        assert jobs.reap(3) == 0
-        # 4 s without a beat: without expires_at, stale_after alone judges, as before.
-        with scratch.begin() as conn:
-            old = beat - dt.timedelta(seconds=4)
-            conn.execute(sa.update(workers).values(heartbeat_at=old))
-        assert jobs.reap(3) == 1
+    # Another process's beats (every 6 s), through a backend of this version.
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)  # inserts
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)  # updates
+    with scratch.begin() as conn:
+        beat = conn.execute(
+            sa.select(workers.c.heartbeat_at).where(workers.c.id == OTHER)
+        ).scalar_one()
+        conn.execute(
+            Model.__table__.update()
+            .where(Model.__table__.c.id == 1)
+            .values(status="in_progress", worker_id=OTHER, started_at=beat)
+        )
+    assert abs(beat - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
+    jobs = Jobs(scratch, Model, interval=3600)
+    assert jobs.reap(3) == 0
+    # 4 s without a beat: without expires_at, stale_after alone judges, as before.
+    with scratch.begin() as conn:
+        old = beat - dt.timedelta(seconds=4)
+        conn.execute(sa.update(workers).where(workers.c.id == OTHER).values(heartbeat_at=old))
+    assert jobs.reap(3) == 1
     assert jobs.status(1) is Status.FAILED
-    other = Jobs(scratch, Model, interval=3600, heartbeat=6)  # detects it again, silently
-    assert other.reap(3) == 0
+    # A job runs on it, its worker row beaten by this process's heartbeat.
+    with jobs.run(2):
+        assert jobs.reap(3) == 0
+    assert jobs.status(2) is Status.COMPLETED
     warned = [r for r in caplog.records if "no expires_at column" in r.getMessage()]
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
     assert "op.upgrade_cancellation()" in warned[0].getMessage()
@@ -610,13 +621,11 @@ def test_an_old_worker_table_keeps_jobs_running_and_upgrade_adds_expires_at(
     assert worker_columns(scratch) == worker_columns(db.engine)
 
     # A backend made now finds the column: its beats write it.
-    SQLAlchemyBackend(scratch, Model).beat_worker("other-host:1:aa", 6)
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)
     table = worker_table(sa.MetaData())
     with scratch.connect() as conn:
         beat, expires = conn.execute(
-            sa.select(table.c.heartbeat_at, table.c.expires_at).where(
-                table.c.id == "other-host:1:aa"
-            )
+            sa.select(table.c.heartbeat_at, table.c.expires_at).where(table.c.id == OTHER)
         ).one()
     assert expires - beat == dt.timedelta(seconds=18)
     assert len([r for r in caplog.records if "no expires_at column" in r.getMessage()]) == 1
