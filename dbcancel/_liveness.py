@@ -115,7 +115,8 @@ class Heartbeat:
                         return
             with self._cond:
                 self._tried = started
-            self._backend.beat_worker(worker_id())
+                period = min(self._periods, default=fresh_within or DEFAULT_HEARTBEAT)
+            self._backend.beat_worker(worker_id(), period)
             with self._cond:
                 self._beaten = started
                 self.beats += 1
