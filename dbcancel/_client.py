@@ -166,12 +166,19 @@ class JobsClient:
     def reap(self, stale_after: float) -> int:
         """Stop the jobs whose worker is gone; return how many.
 
-        A job's worker is gone when the job has not stopped (`finished_at` null) and
-        the worker process's row has not beaten for `stale_after` seconds, or is
-        missing. Every process running jobs beats its row every `heartbeat` seconds,
-        in every way of running them (threads, `async with`, `watch=True`), and
-        both ages are measured on the database's clock, so a host whose clock is off
-        changes nothing. Choose `stale_after` as at least three heartbeat periods.
+        Every process running jobs beats its row of the worker table every
+        `heartbeat` seconds (the shortest of its running jobs'), in every way of
+        running them (threads, `async with`, `watch=True`), and each beat records
+        until when the process counts as alive: [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS]
+        (3) of its periods later. A job that has not stopped (`finished_at` null) has
+        lost its worker when the worker's row is missing, or when its last beat is
+        older than `max(stale_after, 3 * that worker's period)`: `stale_after` is a
+        floor: a reaper with a short one never fails the jobs of a live worker with a
+        longer period, and a long one makes every worker wait at least that long.
+        Every age is measured on the database's clock, so a host whose clock is off
+        changes nothing. Worker rows that predate the record (a worker table not yet
+        migrated, see the operations guide) are judged by `stale_after` alone: there,
+        choose it as at least three heartbeat periods.
 
         Jobs in progress become failed with the error `"worker lost"`; cancelled jobs
         whose worker never stopped stay cancelled. Both get `finished_at`, so
@@ -179,13 +186,14 @@ class JobsClient:
         worker that was only stalled (stopped, swapped out) and comes back finds its
         job no longer in progress: it stops at its next checkpoint and writes nothing.
         Rows started by dbcancel 0.1 (no `worker_id`) are judged by their own
-        `heartbeat_at`, or `started_at`.
+        `heartbeat_at`, or `started_at`, against `stale_after` alone.
         """
         seconds = check_seconds("stale_after", stale_after)
         count = self._backend.reap(seconds, WORKER_LOST)
         if count:
             log.warning(
-                "dbcancel: reaped %d %s job(s) without a heartbeat for %gs",
+                "dbcancel: reaped %d %s job(s) whose worker stopped beating "
+                "(stale_after %gs, or three of its own periods if longer)",
                 count,
                 self.model_name,
                 seconds,

@@ -43,6 +43,7 @@ __all__ = [
     "REAP_HELP",
     "REAP_SUMMARY",
     "REASON_HELP",
+    "STALE_AFTER_HELP",
     "STATUS_HELP",
     "STATUS_OPTION_HELP",
     "STATUS_SUMMARY",
@@ -192,15 +193,24 @@ REAP_SUMMARY = "stop jobs whose worker died (no heartbeat for --stale-after seco
 """One line on `reap`."""
 REAP_HELP = (
     "For jobs whose worker died (a killed process, a lost machine): in-progress jobs "
-    "whose worker's last heartbeat is older than --stale-after seconds become failed, with the "
-    "error 'worker lost', and cancelled jobs whose worker never stopped are marked "
-    "stopped (finished_at), so that wait() and delete flows stop waiting for them. "
-    "Every process running jobs beats its row of the worker table every heartbeat "
-    "period (10 s by default), on the database's clock; make --stale-after at least "
-    "three periods. A worker that was only stalled finds its jobs taken away and stops. "
-    "Run it from cron or a scheduler."
+    "whose worker's last heartbeat is older than --stale-after seconds and than three of "
+    "that worker's own heartbeat periods become failed, with the error 'worker lost', "
+    "and cancelled jobs whose worker never stopped are marked stopped (finished_at), so "
+    "that wait() and delete flows stop waiting for them. Every process running jobs "
+    "beats its row of the worker table every heartbeat period (10 s by default), on the "
+    "database's clock, and each beat records until when it counts as alive: a short "
+    "--stale-after never fails a live worker, it only lets dead ones go sooner. Rows of "
+    "a worker table that predates that record (migrate it: op.upgrade_cancellation(), "
+    "or manage.py migrate dbcancel) are judged by --stale-after alone; there, make it at "
+    "least three periods. A worker that was only stalled finds its jobs taken away and "
+    "stops. Run it from cron or a scheduler."
 )
 """The help of `reap`."""
+STALE_AFTER_HELP = (
+    "reap jobs whose worker has not beaten for this many seconds, nor within three of "
+    "its own heartbeat periods (a floor: live workers are never reaped sooner)"
+)
+"""The help of `reap --stale-after`, on every command line."""
 
 
 # -- the commands -----------------------------------------------------------------------
@@ -445,8 +455,7 @@ def add_stale_after(parser: argparse.ArgumentParser) -> None:
         type=positive_seconds,
         required=True,
         metavar="SECONDS",
-        help="reap jobs whose worker has not beaten for this many seconds; make it at "
-        "least three heartbeat periods (30 s with the default period of 10 s)",
+        help=STALE_AFTER_HELP,
     )
 
 

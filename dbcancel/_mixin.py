@@ -107,9 +107,12 @@ def worker_table(metadata: MetaData, schema: str | None = None) -> Table:
 
     `id` names the process (`host:pid:token`, the value a job's `worker_id`
     holds), `started_at` when it first ran a job, `heartbeat_at` when it last
-    showed it was alive, on the database's clock. The mixin adds it to the metadata of
-    every model that uses it, so `metadata.create_all()` and Alembic's autogenerate
-    see it.
+    showed it was alive and `expires_at` until when that beat keeps it alive
+    (`heartbeat_at` plus [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] of its
+    heartbeat periods; null in rows written by a dbcancel that predates the column), all
+    on the database's clock. The mixin adds it to the metadata of every model that uses it, so
+    `metadata.create_all()` and Alembic's autogenerate see it; a table made before
+    `expires_at` gets it from `op.upgrade_cancellation()`.
     """
     key = WORKER_TABLE if schema is None else f"{schema}.{WORKER_TABLE}"
     existing = metadata.tables.get(key)
@@ -121,6 +124,7 @@ def worker_table(metadata: MetaData, schema: str | None = None) -> Table:
         Column("id", String(WORKER_ID_LENGTH)),
         Column("started_at", UTCDateTime(), nullable=False),
         Column("heartbeat_at", UTCDateTime(), nullable=False),
+        Column("expires_at", UTCDateTime(), nullable=True),
         # Named, so that every metadata and every migration makes the same table.
         PrimaryKeyConstraint("id", name=conv(f"pk_{WORKER_TABLE}")),
         schema=schema,

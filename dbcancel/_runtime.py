@@ -35,7 +35,7 @@ from typing import Any
 
 from . import _timeouts
 from ._health import Health
-from ._liveness import worker_id
+from ._liveness import DEFAULT_HEARTBEAT, worker_id
 from ._random import rng
 from .backend import Backend, Listener, read_payload, row_text
 from .checkpoint import MAX_BACKOFF, Checkpoint, Rows, backoff, poll_step
@@ -108,6 +108,7 @@ class _Database:
         self.beaten = -math.inf  # monotonic time of the last beat that worked
         self.tried = -math.inf  # ... and of the last one tried, for the schedule
         self.factor = rng.uniform(1.0, 1.0 + JITTER)
+        self.recorded = math.inf  # the period the last beat recorded in the row
         # Beats and failed beats, kept by the runtime beyond this object's life (a
         # database is forgotten while idle; its counters are not).
         self.counts = counts
@@ -130,9 +131,13 @@ class _Database:
             if fresh_within is not None and started - self.beaten < fresh_within:
                 return False
             self.tried = started
-            period = min(self.periods, default=None)
+            period = min(self.periods, default=fresh_within or DEFAULT_HEARTBEAT)
             with _timeouts.limit(_timeouts.POLL_TIMEOUT):
                 _beat_worker(self.backend, period)
+            # The row now promises a beat within MISSED_BEATS of this period: the next
+            # one comes no later than this period, even once the job that asked for it
+            # has left (a reaper trusts the promise, not the jobs running now).
+            self.recorded = period
             self.beaten = started
             self.counts[0] += 1
             return True
@@ -162,13 +167,14 @@ class _Database:
         """Monotonic time of the next beat; inf while no job runs."""
         if not self.periods:
             return math.inf
-        return self.tried + min(self.periods) * self.factor
+        return self.tried + min(min(self.periods), self.recorded) * self.factor
 
 
-def _beat_worker(backend: Backend, period: float | None) -> None:
-    """`backend.beat_worker`, with the period when the backend records one."""
+def _beat_worker(backend: Backend, period: float) -> None:
+    """`backend.beat_worker(worker_id, period)`; a backend written for dbcancel 0.2
+    takes the worker id alone (its rows then carry no expiry)."""
     beat: Callable[..., None] = backend.beat_worker
-    if period is not None and _takes_period(backend):
+    if _takes_period(backend):
         beat(worker_id(), period)
     else:
         beat(worker_id())

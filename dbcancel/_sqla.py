@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Collection, Hashable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 try:
     from sqlalchemy import (
@@ -30,7 +30,7 @@ try:
         select,
         update,
     )
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
     from sqlalchemy.ext.compiler import compiles
     from sqlalchemy.orm import Session, sessionmaker
     from sqlalchemy.sql.compiler import SQLCompiler
@@ -51,6 +51,7 @@ from .backend import (
     FilterRule,
     JobRow,
     Listener,
+    beat_lifetime,
     cancel_payload,
     check_filter_keys,
     check_id_type,
@@ -59,6 +60,7 @@ from .backend import (
     is_transient_error,
     run_retried,
     utcnow,
+    warn_old_worker_table,
 )
 from .errors import DbcancelError
 from .models import REQUIRED_COLUMNS, WORKER_TABLE, Status
@@ -72,6 +74,7 @@ __all__ = [
     "filter_rule",
     "resolve_engine",
     "resolve_table",
+    "server_expiry",
     "server_now",
 ]
 
@@ -170,6 +173,49 @@ def _now_mysql(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
 def _now_sqlite(element: server_now, compiler: SQLCompiler, **kw: Any) -> str:
     # The format SQLAlchemy stores datetimes in, so that text comparisons order them.
     return "(strftime('%Y-%m-%d %H:%M:%f', 'now') || '000')"
+
+
+class server_expiry(FunctionElement[dt.datetime]):
+    """The database's clock plus a whole number of microseconds (its one argument), as
+    `server_now` gives it: when a worker row that beats now stops counting as
+    alive (see [`dbcancel.backend.beat_lifetime`][dbcancel.backend.beat_lifetime]).
+
+    In the same statement as `server_now`, both read the same instant (the
+    statement's timestamp on PostgreSQL, the statement's `UTC_TIMESTAMP` on
+    MySQL/MariaDB, the step's `'now'` on SQLite).
+    """
+
+    type = UTCDateTime()
+    name = "server_expiry"
+    inherit_cache = True
+
+
+@compiles(server_expiry)
+def _expiry_default(element: server_expiry, compiler: SQLCompiler, **kw: Any) -> str:
+    raise CompileError(
+        f"dbcancel's worker expiry has no SQL for {compiler.dialect.name}; it supports "
+        "SQLite, PostgreSQL and MySQL/MariaDB"
+    )
+
+
+@compiles(server_expiry, "postgresql")
+def _expiry_postgresql(element: server_expiry, compiler: SQLCompiler, **kw: Any) -> str:
+    micros = compiler.process(element.clauses, **kw)
+    return f"(statement_timestamp() + CAST({micros} AS BIGINT) * INTERVAL '1 microsecond')"
+
+
+@compiles(server_expiry, "mysql")
+@compiles(server_expiry, "mariadb")
+def _expiry_mysql(element: server_expiry, compiler: SQLCompiler, **kw: Any) -> str:
+    micros = compiler.process(element.clauses, **kw)
+    return f"TIMESTAMPADD(MICROSECOND, {micros}, UTC_TIMESTAMP(6))"
+
+
+@compiles(server_expiry, "sqlite")
+def _expiry_sqlite(element: server_expiry, compiler: SQLCompiler, **kw: Any) -> str:
+    micros = compiler.process(element.clauses, **kw)
+    shift = f"printf('%+.6f seconds', {micros} / 1000000.0)"
+    return f"(strftime('%Y-%m-%d %H:%M:%f', 'now', {shift}) || '000')"
 
 
 def _integer_bits(type_: Any) -> int:
@@ -274,38 +320,11 @@ class SQLAlchemyBackend:
             self.engine.url.render_as_string(hide_password=True),
             self.table.schema,
         )
-        self._worker_beat = (
-            update(w.id.table).where(w.id == bindparam("worker")).values(heartbeat_at=server_now())
-        )
-        self._worker_add = w.id.table.insert().values(
-            id=bindparam("worker"), started_at=server_now(), heartbeat_at=server_now()
-        )
         self._server_now = select(server_now())
-        cutoff = bindparam("cutoff", type_=w.heartbeat_at.type)
-        alive = select(w.id).where(w.id == c.worker_id, w.heartbeat_at >= cutoff).exists()
-        in_progress = c.status == Status.IN_PROGRESS
-        # MySQL assigns left to right, each seeing the ones before: error before status.
-        self._reap = (
-            update(self.table)
-            .where(
-                c.finished_at.is_(None),
-                c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]),
-                or_(
-                    and_(c.worker_id.is_not(None), ~alive),
-                    and_(
-                        c.worker_id.is_(None),
-                        func.coalesce(c.heartbeat_at, c.started_at) < cutoff,
-                    ),
-                ),
-            )
-            .ordered_values(
-                (c.error, case((in_progress, bindparam("error")), else_=c.error)),
-                (c.status, case((in_progress, literal(Status.FAILED.value)), else_=c.status)),
-                (c.finished_at, bindparam("now", type_=c.finished_at.type)),
-            )
-        )
-        busy = select(c.worker_id).where(c.worker_id == w.id, c.finished_at.is_(None)).exists()
-        self._forget_workers = w.id.table.delete().where(w.heartbeat_at < cutoff, ~busy)
+        # Statements for a worker table with expires_at, and for one made before it.
+        self._liveness = _Liveness.build(self.table, w.id.table, expiry=True)
+        self._legacy = _Liveness.build(self.table, w.id.table, expiry=False)
+        self._expiry = True  # until a statement finds the column missing
 
     def check_id(self, job_id: Any) -> None:
         """Refuse an id whose Python type cannot match the primary key column."""
@@ -445,19 +464,22 @@ class SQLAlchemyBackend:
             notify=end_payload(job_id) if self._postgresql else None,
         )
 
-    def beat_worker(self, worker_id: str) -> None:
-        """Stamp this process's worker row with the database's clock; insert it if missing."""
-        params = {"worker": worker_id}
+    def beat_worker(self, worker_id: str, period: float) -> None:
+        """Stamp this process's worker row with the database's clock, and its expiry
+        `period` seconds times [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] later; insert
+        the row if it is missing."""
+        lifetime = beat_lifetime(period) // dt.timedelta(microseconds=1)
+        params = {"worker": worker_id, "lifetime": lifetime}
 
         def work(conn: Connection) -> None:
-            if not conn.execute(self._worker_beat, params).rowcount:
-                conn.execute(self._worker_add, params)
+            sql = self._liveness if self._expiry else self._legacy
+            if not conn.execute(sql.beat, params).rowcount:
+                conn.execute(sql.add, params)
 
         try:
-            self._transaction(work)
+            self._run_liveness(work)
         except DBAPIError as err:
-            schema = self.table.schema
-            if inspect(self.engine).has_table(WORKER_TABLE, schema=schema):
+            if self._worker_columns() is not None:
                 raise
             raise DbcancelError(
                 f"the worker table {WORKER_TABLE!r} is missing beside {self.model_name}'s "
@@ -467,22 +489,57 @@ class SQLAlchemyBackend:
             ) from err
 
     def reap(self, stale_after: float, error: str) -> int:
-        """Stop the jobs whose worker has not beaten for `stale_after` seconds."""
+        """Stop the jobs whose worker has not beaten for `stale_after` seconds nor
+        within its own expiry (see [`Backend.reap`][dbcancel.backend.Backend.reap])."""
 
         def work(conn: Connection) -> int:
+            sql = self._liveness if self._expiry else self._legacy
             now = conn.execute(self._server_now).scalar_one()
-            params = {"cutoff": now - dt.timedelta(seconds=stale_after), "error": error}
-            count = int(conn.execute(self._reap, {**params, "now": now}).rowcount)
-            conn.execute(self._forget_workers, params)
+            params = {
+                "cutoff": now - dt.timedelta(seconds=stale_after),
+                "reaped_at": now,
+                "error": error,
+            }
+            count = int(conn.execute(sql.reap, {**params, "now": now}).rowcount)
+            conn.execute(sql.forget, params)
             if count and self._postgresql:
                 conn.execute(select(func.pg_notify(self._channel_on(conn), end_payload(None))))
             return count
 
+        return self._run_liveness(work)
+
+    def _run_liveness(self, work: Callable[[Connection], _T]) -> _T:
+        """`work` in a transaction of its own; once more without `expires_at` when
+        it failed because the worker table predates that column (then judged by
+        `heartbeat_at` alone from now on, and said once per database)."""
+        try:
+            return self._transaction(work)
+        except DBAPIError:
+            if not self._expiry:
+                raise
+            columns = self._worker_columns()
+            if columns is None or "expires_at" in columns:
+                raise
+        self._expiry = False
+        warn_old_worker_table(
+            self.worker_key,
+            f"{WORKER_TABLE!r} beside {self.model_name}'s table",
+            "op.upgrade_cancellation() in an Alembic migration (or metadata.create_all() "
+            "on a new database)",
+        )
         return self._transaction(work)
 
     def transaction_open(self, using: Session | Connection) -> bool:
         """True while `using` (a caller's Session or Connection) is in a transaction."""
         return bool(using.in_transaction())
+
+    def _worker_columns(self) -> set[str] | None:
+        """The names of the worker table's columns; None when there is no such table."""
+        try:
+            columns = inspect(self.engine).get_columns(WORKER_TABLE, schema=self.table.schema)
+        except NoSuchTableError:
+            return None
+        return {str(c["name"]) for c in columns}
 
     def release(self) -> None:
         """Nothing to give back: connections return to the engine's pool after each use."""
@@ -539,6 +596,60 @@ class SQLAlchemyBackend:
                 return work(conn)
 
         return run_retried(transaction, _FAULTS, label=self.model_name, retries=_RETRIES)
+
+
+class _Liveness(NamedTuple):
+    """The statements of the worker heartbeat and of reap, for one job table."""
+
+    beat: Any
+    add: Any
+    reap: Any
+    forget: Any
+
+    @classmethod
+    def build(cls, table: Table, workers: Table, *, expiry: bool) -> _Liveness:
+        """With `expiry`, beats write `expires_at` and a worker counts as alive until
+        it passes; without, for a worker table that predates the column, `stale_after`
+        alone judges (and the statements never name the column)."""
+        c, w = table.c, workers.c
+        stamps: dict[str, Any] = {"heartbeat_at": server_now()}
+        if expiry:
+            stamps["expires_at"] = server_expiry(bindparam("lifetime", type_=BigInteger()))
+        beat = update(workers).where(w.id == bindparam("worker")).values(**stamps)
+        add = workers.insert().values(id=bindparam("worker"), started_at=server_now(), **stamps)
+        cutoff = bindparam("cutoff", type_=w.heartbeat_at.type)
+        fresh: Any = w.heartbeat_at >= cutoff
+        stale: Any = w.heartbeat_at < cutoff
+        if expiry:
+            # The worker's own promise: MISSED_BEATS of its periods after its last beat.
+            reaped_at = bindparam("reaped_at", type_=w.expires_at.type)
+            fresh = or_(fresh, w.expires_at >= reaped_at)
+            stale = and_(stale, or_(w.expires_at.is_(None), w.expires_at < reaped_at))
+        alive = select(w.id).where(w.id == c.worker_id, fresh).exists()
+        in_progress = c.status == Status.IN_PROGRESS
+        # MySQL assigns left to right, each seeing the ones before: error before status.
+        reap = (
+            update(table)
+            .where(
+                c.finished_at.is_(None),
+                c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]),
+                or_(
+                    and_(c.worker_id.is_not(None), ~alive),
+                    and_(
+                        c.worker_id.is_(None),
+                        func.coalesce(c.heartbeat_at, c.started_at) < cutoff,
+                    ),
+                ),
+            )
+            .ordered_values(
+                (c.error, case((in_progress, bindparam("error")), else_=c.error)),
+                (c.status, case((in_progress, literal(Status.FAILED.value)), else_=c.status)),
+                (c.finished_at, bindparam("now", type_=c.finished_at.type)),
+            )
+        )
+        busy = select(c.worker_id).where(c.worker_id == w.id, c.finished_at.is_(None)).exists()
+        forget = workers.delete().where(stale, ~busy)
+        return cls(beat, add, reap, forget)
 
 
 def _by_id(rows: Any) -> dict[Any, JobRow]:

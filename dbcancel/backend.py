@@ -19,6 +19,7 @@ import datetime as dt
 import decimal
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 __all__ = [
     "BACKEND_MEMBERS",
     "ENDED",
+    "MISSED_BEATS",
     "RETRIES",
     "WORKER_LOST",
     "Backend",
@@ -38,6 +40,7 @@ __all__ = [
     "FilterRule",
     "JobRow",
     "Listener",
+    "beat_lifetime",
     "cancel_change",
     "cancel_payload",
     "check_backend",
@@ -55,6 +58,7 @@ __all__ = [
     "run_retried",
     "start_change",
     "utcnow",
+    "warn_old_worker_table",
 ]
 
 log = logging.getLogger("dbcancel")
@@ -64,6 +68,62 @@ _T = TypeVar("_T")
 
 WORKER_LOST = "worker lost"
 """The error text of a job that `jobs.reap()` marked failed: its heartbeat stopped."""
+
+
+MISSED_BEATS = 3
+"""How many of its own heartbeat periods a worker may stay silent before `jobs.reap()`
+may count it dead, whatever `stale_after` the reaper passes.
+
+Each beat writes its row's `expires_at`: the beat's time plus this many periods, on the
+database's clock ([`beat_lifetime`][dbcancel.backend.beat_lifetime]). A beat comes up to
+a tenth of a period late (jitter) and one may fail on a busy database; three periods
+cover both."""
+
+_MAX_LIFETIME = dt.timedelta(days=366)
+
+
+def beat_lifetime(period: float) -> dt.timedelta:
+    """How long a beat of a worker beating every `period` seconds keeps it alive:
+    [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] periods, at most a year (a longer one
+    would only risk a timestamp past the database's range).
+
+    `beat_worker` writes `expires_at` as the database's now plus this; in SQL, pass it
+    as a whole number of microseconds, `lifetime // timedelta(microseconds=1)`.
+    """
+    seconds = MISSED_BEATS * float(period)
+    if not seconds > 0:
+        raise ValueError(f"a heartbeat period is a number of seconds > 0, got {period!r}")
+    if seconds >= _MAX_LIFETIME.total_seconds():
+        return _MAX_LIFETIME
+    return dt.timedelta(seconds=seconds)
+
+
+_warned_old_tables: set[Hashable] = set()
+_warned_lock = threading.Lock()
+
+
+def warn_old_worker_table(worker_key: Hashable, table: str, remedy: str) -> None:
+    """Say once per process and worker table (`worker_key`), at WARNING, that the
+    worker table `table` lacks `expires_at`, and what adds it (`remedy`).
+
+    A backend that finds the column missing beats and reaps without it rather than
+    refuse to run jobs: in a rolling upgrade, processes of the old and the new dbcancel
+    share the table until the migration has run, and the old ones never write the
+    column. Without it, `stale_after` alone judges every worker, as before.
+    """
+    with _warned_lock:
+        if worker_key in _warned_old_tables:
+            return
+        _warned_old_tables.add(worker_key)
+    log.warning(
+        "dbcancel: the worker table %s has no expires_at column (it was made by an "
+        "earlier dbcancel): heartbeats go on without it, and reap() judges workers by "
+        "stale_after alone, which must then be at least %d heartbeat periods of every "
+        "worker. Add the column: %s",
+        table,
+        MISSED_BEATS,
+        remedy,
+    )
 
 
 def utcnow() -> dt.datetime:
@@ -399,23 +459,35 @@ class Backend(Protocol):
     """Identifies the worker table: the database (and schema) the job table lives in.
     One process beats one row there, whatever the number of its jobs and tables."""
 
-    def beat_worker(self, worker_id: str) -> None:
+    def beat_worker(self, worker_id: str, period: float) -> None:
         """Stamp the worker row `worker_id` with the database's clock, and commit.
 
-        Inserts the row when it is missing (the first job of the process, or a reap
-        removed it while the process was stalled). One UPDATE while the row exists.
+        `period` is how many seconds apart the process beats now (the shortest
+        `heartbeat` of its running jobs): `heartbeat_at` gets the database's now and
+        `expires_at` that now plus [`beat_lifetime`][dbcancel.backend.beat_lifetime] of
+        `period`, in the same statement, so that a reaper judges the row by the worker's
+        own period. Inserts the row when it is missing (the first job of the process, or
+        a reap removed it while the process was stalled). One UPDATE while the row
+        exists.
+
+        A worker table without `expires_at` (made by an earlier dbcancel) should not
+        stop jobs from running: beat `heartbeat_at` alone there, and say once, at
+        WARNING, how to add the column.
         """
 
     def reap(self, stale_after: float, error: str) -> int:
         """Stop the jobs whose worker is gone; return how many, in one conditional UPDATE.
 
-        On the database's clock: rows not yet stopped (`finished_at` null), in
-        progress or cancelled, whose worker row is missing or has not beaten for
-        `stale_after` seconds (rows without a worker: whose `heartbeat_at`, or
-        `started_at`, is that old) get `finished_at`; those in progress also become
-        failed with `error`; cancelled ones stay cancelled. Worker rows that are that
-        stale and no longer named by an unfinished job of this table are deleted in the
-        same transaction.
+        On the database's clock (`now`): a worker is gone when its row is missing, or
+        when it has not beaten since `now - stale_after` AND its `expires_at` is
+        null or before `now`; that is, its last beat is older than
+        `max(stale_after, MISSED_BEATS * its period)`, and `stale_after` alone judges
+        rows without `expires_at`. Rows not yet stopped (`finished_at` null), in progress or
+        cancelled, whose worker is gone (rows without a worker: whose `heartbeat_at`,
+        or `started_at`, is older than `stale_after`) get `finished_at`; those in
+        progress also become failed with `error`; cancelled ones stay cancelled.
+        Worker rows that are gone by the same rule and no longer named by an unfinished
+        job of this table are deleted in the same transaction.
         """
 
     def release(self) -> None:

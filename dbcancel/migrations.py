@@ -208,8 +208,9 @@ class UpgradeCancellationOp(MigrateOperation):
         """Bring a table made cancellable by an earlier dbcancel up to this one.
 
         Adds the columns this version needs that the table lacks (all nullable: the
-        rows keep their data) and the worker table if the database has none; does
-        nothing when both are there, so it is safe to run again.
+        rows keep their data), the worker table if the database has none, and the
+        worker table's missing columns (`expires_at`); does nothing when all is there,
+        so it is safe to run again, in every migration after an upgrade of dbcancel.
         """
         operations.invoke(cls(table_name, schema=schema))
 
@@ -222,11 +223,11 @@ def upgrade_cancellation(op: Any, table_name: str, *, schema: str | None = None)
     """Bring the job table `table_name` up to this dbcancel; `op` is Alembic's `op`.
 
     The same as `op.upgrade_cancellation(table_name)`: adds the nullable columns a
-    newer dbcancel needs (`cancel_observed_at`, `worker_id`) and creates the worker
-    table, where they are missing. Raises
+    newer dbcancel needs (`cancel_observed_at`, `worker_id`), creates the worker table,
+    and adds the worker table's nullable `expires_at`, where they are missing. Raises
     [`MigrationError`][dbcancel.migrations.MigrationError], changing nothing, when the table
     has no `status` column (use [`add_cancellation`][dbcancel.migrations.add_cancellation]).
-    Its downgrade is to leave the columns: older versions ignore them.
+    Its downgrade may leave the columns: older versions ignore them.
     """
     op.invoke(UpgradeCancellationOp(table_name, schema=schema))
 
@@ -513,9 +514,25 @@ def _literals(sqltext: str, dialect: str) -> list[str]:
 
 
 def _create_worker_table(operations: Operations, schema: str | None) -> None:
-    """The worker table, unless an earlier migration (of another job table) made it."""
+    """The worker table, unless an earlier migration (of another job table) made it; and
+    the columns it lacks when an earlier dbcancel made it (`expires_at`; all nullable).
+
+    Offline (`--sql`) nothing can be read: only the `CREATE TABLE IF NOT EXISTS`.
+    """
     table = worker_table(sa.MetaData(), schema)
-    operations.execute(sa.schema.CreateTable(table, if_not_exists=True))
+    if operations.get_context().as_sql:
+        operations.execute(sa.schema.CreateTable(table, if_not_exists=True))
+        return
+    inspector = sa.inspect(operations.get_bind())
+    if not inspector.has_table(table.name, schema=schema):
+        operations.execute(sa.schema.CreateTable(table, if_not_exists=True))
+        return
+    present = {c["name"] for c in inspector.get_columns(table.name, schema=schema)}
+    for column in table.c:
+        if column.name not in present:
+            # A nullable column without a default: SQLite adds it in place too.
+            new = sa.Column(column.name, column.type, nullable=True)
+            operations.add_column(table.name, new, schema=schema)
 
 
 # -- upgrade ----------------------------------------------------------------------------

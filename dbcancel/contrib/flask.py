@@ -71,6 +71,7 @@ from dbcancel._commands import (
     REAP_HELP,
     REAP_SUMMARY,
     REASON_HELP,
+    STALE_AFTER_HELP,
     STATUS_HELP,
     STATUS_OPTION_HELP,
     STATUS_SUMMARY,
@@ -439,8 +440,7 @@ def cancel_command(job_id: str, reason: str | None) -> None:
     required=True,
     callback=_seconds,
     metavar="SECONDS",
-    help="Reap jobs whose worker has not beaten for this many seconds; make it at least "
-    "three heartbeat periods (30 s with the default period of 10 s).",
+    help=STALE_AFTER_HELP,
 )
 def reap_command(stale_after: float) -> None:
     """`flask dbcancel reap --stale-after SECONDS`."""

@@ -28,6 +28,7 @@ from dbcancel.backend import (
     FilterRule,
     JobRow,
     Listener,
+    beat_lifetime,
     check_filter_keys,
     check_id_type,
     integer_bounds,
@@ -106,7 +107,8 @@ def create_tables(path: Path) -> None:
             CREATE TABLE IF NOT EXISTS {WORKER_TABLE} (
                 id VARCHAR({WORKER_ID_LENGTH}) PRIMARY KEY,
                 started_at TEXT NOT NULL,
-                heartbeat_at TEXT NOT NULL
+                heartbeat_at TEXT NOT NULL,
+                expires_at TEXT
             );
             """
         )
@@ -267,16 +269,24 @@ class Sqlite3Backend:
         params = [to_db(utcnow()), to_db(observed_at), job_id]
         self._write(lambda conn: conn.execute(sql, params).rowcount)
 
-    def beat_worker(self, worker_id: str) -> None:
-        """Stamp the worker row with SQLite's clock; insert it when it is missing."""
+    def beat_worker(self, worker_id: str, period: float) -> None:
+        """Stamp the worker row with SQLite's clock, and its expiry (``MISSED_BEATS``
+        periods later, on the same clock); insert the row when it is missing."""
+        seconds = beat_lifetime(period).total_seconds()
 
         def beat(conn: sqlite3.Connection) -> None:
-            sql = f"UPDATE {WORKER_TABLE} SET heartbeat_at = {NOW_SQL} WHERE id = ?"
-            if not conn.execute(sql, [worker_id]).rowcount:
+            # One 'now' per statement: heartbeat_at and expires_at read the same instant.
+            expires = "(strftime('%Y-%m-%d %H:%M:%f', 'now', ?) || '000')"
+            shift = f"{seconds:+.6f} seconds"
+            sql = (
+                f"UPDATE {WORKER_TABLE} SET heartbeat_at = {NOW_SQL}, expires_at = {expires} "
+                "WHERE id = ?"
+            )
+            if not conn.execute(sql, [shift, worker_id]).rowcount:
                 conn.execute(
-                    f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at) "
-                    f"VALUES (?, {NOW_SQL}, {NOW_SQL})",
-                    [worker_id],
+                    f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at, expires_at) "
+                    f"VALUES (?, {NOW_SQL}, {NOW_SQL}, {expires})",
+                    [worker_id, shift],
                 )
 
         try:
@@ -290,39 +300,41 @@ class Sqlite3Backend:
             ) from err
 
     def reap(self, stale_after: float, error: str) -> int:
-        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds, and
-        forget the worker rows as stale that no unfinished job names."""
+        """Stop the jobs whose worker has not beaten for ``stale_after`` seconds and is
+        past its own expiry, and forget the worker rows gone by the same rule that no
+        unfinished job names."""
 
         def reap(conn: sqlite3.Connection) -> int:
             now = from_db(conn.execute(f"SELECT {NOW_SQL}").fetchone()[0])
             assert now is not None
             cutoff = to_db(now - dt.timedelta(seconds=stale_after))
             t, w = self.table, WORKER_TABLE
+            # A worker is alive while it beat within stale_after OR its expiry is ahead.
+            alive = f"({w}.heartbeat_at >= :cutoff OR {w}.expires_at >= :now)"
             count = conn.execute(
                 f"UPDATE {t} SET "
-                "error = CASE WHEN status = ? THEN ? ELSE error END, "
-                "status = CASE WHEN status = ? THEN ? ELSE status END, "
-                "finished_at = ? "
-                "WHERE finished_at IS NULL AND status IN (?, ?) AND ("
+                "error = CASE WHEN status = :running THEN :error ELSE error END, "
+                "status = CASE WHEN status = :running THEN :failed ELSE status END, "
+                "finished_at = :now "
+                "WHERE finished_at IS NULL AND status IN (:running, :cancelled) AND ("
                 f"(worker_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {w} "
-                f"WHERE {w}.id = {t}.worker_id AND {w}.heartbeat_at >= ?)) "
-                "OR (worker_id IS NULL AND COALESCE(heartbeat_at, started_at) < ?))",
-                [
-                    Status.IN_PROGRESS.value,
-                    error[:ERROR_LENGTH],
-                    Status.IN_PROGRESS.value,
-                    Status.FAILED.value,
-                    to_db(now),
-                    Status.IN_PROGRESS.value,
-                    Status.CANCELLED.value,
-                    cutoff,
-                    cutoff,
-                ],
+                f"WHERE {w}.id = {t}.worker_id AND {alive})) "
+                "OR (worker_id IS NULL AND COALESCE(heartbeat_at, started_at) < :cutoff))",
+                {
+                    "running": Status.IN_PROGRESS.value,
+                    "failed": Status.FAILED.value,
+                    "cancelled": Status.CANCELLED.value,
+                    "error": error[:ERROR_LENGTH],
+                    "now": to_db(now),
+                    "cutoff": cutoff,
+                },
             ).rowcount
             conn.execute(
-                f"DELETE FROM {w} WHERE heartbeat_at < ? AND NOT EXISTS (SELECT 1 FROM {t} "
+                f"DELETE FROM {w} WHERE heartbeat_at < :cutoff "
+                "AND (expires_at IS NULL OR expires_at < :now) "
+                f"AND NOT EXISTS (SELECT 1 FROM {t} "
                 f"WHERE {t}.worker_id = {w}.id AND {t}.finished_at IS NULL)",
-                [cutoff],
+                {"cutoff": cutoff, "now": to_db(now)},
             )
             return count
 

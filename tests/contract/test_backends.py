@@ -29,7 +29,7 @@ from sqlalchemy.orm import sessionmaker
 
 from dbcancel import TRANSITIONS, Cancelled, InvalidTransition, JobNotFound, Jobs, Status
 from dbcancel._liveness import worker_id
-from dbcancel.backend import WORKER_LOST
+from dbcancel.backend import MISSED_BEATS, WORKER_LOST
 from dbcancel.models import WORKER_TABLE, worker_table
 from dbcancel.testing import FakeClock
 from tests.contract import sqlite3_backend
@@ -140,12 +140,28 @@ class Backend:
     def results(self, job_id: Any) -> list[str]:
         raise NotImplementedError
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
-        """Insert a row in the worker table, as another process's heartbeat would."""
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
+        """Insert a row in the worker table, as another process's heartbeat would (an
+        earlier dbcancel's, without ``expires_at``, unless it is given)."""
         raise NotImplementedError
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
         """The ``heartbeat_at`` of a worker row; None when there is no such row."""
+        raise NotImplementedError
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        """The ``expires_at`` of a worker row (which must exist)."""
+        raise NotImplementedError
+
+    def seam(self) -> Any:
+        """A new backend object of this kind (what ``Jobs`` talks to) on the same table."""
+        raise NotImplementedError
+
+    def age_worker(self, worker: str, seconds: float) -> None:
+        """Move every time of a worker row ``seconds`` into the past, as that much time
+        passing on the database's clock without a beat would."""
         raise NotImplementedError
 
     def clear(self) -> None:
@@ -221,11 +237,16 @@ class SQLAlchemyBackend(Backend):
             stmt = select(SqlResult.value).where(SqlResult.analysis_id == job_id)
             return list(conn.execute(stmt).scalars())
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 WORKERS.insert().values(
-                    id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+                    id=worker,
+                    started_at=heartbeat_at,
+                    heartbeat_at=heartbeat_at,
+                    expires_at=expires_at,
                 )
             )
 
@@ -233,6 +254,23 @@ class SQLAlchemyBackend(Backend):
         with self.engine.connect() as conn:
             stmt = select(WORKERS.c.heartbeat_at).where(WORKERS.c.id == worker)
             return conn.execute(stmt).scalar()
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        with self.engine.connect() as conn:
+            stmt = select(WORKERS.c.expires_at).where(WORKERS.c.id == worker)
+            return conn.execute(stmt).scalar_one()
+
+    def seam(self) -> Any:
+        from dbcancel._sqla import SQLAlchemyBackend as Seam
+
+        return Seam(self.engine, SqlAnalysis)
+
+    def age_worker(self, worker: str, seconds: float) -> None:
+        stamps = [c for c in WORKERS.c if isinstance(c.type, type(WORKERS.c.heartbeat_at.type))]
+        with self.engine.begin() as conn:
+            row = conn.execute(select(*stamps).where(WORKERS.c.id == worker)).mappings().one()
+            older = {k: v - dt.timedelta(seconds=seconds) for k, v in row.items() if v}
+            conn.execute(update(WORKERS).where(WORKERS.c.id == worker).values(**older))
 
     def clear(self) -> None:
         with self.engine.begin() as conn:
@@ -287,11 +325,13 @@ class DjangoBackend(Backend):
     def results(self, job_id: Any) -> list[str]:
         return list(self.result_rows.filter(analysis_id=job_id).values_list("value", flat=True))
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         from dbcancel.contrib.django.models import Worker
 
         Worker.objects.using(self.alias).create(
-            id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at
+            id=worker, started_at=heartbeat_at, heartbeat_at=heartbeat_at, expires_at=expires_at
         )
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
@@ -299,6 +339,30 @@ class DjangoBackend(Backend):
 
         row = Worker.objects.using(self.alias).filter(pk=worker).first()
         return None if row is None else row.heartbeat_at
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        from dbcancel.contrib.django.models import Worker
+
+        expires_at: dt.datetime | None = Worker.objects.using(self.alias).get(pk=worker).expires_at
+        return expires_at
+
+    def seam(self) -> Any:
+        from dbcancel.contrib.django.backend import DjangoBackend as Seam
+        from tests.contrib.django.testapp.models import Analysis
+
+        return Seam(Analysis, self.alias)
+
+    def age_worker(self, worker: str, seconds: float) -> None:
+        from django.db.models import DateTimeField
+
+        from dbcancel.contrib.django.models import Worker
+
+        stamps = [f.name for f in Worker._meta.concrete_fields if isinstance(f, DateTimeField)]
+        rows = Worker.objects.using(self.alias).filter(pk=worker)
+        older = {
+            k: v - dt.timedelta(seconds=seconds) for k, v in rows.values(*stamps).get().items() if v
+        }
+        rows.update(**older)
 
 
 class Sqlite3Backend(Backend):
@@ -369,13 +433,23 @@ class Sqlite3Backend(Backend):
             ).fetchall()
         return [r[0] for r in rows]
 
-    def add_worker(self, worker: str, heartbeat_at: dt.datetime) -> None:
+    def add_worker(
+        self, worker: str, heartbeat_at: dt.datetime, expires_at: dt.datetime | None = None
+    ) -> None:
         stamp = sqlite3_backend.to_db(heartbeat_at)
         with self.connect() as conn, conn:
             conn.execute(
-                f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at) VALUES (?, ?, ?)",
-                [worker, stamp, stamp],
+                f"INSERT INTO {WORKER_TABLE} (id, started_at, heartbeat_at, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                [worker, stamp, stamp, sqlite3_backend.to_db(expires_at)],
             )
+
+    def expiry(self, worker: str) -> dt.datetime | None:
+        with self.connect() as conn:
+            (found,) = conn.execute(
+                f"SELECT expires_at FROM {WORKER_TABLE} WHERE id = ?", [worker]
+            ).fetchone()
+        return sqlite3_backend.from_db(found)
 
     def heartbeat(self, worker: str) -> dt.datetime | None:
         with self.connect() as conn:
@@ -383,6 +457,24 @@ class Sqlite3Backend(Backend):
                 f"SELECT heartbeat_at FROM {WORKER_TABLE} WHERE id = ?", [worker]
             ).fetchone()
         return None if found is None else sqlite3_backend.from_db(found[0])
+
+    def seam(self) -> Any:
+        return sqlite3_backend.Sqlite3Backend(self.path)
+
+    def age_worker(self, worker: str, seconds: float) -> None:
+        with self.connect() as conn, conn:
+            info = conn.execute(f"PRAGMA table_info({WORKER_TABLE})").fetchall()
+            stamps = [row[1] for row in info if row[1] != "id"]
+            found = conn.execute(
+                f"SELECT {', '.join(stamps)} FROM {WORKER_TABLE} WHERE id = ?", [worker]
+            ).fetchone()
+            for name, value in zip(stamps, found, strict=True):
+                if value is not None:
+                    older = sqlite3_backend.from_db(value) - dt.timedelta(seconds=seconds)
+                    conn.execute(
+                        f"UPDATE {WORKER_TABLE} SET {name} = ? WHERE id = ?",
+                        [sqlite3_backend.to_db(older), worker],
+                    )
 
     def clear(self) -> None:
         with self.connect() as conn, conn:
@@ -942,3 +1034,111 @@ def test_live_jobs_are_never_reaped(backend, watch):
             None,
             worker_id(),
         )
+
+
+class OwnHeartbeat:
+    """A backend that hands every call to ``inner`` but has a worker key of its own, and
+    writes only the first ``forward`` beats.
+
+    ``Jobs`` on it get a heartbeat of their own in this process, which beats as their
+    first job starts: the process's shared one may have beaten moments ago for another
+    test, and then a joining job would not beat at all. The worker row is the same
+    (``worker_id()``). Every beat's arguments are noted in ``beats``; those after the
+    first ``forward`` are not written, as if the process had stalled, so that a test
+    moves the database's clock by ageing the row and no late beat undoes it.
+    """
+
+    def __init__(self, inner: Any, forward: int = 1) -> None:
+        self._inner = inner
+        self._forward = forward
+        self.worker_key = ("contract-own-heartbeat", id(self))
+        self.beats: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def beat_worker(self, *args: Any) -> None:
+        self.beats.append(args)
+        if len(self.beats) <= self._forward:
+            self._inner.beat_worker(*args)
+
+
+def test_reap_shorter_than_a_live_workers_period_fails_none_of_its_jobs(backend):
+    """A worker beating every 6 s, a reaper run with stale_after=3: the job lives until
+    its worker has missed three beats (18 s on the database's clock), and then goes."""
+    seam = OwnHeartbeat(backend.seam())
+    jobs = Jobs.from_backend(seam, heartbeat=6, interval=INTERVAL)
+    job = backend.add()
+    with jobs.run(job):
+        assert seam.beats[0] == (worker_id(), 6)  # as the job started, with its period
+        assert jobs.reap(3) == 0
+        backend.age_worker(worker_id(), 4)  # no beat for 4 s: less than one period
+        assert jobs.reap(3) == 0
+        backend.age_worker(worker_id(), 13)  # 17 s: still within three periods
+        assert jobs.reap(3) == 0
+        assert backend.row(job)["status"] is Status.IN_PROGRESS
+        backend.age_worker(worker_id(), 2)  # 19 s: three beats missed
+        assert jobs.reap(3) == 1
+    row = backend.row(job)
+    assert (row["status"], row["error"]) == (Status.FAILED, WORKER_LOST)
+
+
+def test_a_beat_writes_its_expiry_missed_beats_periods_ahead(backend):
+    """``beat_worker(id, period)`` stamps ``heartbeat_at`` and ``expires_at`` =
+    ``heartbeat_at`` + MISSED_BEATS periods, both on the database's clock, when it
+    inserts the row and when it updates it."""
+    seam = backend.seam()
+    worker = f"{OTHER}beats"
+    for period in (6, 0.25):
+        t0 = now()
+        seam.beat_worker(worker, period)
+        t1 = now()
+        beat = backend.heartbeat(worker)
+        assert_between(beat, t0, t1)
+        assert beat is not None
+        lifetime = backend.expiry(worker) - beat
+        # SQLite's clock keeps milliseconds: the expiry may lose a part of one.
+        exact = dt.timedelta(seconds=MISSED_BEATS * period)
+        assert exact - dt.timedelta(milliseconds=1) <= lifetime <= exact, (period, lifetime)
+
+
+def test_reap_judges_each_worker_by_its_own_period_with_stale_after_as_a_floor(backend):
+    """A worker is dead when its last beat is older than max(stale_after, MISSED_BEATS
+    periods of its own); a row without expires_at (an earlier dbcancel's) by stale_after
+    alone. Live workers' rows stay, even when no unfinished job names them."""
+    jobs = backend.jobs()
+    t = now()
+
+    def ago(seconds: float) -> dt.datetime:
+        return t - dt.timedelta(seconds=seconds)
+
+    # (last beat, expiry) of each worker, for reap(stale_after=3); periods in the names.
+    workers = {
+        "6s, beat 4 s ago": (ago(4), ago(4 - 18)),
+        "6s, beat 15 s ago": (ago(15), ago(15 - 18)),
+        "6s, beat 21 s ago": (ago(21), ago(21 - 18)),
+        "0.1s, beat 1 s ago": (ago(1), ago(1 - 0.3)),  # stale_after is the floor
+        "0.1s, beat 5 s ago": (ago(5), ago(5 - 0.3)),
+        "earlier, beat 1 s ago": (ago(1), None),
+        "earlier, beat 5 s ago": (ago(5), None),
+    }
+    alive = {"6s, beat 4 s ago", "6s, beat 15 s ago", "0.1s, beat 1 s ago", "earlier, beat 1 s ago"}
+    ids: dict[str, Any] = {}
+    for name, (beat, expires) in workers.items():
+        worker = f"{OTHER}{name}"
+        backend.add_worker(worker, beat, expires)
+        ids[name] = backend.add(status=Status.IN_PROGRESS, worker_id=worker, started_at=ago(60))
+    idle = {name: f"{OTHER}idle {name}" for name in ("6s, beat 4 s ago", "6s, beat 21 s ago")}
+    for name, worker in idle.items():
+        backend.add_worker(worker, *workers[name])
+
+    assert jobs.reap(3) == len(workers) - len(alive)
+    for name, job in ids.items():
+        want = Status.IN_PROGRESS if name in alive else Status.FAILED
+        assert backend.row(job)["status"] is want, name
+    # Worker rows go by the same rule, once no unfinished job names them.
+    assert backend.heartbeat(idle["6s, beat 4 s ago"]) is not None
+    assert backend.heartbeat(idle["6s, beat 21 s ago"]) is None
+    for name in workers:
+        assert (backend.heartbeat(f"{OTHER}{name}") is None) is (name not in alive), name
+    assert jobs.reap(3) == 0

@@ -655,6 +655,13 @@ def test_alembic_chain_upgrades_to_the_models_and_downgrades(
 
         command.upgrade(config, "head")
         assert schema(migrated) == schema(created)
+        # 0004 alone: the worker table as 0003 made it before, then back again.
+        command.downgrade(config, "0003")
+        workers = schema(migrated)["dbcancel_worker"]
+        assert [c[0] for c in workers["columns"]] == ["id", "started_at", "heartbeat_at"]
+        assert workers["pk"] == schema(created)["dbcancel_worker"]["pk"]
+        command.upgrade(config, "head")
+        assert schema(migrated) == schema(created)
         command.downgrade(config, "base")
         assert schema(migrated) == {}
         engine.dispose()

@@ -7,7 +7,10 @@ would, without a migration directory.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
+import logging
+import os
 import subprocess
 import sys
 import uuid
@@ -23,6 +26,7 @@ from alembic.operations import Operations
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from dbcancel import CancellableMixin, Cancelled, Jobs, Status
+from dbcancel._sqla import SQLAlchemyBackend
 from dbcancel.migrations import (
     AddCancellationOp,
     DropCancellationOp,
@@ -31,6 +35,7 @@ from dbcancel.migrations import (
     drop_cancellation,
     upgrade_cancellation,
 )
+from dbcancel.models import WORKER_TABLE, UTCDateTime, worker_table
 from tests.conftest import Database
 
 ROWS = [
@@ -495,3 +500,146 @@ def test_upgrade_refuses_a_table_that_was_never_made_cancellable(
     ):
         upgrade_cancellation(ops, name)
     assert schema(db, name) == before
+
+
+# -- a worker table made before expires_at ----------------------------------------------
+
+
+@pytest.fixture
+def scratch(db: Database, tmp_path: Any) -> Iterator[sa.Engine]:
+    """An engine on a new, empty schema (PostgreSQL), database (MariaDB) or file
+    (SQLite) beside the session's: a worker table of its own. Dropped after."""
+    name = f"dbcancel_{os.getpid()}_mig_{uuid.uuid4().hex[:6]}"
+    if db.name == "sqlite":
+        engine = sa.create_engine(f"sqlite:///{tmp_path / name}.db")
+        yield engine
+        engine.dispose()
+        return
+    url = sa.engine.make_url(db.url)
+    if db.name == "postgresql":
+        create, drop = f"CREATE SCHEMA {name}", f"DROP SCHEMA {name} CASCADE"
+        url = url.update_query_dict({"options": f"-csearch_path={name}"})
+    else:
+        create, drop = f"CREATE DATABASE {name}", f"DROP DATABASE {name}"
+        url = url.set(database=name)
+    admin = db.engine.execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(create))
+    engine = sa.create_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(drop))
+
+
+OTHER = "other-host:1:aa"
+"""The worker row of another (made-up) process."""
+
+
+def old_worker_table(engine: sa.Engine) -> sa.Table:
+    """The worker table as a dbcancel without ``expires_at`` made it."""
+    table = sa.Table(
+        WORKER_TABLE,
+        sa.MetaData(),
+        sa.Column("id", sa.String(255)),
+        sa.Column("started_at", UTCDateTime(), nullable=False),
+        sa.Column("heartbeat_at", UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=f"pk_{WORKER_TABLE}"),
+    )
+    table.create(engine)
+    return table
+
+
+def worker_columns(engine: sa.Engine) -> list[tuple[str, str, bool]]:
+    inspector = sa.inspect(engine)
+    return [
+        (c["name"], c["type"].compile(dialect=engine.dialect), c["nullable"])
+        for c in inspector.get_columns(WORKER_TABLE)
+    ]
+
+
+def ops_on(engine: sa.Engine) -> Any:
+    @contextmanager
+    def migrate() -> Iterator[Operations]:
+        with engine.begin() as conn:
+            yield Operations(MigrationContext.configure(conn))
+
+    return migrate()
+
+
+def test_an_old_worker_table_keeps_jobs_running_and_upgrade_adds_expires_at(
+    db: Database, scratch: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """New code on a worker table without expires_at: jobs run and beat, reap judges by
+    stale_after alone (as before), one warning says what to run; upgrade_cancellation
+    adds the column as create_all() makes it, and new Jobs write it."""
+    caplog.set_level(logging.WARNING, logger="dbcancel")
+    name = unique("jobs")
+    workers = old_worker_table(scratch)
+    Model = model_for(name)
+    Model.__table__.create(scratch)  # the job table alone: its worker table is the old one
+    with scratch.begin() as conn:
+        conn.execute(Model.__table__.insert(), [{**r, "session_id": "s"} for r in ROWS])
+
+    # Another process's beats (every 6 s), through a backend of this version.
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)  # inserts
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)  # updates
+    with scratch.begin() as conn:
+        beat = conn.execute(
+            sa.select(workers.c.heartbeat_at).where(workers.c.id == OTHER)
+        ).scalar_one()
+        conn.execute(
+            Model.__table__.update()
+            .where(Model.__table__.c.id == 1)
+            .values(status="in_progress", worker_id=OTHER, started_at=beat)
+        )
+    assert abs(beat - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=5)
+    jobs = Jobs(scratch, Model, interval=3600)
+    assert jobs.reap(3) == 0
+    # 4 s without a beat: without expires_at, stale_after alone judges, as before.
+    with scratch.begin() as conn:
+        old = beat - dt.timedelta(seconds=4)
+        conn.execute(sa.update(workers).where(workers.c.id == OTHER).values(heartbeat_at=old))
+    assert jobs.reap(3) == 1
+    assert jobs.status(1) is Status.FAILED
+    # A job runs on it, its worker row beaten by this process's heartbeat.
+    with jobs.run(2):
+        assert jobs.reap(3) == 0
+    assert jobs.status(2) is Status.COMPLETED
+    warned = [r for r in caplog.records if "no expires_at column" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in caplog.records]
+    assert "op.upgrade_cancellation()" in warned[0].getMessage()
+    assert warned[0].levelno == logging.WARNING
+
+    with ops_on(scratch) as ops:
+        ops.upgrade_cancellation(name)  # type: ignore[attr-defined]
+    assert worker_columns(scratch) == worker_columns(db.engine)  # create_all()'s
+    with ops_on(scratch) as ops:
+        upgrade_cancellation(ops, name)  # again: nothing to do
+    assert worker_columns(scratch) == worker_columns(db.engine)
+
+    # A backend made now finds the column: its beats write it.
+    SQLAlchemyBackend(scratch, Model).beat_worker(OTHER, 6)
+    table = worker_table(sa.MetaData())
+    with scratch.connect() as conn:
+        beat, expires = conn.execute(
+            sa.select(table.c.heartbeat_at, table.c.expires_at).where(table.c.id == OTHER)
+        ).one()
+    assert expires - beat == dt.timedelta(seconds=18)
+    assert len([r for r in caplog.records if "no expires_at column" in r.getMessage()]) == 1
+
+
+def test_add_cancellation_adds_expires_at_to_an_old_worker_table(
+    db: Database, scratch: sa.Engine
+) -> None:
+    """Another job table made cancellable after the worker table was made by an earlier
+    dbcancel: the worker table gets the column too."""
+    old_worker_table(scratch)
+    name = unique("mig")
+    table = sa.Table(name, sa.MetaData(), *own_columns(name))
+    table.create(scratch)
+    with ops_on(scratch) as ops:
+        add_cancellation(ops, name)
+    assert worker_columns(scratch) == worker_columns(db.engine)

@@ -31,6 +31,7 @@ from sqlalchemy import event, func, select, update
 from dbcancel import Cancelled, Jobs, Status
 from dbcancel._aio import watching
 from dbcancel._liveness import worker_id
+from dbcancel._sqla import SQLAlchemyBackend
 from dbcancel.models import worker_table
 from tests.models import Analysis, Base, Result
 
@@ -56,10 +57,13 @@ def read(db: Any, job: int) -> dict[str, Any]:
 
 
 def make_stale(db: Any, worker: str, seconds: float = 3600) -> None:
-    """What a stalled process (stopped, swapped out) leaves: a worker row gone quiet."""
+    """What a stalled process (stopped, swapped out) leaves: a worker row gone quiet,
+    its last beat and the expiry that beat promised both ``seconds`` in the past."""
     old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
     with db.engine.begin() as conn:
-        conn.execute(update(WORKERS).where(WORKERS.c.id == worker).values(heartbeat_at=old))
+        conn.execute(
+            update(WORKERS).where(WORKERS.c.id == worker).values(heartbeat_at=old, expires_at=old)
+        )
 
 
 class Reaper:
@@ -430,3 +434,82 @@ def test_a_missing_worker_table_is_named_and_nothing_starts(tmp_path):
         assert jobs.active() == ()
     finally:
         engine.dispose()
+
+
+# -- the period a worker row records -------------------------------------------------------
+
+
+class OwnHeartbeat:
+    """The SQLAlchemy backend of ``db``'s table with a worker key of its own: ``Jobs`` on
+    it share a heartbeat of their own, which beats as its first job starts. The worker
+    row is the process's (``worker_id()``). It notes each beat's period."""
+
+    def __init__(self, db: Any) -> None:
+        self._inner = SQLAlchemyBackend(db.engine, Analysis)
+        self.worker_key = ("test-own-heartbeat", id(self))
+        self.periods: list[float] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def beat_worker(self, worker: str, period: float) -> None:
+        self._inner.beat_worker(worker, period)
+        self.periods.append(period)  # once written: the row shows it
+
+
+def worker_row(db: Any) -> tuple[dt.datetime, dt.datetime]:
+    with db.engine.connect() as conn:
+        found = conn.execute(
+            select(WORKERS.c.heartbeat_at, WORKERS.c.expires_at).where(WORKERS.c.id == worker_id())
+        ).one()
+    return found[0], found[1]
+
+
+def test_the_worker_row_records_the_shortest_period_it_beats_at(db):
+    """Jobs with heartbeat=3 and heartbeat=0.1 in one process: the row promises three of
+    the shorter periods, the one its heartbeat beats at."""
+    seam = OwnHeartbeat(db)
+    slow = Jobs.from_backend(seam, interval=3600, heartbeat=3)
+    fast = Jobs.from_backend(seam, interval=3600, heartbeat=0.1)
+    first, second = db.add(), db.add()
+    with slow.run(first):
+        assert seam.periods[0] == 3  # as the job started
+        beat, expires = worker_row(db)
+        assert expires - beat == dt.timedelta(seconds=9)
+        with fast.run(second):
+            wait_until(lambda: 0.1 in seam.periods, 30, "a beat at the shorter period")
+            beat, expires = worker_row(db)
+            # Three of the shorter periods (SQLite's clock keeps milliseconds).
+            assert dt.timedelta(seconds=0.299) <= expires - beat <= dt.timedelta(seconds=0.3)
+        assert set(seam.periods) == {3, 0.1}
+    assert slow.status(first) is Status.COMPLETED
+
+
+@pytest.mark.xfail(
+    raises=AssertionError,
+    reason="the heartbeat thread schedules its next beat by the jobs running now: when "
+    "the shortest-period job leaves, the row's expiry (three short periods) passes "
+    "before the next beat (one long period) comes",
+)
+def test_a_worker_whose_short_period_job_left_is_not_reaped_before_its_next_beat(db):
+    """The last beat promised three periods of 0.1 s; the job with that period leaves
+    and the heartbeat waits 3 s, the period of the job still running, for its next
+    beat. One second later (ageing the row instead of waiting), reap(0.5) finds the
+    expiry passed and fails the live job."""
+    seam = OwnHeartbeat(db)
+    slow = Jobs.from_backend(seam, interval=3600, heartbeat=3)
+    fast = Jobs.from_backend(seam, interval=3600, heartbeat=0.1)
+    first, second = db.add(), db.add()
+    with slow.run(first):
+        with fast.run(second):
+            wait_until(lambda: 0.1 in seam.periods, 30, "a beat at the shorter period")
+        beat, expires = worker_row(db)  # the last beat's, at a period of 0.1 s
+        assert expires - beat <= dt.timedelta(seconds=0.3)
+        second_later = {"heartbeat_at": beat, "expires_at": expires}
+        with db.engine.begin() as conn:  # one second passes (the next beat is 3 s away)
+            conn.execute(
+                update(WORKERS)
+                .where(WORKERS.c.id == worker_id())
+                .values({k: v - dt.timedelta(seconds=1) for k, v in second_later.items()})
+            )
+        assert slow.reap(0.5) == 0

@@ -375,7 +375,7 @@ from tests.models import Analysis
 
 url, interval = sys.argv[1], float(sys.argv[2])
 engine = create_engine(url)
-jobs = Jobs(engine, Analysis, interval=interval, watch=True)
+jobs = Jobs(engine, Analysis, interval=interval, watch=True, heartbeat=interval)
 print("ready", flush=True)
 for line in sys.stdin:
     job = int(line)
@@ -498,7 +498,11 @@ def test_a_worker_killed_after_a_cancel_is_reaped_as_stopped(db, spawn):
     backdate(db, job, 60)
     old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60)
     with db.engine.begin() as conn:  # its worker row, as a minute of silence leaves it
-        conn.execute(update(WORKERS).values(heartbeat_at=old).where(WORKERS.c.id != worker_id()))
+        conn.execute(
+            update(WORKERS)
+            .values(heartbeat_at=old, expires_at=old)
+            .where(WORKERS.c.id != worker_id())
+        )
     assert jobs.reap(stale_after=30) == 1
     assert jobs.wait(job, timeout=5) is Status.CANCELLED
     row = read(db, job)

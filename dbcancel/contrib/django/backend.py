@@ -41,12 +41,14 @@ from dbcancel.backend import (
     FilterRule,
     JobRow,
     Listener,
+    beat_lifetime,
     cancel_payload,
     check_filter_keys,
     check_id_type,
     end_payload,
     is_transient_error,
     run_retried,
+    warn_old_worker_table,
 )
 from dbcancel.errors import DbcancelError
 from dbcancel.models import ERROR_LENGTH, WORKER_TABLE, Status
@@ -124,6 +126,34 @@ class _ServerNow(Now):  # type: ignore[misc]
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
         template = "(STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW') || '000')"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+
+class _ServerExpiry(Func):  # type: ignore[misc]
+    """The database's clock plus `microseconds`: a worker row's `expires_at`.
+
+    The same SQL as the SQLAlchemy side's `server_expiry`; beside `_ServerNow`
+    in one statement, both read the same instant.
+    """
+
+    def __init__(self, microseconds: int) -> None:
+        super().__init__(Value(microseconds), output_field=models.DateTimeField())
+
+    def as_postgresql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = (
+            "(STATEMENT_TIMESTAMP() + CAST(%(expressions)s AS BIGINT) * INTERVAL '1 microsecond')"
+        )
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_mysql(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = "TIMESTAMPADD(MICROSECOND, %(expressions)s, UTC_TIMESTAMP(6))"
+        return self.as_sql(compiler, connection, template=template, **extra)
+
+    def as_sqlite(self, compiler: Any, connection: Any, **extra: Any) -> Any:
+        template = (
+            "(STRFTIME('%%%%Y-%%%%m-%%%%d %%%%H:%%%%M:%%%%f', 'NOW', "
+            "PRINTF('%%%%+.6f seconds', %(expressions)s / 1000000.0)) || '000')"
+        )
         return self.as_sql(compiler, connection, template=template, **extra)
 
 
@@ -215,6 +245,7 @@ class DjangoBackend:
         self._channel = Channel(meta.db_table, connection.ops.quote_name(meta.db_table))
         self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
+        self._expiry = True  # until a statement finds the worker table without it
         if connections[using].vendor == "mysql":
             self._hint = _force_primary(connections[using].ops.quote_name(meta.db_table))
 
@@ -370,22 +401,30 @@ class DjangoBackend:
             channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
             cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
 
-    def beat_worker(self, worker_id: str) -> None:
+    def beat_worker(self, worker_id: str, period: float) -> None:
         """Stamp this process's [`Worker`][dbcancel.contrib.django.models.Worker] row with
-        the database's clock; insert it if it is missing. One committed UPDATE while the
-        row exists."""
+        the database's clock, and its `expires_at` `period` seconds times
+        [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] later; insert it if it is missing.
+        One committed UPDATE while the row exists."""
         workers = Worker.objects.using(self.alias)
+        lifetime = beat_lifetime(period)
 
         def beat() -> None:
-            if not workers.filter(pk=worker_id).update(heartbeat_at=_ServerNow()):
-                now = self._server_now()
-                workers.create(id=worker_id, started_at=now, heartbeat_at=now)
+            if self._expiry:
+                micros = lifetime // dt.timedelta(microseconds=1)
+                stamps = {"heartbeat_at": _ServerNow(), "expires_at": _ServerExpiry(micros)}
+                if not workers.filter(pk=worker_id).update(**stamps):
+                    now = self._server_now()
+                    workers.create(
+                        id=worker_id, started_at=now, heartbeat_at=now, expires_at=now + lifetime
+                    )
+            elif not workers.filter(pk=worker_id).update(heartbeat_at=_ServerNow()):
+                self._add_old_worker(worker_id)
 
         try:
-            self._write(beat)
+            self._liveness_write(beat)
         except DatabaseError as err:
-            connection = connections[self.alias]
-            if WORKER_TABLE in connection.introspection.table_names():
+            if self._worker_columns() is not None:
                 raise
             raise DbcancelError(
                 f"the worker table {WORKER_TABLE!r} is missing in database {self.alias!r}, "
@@ -393,15 +432,30 @@ class DjangoBackend:
                 "INSTALLED_APPS and run manage.py migrate"
             ) from err
 
+    def _add_old_worker(self, worker_id: str) -> None:
+        """Insert a worker row into a table without `expires_at` (the model has the
+        field, so `create()` would name it)."""
+        connection = connections[self.alias]
+        q = connection.ops.quote_name
+        now = models.DateTimeField().get_db_prep_value(self._server_now(), connection)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {q(WORKER_TABLE)} ({q('id')}, {q('started_at')}, "
+                f"{q('heartbeat_at')}) VALUES (%s, %s, %s)",
+                [worker_id, now, now],
+            )
+
     def reap(self, stale_after: float, error: str) -> int:
-        """Stop the jobs whose worker has not beaten for `stale_after` seconds.
+        """Stop the jobs whose worker is gone (see
+        [`Backend.reap`][dbcancel.backend.Backend.reap]).
 
         ONE UPDATE of the rows not yet stopped, `in_progress` or `cancelled`, whose
-        [`Worker`][dbcancel.contrib.django.models.Worker] row is missing or older than that
-        on the database's clock (rows without a worker: whose `heartbeat_at`, or
-        `started_at`, is): each gets `finished_at`; those in progress also become `failed`
-        with `error`.
-        Then, in the same transaction, the worker rows that stale and named by no
+        [`Worker`][dbcancel.contrib.django.models.Worker] row is missing, or has not
+        beaten for `stale_after` seconds and is past its `expires_at` (null:
+        `stale_after` alone), on the database's clock (rows without a worker: whose
+        `heartbeat_at`, or `started_at`, is older than `stale_after`): each gets
+        `finished_at`; those in progress also become `failed` with `error`. Then, in the
+        same transaction, the worker rows gone by the same rule and named by no
         unfinished job of this table are deleted.
         """
         meta = self.model._meta
@@ -417,9 +471,13 @@ class DjangoBackend:
         def reap() -> int:
             now = self._server_now()
             cutoff = now - dt.timedelta(seconds=stale_after)
-            alive = Worker.objects.using(self.alias).filter(
-                pk=OuterRef("worker_id"), heartbeat_at__gte=cutoff
-            )
+            fresh = Q(heartbeat_at__gte=cutoff)
+            stale = Q(heartbeat_at__lt=cutoff)
+            if self._expiry:
+                # The worker's own promise: MISSED_BEATS of its periods after its last beat.
+                fresh |= Q(expires_at__gte=now)
+                stale &= Q(expires_at__isnull=True) | Q(expires_at__lt=now)
+            alive = Worker.objects.using(self.alias).filter(fresh, pk=OuterRef("worker_id"))
             gone = Q(worker_id__isnull=False) & ~Exists(alive)
             legacy = Q(worker_id__isnull=True) & Q(
                 LessThan(Coalesce("heartbeat_at", "started_at"), cutoff)
@@ -443,14 +501,41 @@ class DjangoBackend:
             busy = self._manager.using(self.alias).filter(
                 worker_id=OuterRef("pk"), finished_at__isnull=True
             )
-            Worker.objects.using(self.alias).filter(heartbeat_at__lt=cutoff).exclude(
-                Exists(busy)
-            ).delete()
+            Worker.objects.using(self.alias).filter(stale).exclude(Exists(busy)).delete()
             if count and self._postgresql:
                 self._notify(end_payload(None))
             return count
 
-        return self._write(reap)
+        return self._liveness_write(reap)
+
+    def _liveness_write(self, work: Callable[[], _T]) -> _T:
+        """`work` as one write; once more without `expires_at` when it failed because
+        the worker table predates that column (then judged by `heartbeat_at` alone
+        from now on, and said once per database)."""
+        try:
+            return self._write(work)
+        except DatabaseError:
+            if not self._expiry:
+                raise
+            columns = self._worker_columns()
+            if columns is None or "expires_at" in columns:
+                raise
+        self._expiry = False
+        warn_old_worker_table(
+            self.worker_key,
+            f"{WORKER_TABLE!r} in database {self.alias!r}",
+            "run manage.py migrate dbcancel",
+        )
+        return self._write(work)
+
+    def _worker_columns(self) -> set[str] | None:
+        """The names of the worker table's columns; None when there is no such table."""
+        connection = connections[self.alias]
+        with connection.cursor() as cursor:
+            if WORKER_TABLE not in connection.introspection.table_names(cursor):
+                return None
+            description = connection.introspection.get_table_description(cursor, WORKER_TABLE)
+        return {str(column.name) for column in description}
 
     def _server_now(self) -> dt.datetime:
         """The database's clock (SQLite's: the machine's, read by SQLite), aware UTC."""

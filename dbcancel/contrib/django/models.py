@@ -157,7 +157,7 @@ class Worker(models.Model):  # type: ignore[misc]
 
     The table (`dbcancel_worker`, the same as the SQLAlchemy side's) comes with the
     app's migration: add `"dbcancel.contrib.django"` to `INSTALLED_APPS` and run
-    `migrate`. `heartbeat_at` is written on the database's clock.
+    `migrate`. `heartbeat_at` and `expires_at` are written on the database's clock.
     """
 
     id = models.CharField(primary_key=True, max_length=WORKER_ID_LENGTH)
@@ -166,6 +166,11 @@ class Worker(models.Model):  # type: ignore[misc]
     """When the process first ran a job."""
     heartbeat_at = models.DateTimeField()
     """When the process last showed it was alive."""
+    expires_at = models.DateTimeField(null=True, blank=True)
+    """Until when that beat keeps the process alive for `jobs.reap()`: `heartbeat_at`
+    plus [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] of its heartbeat periods. Null
+    in rows written before the column (migration `0002`): `stale_after` alone judges
+    those."""
 
     class Meta:
         """The table both ORMs share."""

@@ -87,14 +87,19 @@ def test_beat_worker_inserts_then_updates_on_the_servers_clock(alias, backend):
     workers = Worker.objects.using(alias)
     t0 = dt.datetime.now(dt.UTC)
     with CaptureQueriesContext(connections[alias]) as first:
-        backend.beat_worker("host:1:aa")
+        backend.beat_worker("host:1:aa", 10)
+    inserted = workers.get(pk="host:1:aa")
+    assert inserted.expires_at == inserted.heartbeat_at + dt.timedelta(seconds=30)
     with CaptureQueriesContext(connections[alias]) as second:
-        backend.beat_worker("host:1:aa")
+        backend.beat_worker("host:1:aa", 0.5)
     t1 = dt.datetime.now(dt.UTC)
     worker = workers.get(pk="host:1:aa")
     assert now_between(worker.started_at, t0, t1)
     assert now_between(worker.heartbeat_at, t0, t1)
     assert worker.heartbeat_at >= worker.started_at
+    # Three periods after the beat, on the same clock (SQLite's keeps milliseconds).
+    lifetime = worker.expires_at - worker.heartbeat_at
+    assert dt.timedelta(seconds=1.499) <= lifetime <= dt.timedelta(seconds=1.5)
     assert "INSERT" in statements(first)
     # Once the row is there: one UPDATE per beat, whatever the number of jobs.
     assert [s for s in statements(second) if s in ("UPDATE", "INSERT", "SELECT")] == ["UPDATE"]
