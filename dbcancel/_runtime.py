@@ -184,9 +184,12 @@ def _takes_period(backend: Backend) -> bool:
     import inspect
 
     try:
-        return len(inspect.signature(backend.beat_worker).parameters) >= 2
+        params = inspect.signature(backend.beat_worker).parameters.values()
     except (TypeError, ValueError):
-        return False
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return len(params) >= 2
 
 
 class _ListenerState:
