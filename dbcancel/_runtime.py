@@ -265,13 +265,16 @@ class Runtime:
             db = self._database(backend)
             db.backend = backend
             db.periods[period] += 1
-            fresh = time.monotonic() - db.beaten < period
+            # Fresh enough for this job only if the row's promise (the period its last
+            # beat recorded) covers it: a shorter one may be about to expire.
+            within = min(period, db.recorded)
+            fresh = time.monotonic() - db.beaten < within
             if self._thread is not None:
                 self._ensure_running()
         self._kick()
         if not fresh:
             try:
-                db.beat(fresh_within=period)
+                db.beat(fresh_within=within)
             except BaseException:
                 self.leave(backend, period)
                 raise

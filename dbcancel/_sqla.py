@@ -23,6 +23,7 @@ try:
         and_,
         bindparam,
         case,
+        event,
         func,
         inspect,
         literal,
@@ -42,6 +43,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "dbcancel.contrib.django.DjangoJobs, which needs no SQLAlchemy)"
     ) from err
 
+from . import _timeouts
 from ._mixin import UTCDateTime, worker_table
 from ._pg import Channel, channel_name
 from .backend import (
@@ -286,6 +288,7 @@ class SQLAlchemyBackend:
             if self._rules[col.key].python_type is str and not isinstance(col.type, Enum)
         )
         self._postgresql = dialect.name == "postgresql"
+        _bound_connects(self.engine)
         self._autocommit_reads = self._postgresql
         self._update_returning = bool(dialect.update_returning)
         self._channel = Channel(
@@ -449,10 +452,14 @@ class SQLAlchemyBackend:
         """
 
         def read() -> _T:
-            with self.engine.connect() as conn:
-                if self._autocommit_reads:
-                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                return work(conn)
+            with self.engine.connect() as conn, _timeouts.applied(_driver_connection(conn)):
+                try:
+                    if self._autocommit_reads:
+                        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return work(conn)
+                finally:
+                    # Back to the pool (its reset is a round trip too) within the limit.
+                    conn.close()
 
         return run_retried(read, _FAULTS, label=self.model_name, write=False)
 
@@ -592,10 +599,34 @@ class SQLAlchemyBackend:
         once."""
 
         def transaction() -> _T:
-            with self.engine.begin() as conn:
-                return work(conn)
+            with self.engine.connect() as conn, _timeouts.applied(_driver_connection(conn)):
+                try:
+                    with conn.begin():  # committed within the limit, and given back too
+                        return work(conn)
+                finally:
+                    conn.close()
 
         return run_retried(transaction, _FAULTS, label=self.model_name, retries=_RETRIES)
+
+
+def _bound_connects(engine: Engine) -> None:
+    """Make connections that the runtime's polls and beats open respect their time
+    limit (see `dbcancel._timeouts`): a frozen network must not hold them forever in
+    the driver's connect. Other connections of the engine open as they always did."""
+    if not event.contains(engine, "do_connect", _connect_within):
+        event.listen(engine, "do_connect", _connect_within)
+
+
+def _connect_within(dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
+    return _timeouts.connect_within(dialect, cargs, cparams)
+
+
+def _driver_connection(conn: Connection) -> Any:
+    """The DB-API connection under `conn`, when a round-trip limit applies (else None:
+    nothing to look up)."""
+    if _timeouts.current() is None:
+        return None
+    return conn.connection.dbapi_connection
 
 
 class _Liveness(NamedTuple):

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["POLL_TIMEOUT", "applied", "limit"]
+__all__ = ["POLL_TIMEOUT", "applied", "connect_within", "current", "expired", "limit"]
 
 POLL_TIMEOUT = 10.0
 """Seconds one poll or heartbeat round trip may take before it is abandoned."""
@@ -38,18 +38,61 @@ _state = threading.local()
 @contextlib.contextmanager
 def limit(seconds: float | None) -> Iterator[None]:
     """Limit the round trips that this thread's backend calls make in the block."""
-    previous = getattr(_state, "seconds", None)
-    _state.seconds = seconds
+    previous = getattr(_state, "deadline", None)
+    _state.deadline = None if seconds is None else time.monotonic() + seconds
     try:
         yield
     finally:
-        _state.seconds = previous
+        _state.deadline = previous
 
 
 def current() -> float | None:
-    """The limit of the enclosing `limit()` block in this thread, or None."""
-    seconds: float | None = getattr(_state, "seconds", None)
-    return seconds
+    """Seconds left of the enclosing `limit()` block in this thread (at least a tenth
+    of a second), or None outside any."""
+    deadline: float | None = getattr(_state, "deadline", None)
+    if deadline is None:
+        return None
+    return max(0.1, deadline - time.monotonic())
+
+
+def expired() -> bool:
+    """True when the enclosing `limit()` block's time is up: a round trip that failed
+    then was cut short by the limit, and is not worth running again at once."""
+    deadline: float | None = getattr(_state, "deadline", None)
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def connect_within(dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+    """A new DB-API connection whose opening respects the current limit (for
+    SQLAlchemy's `do_connect` event); None outside a limit, or for a driver that
+    offers no way (the caller then connects as usual).
+
+    psycopg's `connect_timeout` bounds the whole opening. PyMySQL's bounds only the TCP
+    connect: its handshake waits on the read timeout, which is given for the opening
+    and then put back to the application's own.
+    """
+    seconds = current()
+    if seconds is None:
+        return None
+    driver = getattr(dialect, "driver", "")
+    if driver == "psycopg" and "connect_timeout" not in cparams:
+        return dialect.connect(*cargs, **{**cparams, "connect_timeout": max(1, round(seconds))})
+    if driver == "pymysql":
+        read, write = cparams.get("read_timeout"), cparams.get("write_timeout")
+        conn = dialect.connect(
+            *cargs,
+            **{
+                **cparams,
+                "read_timeout": seconds if read is None else min(read, seconds),
+                "write_timeout": seconds if write is None else min(write, seconds),
+                "connect_timeout": min(cparams.get("connect_timeout", seconds), seconds),
+            },
+        )
+        conn._read_timeout, conn._write_timeout = read, write
+        if conn._sock is not None:
+            conn._sock.settimeout(read)
+        return conn
+    return None
 
 
 @contextlib.contextmanager

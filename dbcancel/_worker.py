@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
+from . import _timeouts
 from ._client import JobsClient
 from ._health import Health
 from ._runtime import runtime
@@ -37,6 +38,8 @@ from .registry import ActiveJob, registry
 __all__ = ["JobRun", "JobsWorker"]
 
 log = logging.getLogger("dbcancel")
+
+_T = TypeVar("_T")
 
 
 class JobsWorker(JobsClient):
@@ -274,7 +277,10 @@ class JobsWorker(JobsClient):
                 cp._observe(reason)
             b.mark_stopped(job_id, cp._seen_at())
             return True
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, _Interrupted):
+            text = str(exc)
+        else:
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if not b.apply(fail_change(text), job_id=job_id):
             b.mark_stopped(job_id, cp._seen_at())
         return False
@@ -288,8 +294,11 @@ class JobsWorker(JobsClient):
         """
         b = self._backend
         try:
-            b.apply(cancel_change(cp.reason), job_id=cp.job_id)
-            b.mark_stopped(cp.job_id, cp._seen_at())
+            # Bounded like a poll: on a frozen network the write would otherwise hold
+            # the worker that max_staleness just stopped.
+            with _timeouts.limit(_timeouts.POLL_TIMEOUT):
+                b.apply(cancel_change(cp.reason), job_id=cp.job_id)
+                b.mark_stopped(cp.job_id, cp._seen_at())
         except Exception:
             log.error(
                 "dbcancel: %s %r stopped after %s, but its row could not be updated; "
@@ -396,7 +405,9 @@ class JobRun:
             if not handoff.give(result):
                 # The task stopped waiting (cancelled, a timeout) while the job started:
                 # its run will never go on, so it ends here, in this thread.
-                jobs._abandon(*result, _Interrupted("the task was cancelled while starting"))
+                jobs._abandon(
+                    *result, _Interrupted("interrupted while starting: its task was cancelled")
+                )
             return result
 
         try:
@@ -438,9 +449,10 @@ class JobRun:
             finally:
                 self._leave_process()
 
-        # Shielded: a task cancelled while the end is written (a timeout, a server
-        # shutting down) still has its end written, and wait() returns only after it.
-        return await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(finish)))
+        # Handed to the executor now, and shielded: a task cancelled while the end is
+        # written (a timeout, a server shutting down) still has its end written, and
+        # wait() returns only after it.
+        return await asyncio.shield(_in_thread(finish))
 
 
 class _Interrupted(BaseException):
@@ -475,10 +487,16 @@ class _Handoff:
             return result
 
 
+def _in_thread(fn: Callable[[], _T]) -> asyncio.Future[_T]:
+    """`fn` submitted to the loop's default executor at once (not when a task gets to
+    it: a task cancelled before it starts would never run it)."""
+    return asyncio.get_running_loop().run_in_executor(None, fn)
+
+
 async def _shielded(fn: Callable[[], object]) -> None:
     """Run `fn` in a thread to its end, even if this task is cancelled meanwhile."""
     with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.shield(asyncio.ensure_future(asyncio.to_thread(fn)))
+        await asyncio.shield(_in_thread(fn))
 
 
 def _still_open(backend: Any, using: Any) -> bool:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, TypeVar
 
+from . import _timeouts
 from ._random import rng
 from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 
@@ -624,7 +625,7 @@ def run_retried(
         try:
             return work()
         except faults.errors as err:
-            if not reconnected and faults.is_dead(err):
+            if not reconnected and faults.is_dead(err) and not _timeouts.expired():
                 reconnected = True
                 verb = "reconnecting" if write else "reading again"
                 log.info("dbcancel: %s on %s, %s", faults.describe(err), label, verb)

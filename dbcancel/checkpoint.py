@@ -8,7 +8,6 @@ for a poll. Cancellation is sticky: once observed, every later call raises.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import logging
@@ -318,8 +317,9 @@ class Checkpoint(functools.partial[None]):
             raise self._exception()
         if self._watched or self._served:
             self._check_staleness()
-        else:
-            self._poll_logged()
+        elif self._poll_logged():
+            # The database answers: keep this process's worker row fresh too (with no
+            # runtime thread, the jobs' own checkpoints do).
             self._source._beat_due()
         if self._cancelled:
             raise self._exception()
@@ -347,14 +347,17 @@ class Checkpoint(functools.partial[None]):
             local=True,
         )
 
-    def _poll_logged(self) -> None:
+    def _poll_logged(self) -> bool:
         """Poll; a database error becomes a retry with backoff, never an exception.
 
         A failed poll must not kill the job: the database may be back soon. The table's
-        `Health` logs the outage once, not once per call or per job.
+        `Health` logs the outage once, not once per call or per job. True when it worked.
         """
-        with contextlib.suppress(Exception):
+        try:
             self.poll()
+        except Exception:
+            return False
+        return True
 
     def _poll_failed(self) -> None:
         """Take in a failed poll: cancel locally when stale, else back off."""
@@ -420,7 +423,13 @@ class Checkpoint(functools.partial[None]):
         [`Cancelled`][dbcancel.Cancelled]; database errors propagate (and count as a failed
         poll: the next one backs off).
         """
-        rows = poll_step(self._source._poll_rows, self._health, (self,))
+        from . import _timeouts
+
+        # A poll that gets no answer (a frozen network) is abandoned in time for a job
+        # with max_staleness to stop when it goes stale.
+        bound = min(_timeouts.POLL_TIMEOUT, max(self._stale_in(), 0.1))
+        with _timeouts.limit(bound):
+            rows = poll_step(self._source._poll_rows, self._health, (self,))
         row = rows.get(self.job_id)
         return Status.CANCELLED if row is None else row[0]
 

@@ -33,6 +33,7 @@ from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
+from dbcancel import _timeouts
 from dbcancel._pg import Channel
 from dbcancel.backend import (
     RETRIES,
@@ -626,7 +627,13 @@ class DjangoBackend:
 
         def attempt() -> _T:
             began[0] = connections[self.alias].connection
-            return work()
+            if _timeouts.current() is None:
+                return work()
+            # A round-trip limit (the runtime's polls and beats): on the connection the
+            # work will use, opened first if it is not.
+            connections[self.alias].ensure_connection()
+            with _timeouts.applied(connections[self.alias].connection):
+                return work()
 
         faults = Faults(
             errors=(OperationalError, InterfaceError),
