@@ -22,13 +22,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["Channel", "PgListener", "channel_name", "connect_from_engine"]
+__all__ = ["IDENTITY_SQL", "PgListener", "channel_name", "connect_from_engine"]
 
 
-_SCHEMA_OF_TABLE = (
-    "SELECT coalesce((SELECT relnamespace::regnamespace::text FROM pg_class "
-    "WHERE oid = to_regclass(%s)), current_schema())"
+SCHEMA_OF = (
+    "coalesce((SELECT relnamespace::regnamespace::text FROM pg_catalog.pg_class "
+    "WHERE oid = to_regclass(%s)), quote_ident(current_schema()))"
 )
+"""The schema a table reference (``%s``, quoted SQL) resolves to on the connection's
+``search_path``, as ``regnamespace`` prints it (quoted where SQL needs it); the current
+schema while no such table exists. The SQLAlchemy backend builds the same expression."""
+
+IDENTITY_SQL = f"SELECT current_database(), {SCHEMA_OF}, {SCHEMA_OF}"
+"""The database, the schema of the job table and that of the worker table (the two
+parameters are their references), asked in one round trip when a backend first needs
+to know which tables it works on."""
 
 
 def channel_name(schema: str, table: str) -> str:
@@ -36,37 +44,15 @@ def channel_name(schema: str, table: str) -> str:
 
     Channels are per database, not per schema: the schema is part of the name so that
     a cancel of job 7 in one schema never reaches a watcher of job 7 in another.
+    ``schema`` is the table's schema as the backends resolve it (see
+    :data:`SCHEMA_OF`), so that the SQLAlchemy and the Django side, and the sender
+    and the listener, agree on it.
     """
     qualified = f"{schema}.{table}"
     name = f"dbcancel:{qualified}"
     if len(name.encode()) <= 63:
         return name
     return "dbcancel:" + hashlib.sha256(qualified.encode()).hexdigest()[:40]
-
-
-class Channel:
-    """The channel of one table, resolved on the database once and then remembered.
-
-    ``table`` is the table's bare name, ``reference`` the same name quoted as SQL (and
-    schema-qualified when the model names a schema). The schema is the one
-    ``reference`` resolves to on the connection's ``search_path`` (the current schema
-    while the table does not exist), asked of the database so that the SQLAlchemy and
-    the Django side, and the sender and the listener, agree on it.
-    """
-
-    __slots__ = ("_name", "reference", "table")
-
-    def __init__(self, table: str, reference: str) -> None:
-        self.table = table
-        self.reference = reference
-        self._name: str | None = None
-
-    def name(self, scalar: Callable[[str, list[str]], Any]) -> str:
-        """The channel's name; ``scalar(sql, params)`` runs one query (``%s`` style) on
-        an open connection and returns the first column of its row."""
-        if self._name is None:
-            self._name = channel_name(str(scalar(_SCHEMA_OF_TABLE, [self.reference])), self.table)
-        return self._name
 
 
 def connect_from_engine(engine: Engine) -> Callable[[], Any]:
@@ -84,13 +70,16 @@ def connect_from_engine(engine: Engine) -> Callable[[], Any]:
 
 
 class PgListener:
-    """LISTEN on ``channel`` over a psycopg 3 connection that ``connect`` opens.
+    """LISTEN on a table's channel over a psycopg 3 connection that ``connect`` opens.
 
-    The connection is switched to autocommit, and shows in ``pg_stat_activity`` under
-    the ``application_name`` it was opened with followed by ``dbcancel-listener``.
+    ``channel`` returns the channel's name: the backend's, resolved once with the rest
+    of its identity (never on this connection, which knows nothing of a SQLAlchemy
+    engine's ``schema_translate_map``). The connection is switched to autocommit, and
+    shows in ``pg_stat_activity`` under the ``application_name`` it was opened with
+    followed by ``dbcancel-listener``.
     """
 
-    def __init__(self, connect: Callable[[], Any], channel: Channel) -> None:
+    def __init__(self, connect: Callable[[], Any], channel: Callable[[], str]) -> None:
         self._connect = connect
         self._channel = channel
         self._conn: Any = None
@@ -100,6 +89,7 @@ class PgListener:
         from psycopg import sql
 
         self.close()
+        name = self._channel()  # before connecting: it may ask the database, and fail
         conn = self._connect()
         try:
             conn.autocommit = True
@@ -109,9 +99,6 @@ class PgListener:
                 "SELECT set_config('application_name', "
                 "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
                 "false)"
-            )
-            name = self._channel.name(
-                lambda query, params: conn.execute(query, params).fetchone()[0]
             )
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
         except BaseException:

@@ -46,18 +46,6 @@ NO_BEAT = 600.0
 """A heartbeat period no test lives through: only a job's start beats the worker row."""
 
 
-DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="keys, heartbeats and channels are shared by tenants of one URL and table name",
-)
-FIXED_BY_URL = ("url_options",)
-"""A search_path in the URL's query: the keys held the whole URL, so that one was apart."""
-
-
-def ways(*passing: str) -> list[Any]:
-    return [pytest.param(w, marks=[] if w in passing else [DEFECT]) for w in WAYS]
-
-
 def tenant_name() -> str:
     return f"t{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
@@ -196,7 +184,7 @@ def mode_options(mode: str) -> dict[str, Any]:
 
 
 @pytest.mark.postgresql
-@pytest.mark.parametrize("way", ways())
+@pytest.mark.parametrize("way", WAYS)
 def test_each_tenant_has_its_own_keys_and_channel(pg, way):
     a, b = pg.jobs(0, way), pg.jobs(1, way)
     assert a._backend.key != b._backend.key
@@ -208,7 +196,6 @@ def test_each_tenant_has_its_own_keys_and_channel(pg, way):
 
 
 @pytest.mark.postgresql
-@DEFECT
 def test_every_way_to_one_tenant_gives_the_same_keys(pg):
     """The key is the table the server resolves, not how the engine was configured: a
     cancel through any engine of the tenant reaches its job running in this process."""
@@ -226,7 +213,7 @@ def test_every_way_to_one_tenant_gives_the_same_keys(pg):
 
 @pytest.mark.postgresql
 @pytest.mark.parametrize("mode", ["threadless", "watched"])
-@pytest.mark.parametrize("way", ways(*FIXED_BY_URL))
+@pytest.mark.parametrize("way", WAYS)
 def test_a_cancel_in_one_tenant_never_stops_the_same_id_in_another(pg, way, mode):
     a = pg.jobs(0, way, **mode_options(mode))
     b = pg.jobs(1, way, **mode_options(mode))
@@ -249,7 +236,7 @@ def test_a_cancel_in_one_tenant_never_stops_the_same_id_in_another(pg, way, mode
 
 
 @pytest.mark.postgresql
-@pytest.mark.parametrize("way", ways(*FIXED_BY_URL))
+@pytest.mark.parametrize("way", WAYS)
 def test_each_tenant_beats_its_own_worker_table_and_reaps_its_own_jobs(fresh_pg, way):
     pg = fresh_pg
     a = pg.jobs(0, way, heartbeat=NO_BEAT)
@@ -270,7 +257,7 @@ def test_each_tenant_beats_its_own_worker_table_and_reaps_its_own_jobs(fresh_pg,
 
 
 @pytest.mark.postgresql
-@pytest.mark.parametrize("way", ways(*FIXED_BY_URL))
+@pytest.mark.parametrize("way", WAYS)
 def test_a_beat_and_a_reap_in_one_tenant_touch_only_its_tables(fresh_pg, way):
     pg = fresh_pg
     a = pg.jobs(0, way, heartbeat=NO_BEAT)
@@ -319,7 +306,6 @@ assert Jobs(engine, Analysis).cancel(job, reason="from the child") is True
 
 
 @pytest.mark.postgresql
-@DEFECT
 @pytest.mark.parametrize("way", ["translate_map", "connect_args"])
 def test_a_cancel_from_another_process_reaches_only_its_tenants_watcher(pg, way):
     """Interval 30 s: within the bound, only a notification can deliver the cancel."""
@@ -352,7 +338,6 @@ def test_a_cancel_from_another_process_reaches_only_its_tenants_watcher(pg, way)
 
 
 @pytest.mark.postgresql
-@pytest.mark.xfail(strict=True, reason="a search_path that moves under an engine is followed")
 def test_a_search_path_switched_per_checkout_is_refused(pg):
     """One engine whose checkout event points the search_path at the tenant of the
     moment: dbcancel cannot tell which tenant a call is for, and refuses rather than
@@ -389,7 +374,6 @@ def test_a_search_path_switched_per_checkout_is_refused(pg):
 
 
 @pytest.mark.postgresql
-@DEFECT
 def test_a_sessionmaker_of_a_translated_engine_is_its_tenant(pg):
     jobs = Jobs(sessionmaker(pg.engine(1)), Analysis)
     assert jobs._backend.key == pg.jobs(1)._backend.key
@@ -405,7 +389,6 @@ CANCELS = st.lists(
 
 
 @pytest.mark.postgresql
-@DEFECT
 @settings(max_examples=25, deadline=None)
 @given(cancels=CANCELS)
 def test_random_cancels_never_cross_tenants(pg_tenants, cancels):
@@ -447,7 +430,6 @@ def test_random_cancels_never_cross_tenants(pg_tenants, cancels):
 
 
 @pytest.mark.mariadb
-@DEFECT
 def test_two_mariadb_databases_through_translate_maps_are_two_tables(maria):
     a = maria.jobs(0, heartbeat=NO_BEAT, watch=False)
     b = maria.jobs(1, heartbeat=NO_BEAT, watch=False)
@@ -475,7 +457,6 @@ def test_two_mariadb_databases_through_translate_maps_are_two_tables(maria):
 
 
 @pytest.mark.sqlite
-@pytest.mark.xfail(strict=True, reason="keys hold the URL as written, not the file")
 def test_sqlite_files_are_told_apart_by_their_resolved_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "other").mkdir()
@@ -499,7 +480,6 @@ def test_sqlite_files_are_told_apart_by_their_resolved_path(tmp_path, monkeypatc
 
 
 @pytest.mark.sqlite
-@pytest.mark.xfail(strict=True, reason="keys hold the URL as written, not the file")
 def test_a_jobs_is_built_while_its_database_is_down_and_resolves_later(tmp_path):
     """Nothing is asked of the database when a Jobs is built: a down server must not
     break an application's start. The table is identified at first use."""

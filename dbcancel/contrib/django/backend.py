@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import os
 import threading
 import uuid
 from collections.abc import Callable, Collection, Hashable, Mapping
@@ -33,7 +34,8 @@ from django.db.models.functions import Coalesce, Now
 from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
-from dbcancel._pg import Channel
+from dbcancel._identity import ROUTING_OPTIONS, Identity
+from dbcancel._pg import IDENTITY_SQL, channel_name
 from dbcancel.backend import (
     RETRIES,
     Change,
@@ -194,10 +196,12 @@ class DjangoBackend:
         self.alias = using
         self.model_name: str = name
         self.label = f"{name}@{using}"
-        self.key: Hashable = ("django", using, meta.db_table)
-        self.worker_key: Hashable = ("django", using)
         self._manager = model._base_manager
         connection = connections[using]
+        # Which tables: resolved on first use (see _resolve), never here, so that a
+        # DjangoJobs can be built while the database is down.
+        self._identity: Identity | None = None
+        self._identity_lock = threading.Lock()
         self._id_rule = _filter_rule(meta.pk, connection)
         self._id_type = self._id_rule.python_type
         # Filter names: "pk", each field's name and, for relations, its attname
@@ -211,11 +215,80 @@ class DjangoBackend:
         }
         self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
-        self._channel = Channel(meta.db_table, connection.ops.quote_name(meta.db_table))
         self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
         if connections[using].vendor == "mysql":
             self._hint = _force_primary(connections[using].ops.quote_name(meta.db_table))
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def key(self) -> Hashable:
+        """The job table as the database resolves it (see :meth:`_resolve`); asks the
+        database the first time, then a cached read."""
+        return (self._identity or self._identify()).key
+
+    @property
+    def worker_key(self) -> Hashable:
+        """The worker table of the alias's connections, as the database resolves it."""
+        return (self._identity or self._identify()).worker_key
+
+    @property
+    def channel(self) -> str:
+        """This table's PostgreSQL notification channel."""
+        return (self._identity or self._identify()).channel
+
+    def _identify(self) -> Identity:
+        """Resolve the tables on the database, once (a failed try is tried again at the
+        next use); one round trip, on the calling thread's connection."""
+        with self._identity_lock:
+            if self._identity is None:
+                self._identity = self._read(self._resolve)
+            return self._identity
+
+    def _resolve(self) -> Identity:
+        """``key`` ``("django", vendor, server, database, schema, db_table)`` and
+        ``worker_key`` ``("django", vendor, server, database, worker schema)``.
+
+        ``vendor`` is the connection's (``postgresql``, ``mysql``, ``sqlite``: the
+        server, whichever ENGINE wraps it); ``server`` the alias's ``(HOST, PORT,
+        routing OPTIONS)``; ``database`` PostgreSQL's ``current_database()``, MySQL's
+        ``DATABASE()``, the resolved path of the SQLite file (in memory: the alias's
+        own); ``schema`` where the connection's ``search_path`` finds the table
+        (PostgreSQL: the namespace of ``to_regclass()``, the current schema while the
+        table does not exist; MySQL: the database; SQLite: ``main``). The alias's
+        connections are the same in every thread, so one answer serves them all.
+        """
+        connection = connections[self.alias]
+        vendor = connection.vendor
+        entry = connection.settings_dict
+        options = entry.get("OPTIONS") or {}
+        routing = tuple(sorted((k, str(v)) for k, v in options.items() if k in ROUTING_OPTIONS))
+        server = (entry.get("HOST") or None, str(entry.get("PORT") or "") or None, routing)
+        table = self.model._meta.db_table
+        quote = connection.ops.quote_name
+        with connection.cursor() as cursor:
+            if vendor == "postgresql":
+                cursor.execute(IDENTITY_SQL, [quote(table), quote(Worker._meta.db_table)])
+                database, schema, worker_schema = cursor.fetchone()
+            elif vendor == "mysql":
+                cursor.execute("SELECT DATABASE()")
+                database = schema = worker_schema = cursor.fetchone()[0]
+            elif vendor == "sqlite":
+                cursor.execute("PRAGMA database_list")
+                files = {row[1]: row[2] for row in cursor.fetchall()}
+                schema = worker_schema = "main"
+                file = files.get("main")
+                database = os.path.realpath(file) if file else f":memory:{self.alias}"
+            else:
+                database, schema, worker_schema = entry.get("NAME"), None, None
+        return Identity(
+            key=("django", vendor, server, database, schema, table),
+            worker_key=("django", vendor, server, database, worker_schema),
+            schema=schema,
+            worker_schema=worker_schema,
+            channel=channel_name(str(schema), table),
+        )
 
     # -- Backend ----------------------------------------------------------------------
 
@@ -300,15 +373,15 @@ class DjangoBackend:
             # transaction of the change and only when it changed a row, so that the
             # watchers of both ORMs take it as the row itself.
             reason = change.values.get("cancel_reason")
-            notify = "*" if job_id is None else cancel_payload(job_id, reason)
+            payload = "*" if job_id is None else cancel_payload(job_id, reason)
+            notify = [self.channel, payload]  # resolved before the transaction opens
 
         def update() -> int:
             with self._hinted(job_id is not None):
                 count = int(qs.update(**updates))
             if notify is not None and count:
                 with connections[self.alias].cursor() as cursor:
-                    channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
-                    cursor.execute("SELECT pg_notify(%s, %s)", [channel, notify])
+                    cursor.execute("SELECT pg_notify(%s, %s)", notify)
             return count
 
         if using is not None:
@@ -473,13 +546,7 @@ class DjangoBackend:
 
             return psycopg.connect(**connection.get_connection_params())
 
-        return PgListener(connect, self._channel)
-
-    @property
-    def channel(self) -> str:
-        """This table's PostgreSQL notification channel (asks the database once)."""
-        with connections[self.alias].cursor() as cursor:
-            return self._channel.name(lambda q, p: _scalar(cursor, q, p))
+        return PgListener(connect, lambda: self.channel)
 
     # -- connections ------------------------------------------------------------------
 
@@ -610,8 +677,3 @@ def _force_primary(quoted_table: str) -> Callable[..., Any]:
         return execute(sql, params, many, context)
 
     return wrapper
-
-
-def _scalar(cursor: Any, query: str, params: list[str]) -> Any:
-    cursor.execute(query, params)
-    return cursor.fetchone()[0]
