@@ -198,6 +198,7 @@ class DjangoBackend:
         self.label = f"{name}@{using}"
         self._manager = model._base_manager
         connection = connections[using]
+        _refuse_switching_schemas(connection, name, using)
         # Which tables: resolved on first use (see _resolve), never here, so that a
         # DjangoJobs can be built while the database is down.
         self._identity: Identity | None = None
@@ -257,9 +258,12 @@ class DjangoBackend:
         own); ``schema`` where the connection's ``search_path`` finds the table
         (PostgreSQL: the namespace of ``to_regclass()``, the current schema while the
         table does not exist; MySQL: the database; SQLite: ``main``). The alias's
-        connections are the same in every thread, so one answer serves them all.
+        connections are the same in every thread, so one answer serves them all: a
+        connection that switches schemas per request is refused (when the DjangoJobs
+        is built, and by every call).
         """
         connection = connections[self.alias]
+        _refuse_switching_schemas(connection, self.model_name, self.alias)
         vendor = connection.vendor
         entry = connection.settings_dict
         options = entry.get("OPTIONS") or {}
@@ -386,6 +390,7 @@ class DjangoBackend:
 
         if using is not None:
             self._check_caller_transaction(using)
+            _refuse_switching_schemas(connections[self.alias], self.model_name, self.alias)
             return update()
         return self._write(update)
 
@@ -588,7 +593,11 @@ class DjangoBackend:
         began: list[Any] = [None]
 
         def attempt() -> _T:
-            began[0] = connections[self.alias].connection
+            connection = connections[self.alias]
+            # A few attribute lookups: a wrapper that switched schemas since is refused
+            # before anything is sent.
+            _refuse_switching_schemas(connection, self.model_name, self.alias)
+            began[0] = connection.connection
             return work()
 
         faults = Faults(
@@ -677,3 +686,34 @@ def _force_primary(quoted_table: str) -> Callable[..., Any]:
         return execute(sql, params, many, context)
 
     return wrapper
+
+
+_SWITCHES_SCHEMAS = ("schema_name", "set_schema", "set_tenant")
+"""What a connection that switches schemas per request has: django-tenants' and
+django-tenant-schemas' wrappers set ``connection.schema_name`` (and ``tenant``) per
+request and ``SET search_path`` on their cursors."""
+
+
+def _refuse_switching_schemas(connection: Any, model_name: str, alias: str) -> None:
+    """Refuse an alias whose connection moves its search_path per request.
+
+    A DjangoJobs keys its jobs, its watcher and its heartbeat by the table the alias
+    reaches, once; its watcher and heartbeat threads open their own connections, which
+    such a wrapper points at whatever schema it starts in. dbcancel cannot tell which
+    tenant's table a call would reach, and refuses rather than guess.
+    """
+    found = [name for name in _SWITCHES_SCHEMAS if hasattr(connection, name)]
+    if not found:
+        return
+    kind = f"{type(connection).__module__}.{type(connection).__name__}"
+    schema = getattr(connection, "schema_name", None)
+    now = "" if schema is None else f", now on schema {schema!r}"
+    raise DbcancelError(
+        f"DjangoJobs({model_name}) on database {alias!r}: its connection ({kind}{now}) "
+        "switches schemas per request, so dbcancel cannot tell which tenant's table a "
+        "cancel, a poll or a heartbeat would reach, and refuses rather than act on "
+        "another tenant's jobs. Give each tenant schema a database alias of its own in "
+        "DATABASES (ENGINE 'django.db.backends.postgresql', OPTIONS "
+        "{'options': '-c search_path=<schema>'}) and build one DjangoJobs per alias "
+        "(using=...); see the Tenants section of dbcancel's operations docs"
+    )
