@@ -21,6 +21,7 @@ try:
         SmallInteger,
         String,
         Table,
+        Text,
         TypeDecorator,
         and_,
         bindparam,
@@ -245,7 +246,11 @@ def _pg_schema_of(reference: str, schema: str | None) -> Any:
     found = (
         select(literal_column("relnamespace::regnamespace::text", String()))
         .select_from(_PG_CLASS)
-        .where(_PG_CLASS.c.oid == func.to_regclass(literal(reference, String())))
+        # Rendered into the statement, not bound: a bound parameter more would take a
+        # poll of 50 jobs past the 50 parameters whose parsing psycopg caches.
+        .where(
+            _PG_CLASS.c.oid == func.to_regclass(literal(reference, Text(), literal_execute=True))
+        )
         .scalar_subquery()
     )
     fallback = func.current_schema() if schema is None else literal(schema, String())
