@@ -386,7 +386,7 @@ class SQLAlchemyBackend:
 
     @property
     def key(self) -> Hashable:
-        """The job table as the server resolves it (see :class:`Identity`); asks the
+        """The job table as the server resolves it (see ``_resolve``); asks the
         database the first time, then a cached read."""
         return (self._identity or self._identify()).key
 
@@ -472,8 +472,10 @@ class SQLAlchemyBackend:
         table = WORKER_TABLE if worker else self.table.name
         if job_ids is None:
             which = self.model_name
-        elif isinstance(job_ids, list):
-            which = f"{self.model_name} jobs {', '.join(map(repr, job_ids))}"
+        elif isinstance(job_ids, list):  # a poll of several jobs
+            shown = ", ".join(map(repr, job_ids[:5]))
+            more = f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else ""
+            which = f"{self.model_name} jobs {shown}{more}"
         else:
             which = f"{self.model_name} {job_ids!r}"
         raise DbcancelError(
