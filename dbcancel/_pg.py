@@ -1,6 +1,6 @@
 """PostgreSQL push: a dedicated psycopg 3 connection that LISTENs for a table's cancels.
 
-A cancel on PostgreSQL (through [`Jobs`][dbcancel.Jobs] or `DjangoJobs`) runs
+A cancel on PostgreSQL (through [`dbcancel.Jobs`][dbcancel.Jobs] or `DjangoJobs`) runs
 `pg_notify` on the table's channel (`channel_name`, named after its schema and
 table) in the transaction of the status change, so a notification arrives only once the
 cancel has committed, and a cancel through either ORM wakes the watchers of both. The
@@ -22,13 +22,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["Channel", "PgListener", "channel_name", "connect_from_engine"]
+__all__ = ["IDENTITY_SQL", "PgListener", "channel_name", "connect_from_engine"]
 
 
-_SCHEMA_OF_TABLE = (
-    "SELECT coalesce((SELECT relnamespace::regnamespace::text FROM pg_class "
-    "WHERE oid = to_regclass(%s)), current_schema())"
+SCHEMA_OF = (
+    "coalesce((SELECT relnamespace::regnamespace::text FROM pg_catalog.pg_class "
+    "WHERE oid = to_regclass(%s)), quote_ident(current_schema()))"
 )
+"""The schema a table reference (`%s`, quoted SQL) resolves to on the connection's
+`search_path`, as `regnamespace` prints it (quoted where SQL needs it); the current
+schema while no such table exists. The SQLAlchemy backend builds the same expression."""
+
+IDENTITY_SQL = f"SELECT current_database(), {SCHEMA_OF}, {SCHEMA_OF}"
+"""The database, the schema of the job table and that of the worker table (the two
+parameters are their references), asked in one round trip when a backend first needs
+to know which tables it works on."""
 
 
 def channel_name(schema: str, table: str) -> str:
@@ -36,37 +44,15 @@ def channel_name(schema: str, table: str) -> str:
 
     Channels are per database, not per schema: the schema is part of the name so that
     a cancel of job 7 in one schema never reaches a watcher of job 7 in another.
+    `schema` is the table's schema as the backends resolve it (see
+    `SCHEMA_OF`), so that the SQLAlchemy and the Django side, and the sender
+    and the listener, agree on it.
     """
     qualified = f"{schema}.{table}"
     name = f"dbcancel:{qualified}"
     if len(name.encode()) <= 63:
         return name
     return "dbcancel:" + hashlib.sha256(qualified.encode()).hexdigest()[:40]
-
-
-class Channel:
-    """The channel of one table, resolved on the database once and then remembered.
-
-    `table` is the table's bare name, `reference` the same name quoted as SQL (and
-    schema-qualified when the model names a schema). The schema is the one
-    `reference` resolves to on the connection's `search_path` (the current schema
-    while the table does not exist), asked of the database so that the SQLAlchemy and
-    the Django side, and the sender and the listener, agree on it.
-    """
-
-    __slots__ = ("_name", "reference", "table")
-
-    def __init__(self, table: str, reference: str) -> None:
-        self.table = table
-        self.reference = reference
-        self._name: str | None = None
-
-    def name(self, scalar: Callable[[str, list[str]], Any]) -> str:
-        """The channel's name; `scalar(sql, params)` runs one query (`%s` style) on
-        an open connection and returns the first column of its row."""
-        if self._name is None:
-            self._name = channel_name(str(scalar(_SCHEMA_OF_TABLE, [self.reference])), self.table)
-        return self._name
 
 
 def connect_from_engine(engine: Engine) -> Callable[[], Any]:
@@ -83,25 +69,41 @@ def connect_from_engine(engine: Engine) -> Callable[[], Any]:
     return connect
 
 
-class PgListener:
-    """LISTEN on `channel` over a psycopg 3 connection that `connect` opens.
+class _Channel:
+    """A table's channel: how to name it (the backend's resolution), and the name once
+    a LISTEN resolved it (shared by every listener that took the channel over)."""
 
-    The connection is switched to autocommit, and shows in `pg_stat_activity` under
-    the `application_name` it was opened with followed by `dbcancel-listener`. One
-    connection can listen for several tables of its database: `add_channel` takes
-    over another listener's channel (the runtime keeps one listener per database).
+    __slots__ = ("name", "resolve")
+
+    def __init__(self, resolve: Callable[[], str]) -> None:
+        self.resolve = resolve
+        self.name: str | None = None
+
+
+class PgListener:
+    """LISTEN on a table's channel over a psycopg 3 connection that `connect` opens.
+
+    `channel` returns the channel's name: the backend's, resolved once with the rest
+    of its identity (never on this connection, which knows nothing of a SQLAlchemy
+    engine's `schema_translate_map`). The connection is switched to autocommit, and
+    shows in `pg_stat_activity` under the `application_name` it was opened with
+    followed by `dbcancel-listener`. One connection can listen for several tables of
+    its database: `add_channel` takes over another listener's channel (the runtime
+    keeps one listener per database).
     """
 
-    def __init__(self, connect: Callable[[], Any], channel: Channel) -> None:
+    def __init__(self, connect: Callable[[], Any], channel: Callable[[], str]) -> None:
         self._connect = connect
-        self._channel = channel
-        self._channels: list[Channel] = [channel]
+        self._channel = _Channel(channel)
+        self._channels: list[_Channel] = [self._channel]
         self._listening: set[int] = set()  # ids of the channels LISTENed on this connection
         self._conn: Any = None
 
     def connect(self) -> None:
         """Open the connection and LISTEN; raises when the database cannot be reached."""
         self.close()
+        for channel in self._channels:  # before connecting: it may ask the database, and fail
+            channel.name = channel.resolve()
         conn = self._connect()
         try:
             conn.autocommit = True
@@ -141,13 +143,13 @@ class PgListener:
         for channel in list(self._channels):
             if id(channel) in self._listening:
                 continue
-            name = channel.name(lambda query, params: conn.execute(query, params).fetchone()[0])
-            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(name)))
+            channel.name = channel.resolve()
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel.name)))
             self._listening.add(id(channel))
 
     def channel_name(self) -> str | None:
-        """This listener's own table's channel, once resolved (no query)."""
-        return self._channel._name
+        """This listener's own table's channel once a LISTEN resolved it (no query)."""
+        return self._channel.name
 
     def fileno(self) -> int | None:
         """The connection's socket, for waiting on several listeners at once."""
@@ -157,8 +159,9 @@ class PgListener:
     def wait(self, timeout: float) -> list[str] | None:
         """The payloads that arrive within `timeout` seconds (returns at the first
         batch); None when not connected. Raises when the connection breaks."""
-        notes = self.receive(timeout)
-        return None if self._conn is None and not notes else [payload for _, payload in notes]
+        if self._conn is None:
+            return None
+        return [payload for _, payload in self.receive(timeout)]
 
     def receive(self, timeout: float) -> list[tuple[str, str]]:
         """Like `wait`, as `(channel, payload)` pairs; `[]` when not connected."""

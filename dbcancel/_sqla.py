@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import threading
 from collections.abc import Callable, Collection, Hashable, Mapping
 from typing import Any, NamedTuple, TypeVar
 
@@ -19,21 +21,27 @@ try:
         SmallInteger,
         String,
         Table,
+        Text,
         TypeDecorator,
         and_,
         bindparam,
         case,
+        column,
         event,
         func,
         inspect,
         literal,
+        literal_column,
         or_,
         select,
+        table,
         update,
     )
+    from sqlalchemy.engine import URL
     from sqlalchemy.exc import CompileError, DBAPIError, NoSuchTableError
     from sqlalchemy.ext.compiler import compiles
     from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.sql import Select
     from sqlalchemy.sql.compiler import SQLCompiler
     from sqlalchemy.sql.functions import FunctionElement
 except ImportError as err:  # pragma: no cover - exercised in a subprocess
@@ -44,8 +52,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
     ) from err
 
 from . import _timeouts
+from ._identity import ROUTING_OPTIONS, Identity
 from ._mixin import UTCDateTime, worker_table
-from ._pg import Channel, channel_name
+from ._pg import channel_name
 from .backend import (
     RETRIES,
     Change,
@@ -82,7 +91,9 @@ __all__ = [
 
 
 def resolve_engine(bind: Any) -> Engine:
-    """The Engine behind `bind` (an Engine, or a sessionmaker bound to one)."""
+    """The Engine behind `bind`: an Engine, one made by `engine.execution_options()`
+    (whose options, `schema_translate_map` among them, apply to every statement), or
+    a sessionmaker bound to either."""
     if isinstance(bind, Engine):
         return bind
     if isinstance(bind, sessionmaker):
@@ -255,6 +266,53 @@ def filter_rule(column: Column[Any], dialect: Dialect) -> FilterRule:
     return FilterRule(python_type, bounds)
 
 
+# -- which table: the identity of a table as the server resolves it -------------------
+
+
+def server_of(url: URL) -> tuple[Any, ...]:
+    """`(host, port, routing options)`: what of `url` picks the server reached. The
+    database and the schema are asked of the server itself (see `_resolve`)."""
+    routing = sorted(
+        (k, v if isinstance(v, str) else tuple(v))
+        for k, v in url.query.items()
+        if k in ROUTING_OPTIONS
+    )
+    return url.host, url.port, tuple(routing)
+
+
+def vendor_of(dialect: Dialect) -> str:
+    """The family of database servers: MariaDB is reached as MySQL or as MariaDB."""
+    return "mysql" if dialect.name == "mariadb" else dialect.name
+
+
+_PG_CLASS = table("pg_class", column("oid"), column("relnamespace"), schema="pg_catalog")
+
+
+def _pg_schema_of(reference: str, schema: str | None) -> Any:
+    """SQL for the schema `reference` (the table's name, quoted, and qualified when
+    `schema` is given) resolves to on the connection: dbcancel._pg.SCHEMA_OF, with
+    `schema` itself while an explicitly qualified table does not exist."""
+    found = (
+        select(literal_column("relnamespace::regnamespace::text", String()))
+        .select_from(_PG_CLASS)
+        # Rendered into the statement, not bound: a bound parameter more would take a
+        # poll of 50 jobs past the 50 parameters whose parsing psycopg caches.
+        .where(
+            _PG_CLASS.c.oid == func.to_regclass(literal(reference, Text(), literal_execute=True))
+        )
+        .scalar_subquery()
+    )
+    fallback = func.current_schema() if schema is None else literal(schema, String())
+    return func.coalesce(found, func.quote_ident(fallback), type_=String())
+
+
+def _sqlite_file(file: str | None, engine: Engine) -> str:
+    """A SQLite database's file, resolved; an in-memory one is its pool's own."""
+    if file:
+        return os.path.realpath(file)
+    return f":memory:{id(engine.pool)}"
+
+
 class SQLAlchemyBackend:
     """Jobs in one table, reached through one SQLAlchemy Engine."""
 
@@ -290,23 +348,40 @@ class SQLAlchemyBackend:
         self._postgresql = dialect.name == "postgresql"
         _bound_connects(self.engine)
         self._autocommit_reads = self._postgresql
-        self._update_returning = bool(dialect.update_returning)
-        self._channel = Channel(
-            self.table.name, self.engine.dialect.identifier_preparer.format_table(self.table)
-        )
         self.label = f"{self.model_name}@{self.engine.url.get_backend_name()}"
-        self.key: Hashable = (
-            "sqlalchemy",
-            self.engine.url.render_as_string(hide_password=True),
-            self.table.fullname,
-        )
+
+        # Which tables: resolved on first use (see Identity), never here, so that a
+        # Jobs can be built while the database is down. The schema is the table's after
+        # the engine's schema_translate_map (what SQLAlchemy renders); None leaves it to
+        # the connection's search_path, which only the server can tell.
+        translate = self.engine.get_execution_options().get("schema_translate_map") or {}
+        schema = self.table.schema
+        self._schema: str | None = translate.get(schema, schema)
+        self._identity: Identity | None = None
+        self._identity_lock = threading.Lock()
+        preparer = dialect.identifier_preparer
+        qualify = "" if self._schema is None else f"{preparer.quote_schema(self._schema)}."
+        self._job_schema: Any = None
+        self._worker_schema: Any = None
+        if self._postgresql:
+            reference = qualify + preparer.quote(self.table.name)
+            self._job_schema = _pg_schema_of(reference, self._schema)
+            workers = qualify + preparer.quote(WORKER_TABLE)
+            self._worker_schema = _pg_schema_of(workers, self._schema)
+        # A table found through the search_path: every statement also says where it
+        # found the table (a column more, no round trip more), so that a search_path
+        # that changed under this engine is refused rather than followed.
+        self._checked = self._postgresql and self._schema is None
+
         c = self.table.c
         self._columns = (c.status, c.cancel_reason, c.finished_at, c.error)
-        self._read_one = select(*self._columns).where(self.pk == bindparam("job_id"))
-        self._read_many = select(self.pk, *self._columns).where(
+        self._read_one = self._checking(select(*self._columns)).where(
+            self.pk == bindparam("job_id")
+        )
+        self._read_many = self._checking(select(self.pk, *self._columns)).where(
             self.pk.in_(bindparam("job_ids", expanding=True))
         )
-        self._mark_stopped = (
+        self._mark_stopped = self._checking(
             update(self.table)
             .where(self.pk == bindparam("job_id"), c.finished_at.is_(None))
             .values(
@@ -318,16 +393,132 @@ class SQLAlchemyBackend:
             )
         )
         w = self.workers = worker_table(MetaData(), self.table.schema).c
-        self.worker_key: Hashable = (
-            "sqlalchemy",
-            self.engine.url.render_as_string(hide_password=True),
-            self.table.schema,
-        )
         self._server_now = select(server_now())
+        if self._checked:
+            self._server_now = self._server_now.add_columns(self._job_schema, self._worker_schema)
         # Statements for a worker table with expires_at, and for one made before it.
-        self._liveness = _Liveness.build(self.table, w.id.table, expiry=True)
-        self._legacy = _Liveness.build(self.table, w.id.table, expiry=False)
+        self._liveness = _Liveness.build(self.table, w.id.table, self._checking, expiry=True)
+        self._legacy = _Liveness.build(self.table, w.id.table, self._checking, expiry=False)
         self._expiry = True  # until a statement finds the column missing
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def key(self) -> Hashable:
+        """The job table as the server resolves it (see `_resolve`); asks the
+        database the first time, then a cached read."""
+        return (self._identity or self._identify()).key
+
+    @property
+    def worker_key(self) -> Hashable:
+        """The worker table beside the job table, as the server resolves it."""
+        return (self._identity or self._identify()).worker_key
+
+    @property
+    def channel(self) -> str:
+        """This table's PostgreSQL notification channel."""
+        return (self._identity or self._identify()).channel
+
+    def _identify(self) -> Identity:
+        """Resolve the tables on the database, once (a failed try is tried again at the
+        next use); one round trip, in the calling thread."""
+        with self._identity_lock:
+            if self._identity is None:
+                self._identity = self._read(self._resolve)
+            return self._identity
+
+    def _resolve(self, conn: Connection) -> Identity:
+        """`key` `("sqlalchemy", vendor, server, database, schema, table)` and
+        `worker_key` `("sqlalchemy", vendor, server, database, worker schema)`.
+
+        `server` is `server_of` the URL; `database` PostgreSQL's
+        `current_database()`, the table's database on MySQL and MariaDB, the resolved
+        path of the database file on SQLite (an in-memory database: its pool's own);
+        `schema` the table's after the engine's `schema_translate_map`, or else
+        where the connection's `search_path` finds it (PostgreSQL: the namespace of
+        `to_regclass()`, the current schema while the table does not exist; MySQL:
+        `DATABASE()`; SQLite: the attached name, `main`).
+        """
+        engine = self.engine
+        vendor = vendor_of(engine.dialect)
+        server = server_of(engine.url)
+        schema = worker_schema = self._schema
+        if self._postgresql:
+            query = select(func.current_database(), self._job_schema, self._worker_schema)
+            database, schema, worker_schema = conn.execute(query).one()
+        elif vendor == "mysql":
+            # MySQL's schemas are its databases: the table's, or the connection's.
+            if schema is None:
+                schema = worker_schema = conn.execute(select(func.database())).scalar_one()
+            database = schema
+        elif vendor == "sqlite":
+            # An attached database is a schema there; its file is the database.
+            schema = worker_schema = schema or "main"
+            files = {row[1]: row[2] for row in conn.exec_driver_sql("PRAGMA database_list")}
+            database = _sqlite_file(files.get(schema), engine)
+        else:
+            database = engine.url.database
+            schema = worker_schema = schema or engine.dialect.default_schema_name
+        name = self.table.name
+        return Identity(
+            key=("sqlalchemy", vendor, server, database, schema, name),
+            worker_key=("sqlalchemy", vendor, server, database, worker_schema),
+            schema=schema,
+            worker_schema=worker_schema,
+            channel=channel_name(str(schema), name),
+        )
+
+    def _checking(self, stmt: Any, *, worker: bool = False) -> Any:
+        """`stmt` also selecting (or returning) the schema its table is found in, when
+        that is the search_path's to say (see `_checked`)."""
+        if not self._checked:
+            return stmt
+        found = self._worker_schema if worker else self._job_schema
+        if isinstance(stmt, Select):
+            return stmt.add_columns(found)
+        return stmt.returning(found)
+
+    def _check(self, found: Any, job_ids: Any, *, worker: bool = False) -> None:
+        """Refuse a statement that found the table in another schema than the one this
+        backend identified: the connection's search_path moved (a checkout event, a
+        `SET search_path` per request), and its keys would name another tenant's
+        table. The statement's transaction is rolled back: nothing was changed."""
+        ident = self._identity
+        assert ident is not None
+        expected = ident.worker_schema if worker else ident.schema
+        if found == expected:
+            return
+        table = WORKER_TABLE if worker else self.table.name
+        if job_ids is None:
+            which = self.model_name
+        elif isinstance(job_ids, list):  # a poll of several jobs
+            shown = ", ".join(map(repr, job_ids[:5]))
+            more = f" and {len(job_ids) - 5} more" if len(job_ids) > 5 else ""
+            which = f"{self.model_name} jobs {shown}{more}"
+        else:
+            which = f"{self.model_name} {job_ids!r}"
+        raise DbcancelError(
+            f"{which}: this Jobs works on the table {table!r} in schema {expected}, but "
+            f"this connection finds {table!r} in schema {found}: its search_path changed "
+            "under the engine (set per checkout or per request, say). dbcancel cannot "
+            "tell the tenants of one engine apart by a search_path that moves, and "
+            "refuses rather than act on another tenant's jobs; nothing was changed. Give "
+            "each tenant an engine of its own, and a Jobs on each: "
+            f"engine.execution_options(schema_translate_map={{None: {found!r}}}), or the "
+            f"search_path in the engine's connect options "
+            f"(connect_args={{'options': '-csearch_path={found}'}})"
+        )
+
+    def _counted(self, result: Any, job_ids: Any, *, worker: bool = False) -> int:
+        """The row count of a write, its rows checked when the write returns them."""
+        if not self._checked:
+            return int(result.rowcount)
+        rows = result.all()
+        for row in rows[:1]:  # one statement: every row was found in one schema
+            self._check(row[-1], job_ids, worker=worker)
+        return len(rows)
+
+    # -- Backend ------------------------------------------------------------------------
 
     def check_id(self, job_id: Any) -> None:
         """Refuse an id whose Python type cannot match the primary key column."""
@@ -372,6 +563,7 @@ class SQLAlchemyBackend:
         """Run `change` as one `UPDATE ... WHERE status IN (...)`; return the row count."""
         if not self._can_match(job_id, filters):
             return 0
+        ident = self._identity or self._identify()
         c = self.table.c
         now = utcnow()
         # MySQL evaluates SET assignments left to right, each seeing the ones before it:
@@ -391,23 +583,24 @@ class SQLAlchemyBackend:
         )
         if job_id is not None:
             stmt = self._hinted(stmt)
+        stmt = self._checking(stmt)
         notify = None
         if self._postgresql and change.to is Status.CANCELLED:
             # Watchers in other processes LISTEN for this; sent only if the UPDATE
             # changed a row, and delivered only when the transaction commits: a
             # payload that names the job is as good as the row, and spares them a poll.
             reason = change.values.get("cancel_reason")
-            notify = "*" if job_id is None else cancel_payload(job_id, reason)
+            payload = "*" if job_id is None else cancel_payload(job_id, reason)
+            notify = (ident.channel, payload)
         elif self._postgresql and "finished_at" in change.stamp:
             # The job has stopped: wake the wait() calls of other processes.
-            notify = end_payload(job_id)
+            notify = (ident.channel, end_payload(job_id))
         if using is not None:
-            count = int(using.execute(stmt).rowcount)  # type: ignore[attr-defined]
+            count = self._counted(using.execute(stmt), job_id)
             if notify is not None and count:
-                conn = using if isinstance(using, Connection) else using.connection()
-                conn.execute(select(func.pg_notify(self._channel_on(conn), notify)))
+                using.execute(select(func.pg_notify(*notify)))
             return count
-        return self._write(stmt, {}, notify=notify)
+        return self._write(stmt, {}, job_id, notify=notify)
 
     @staticmethod
     def _hinted(stmt: Any) -> Any:
@@ -426,22 +619,31 @@ class SQLAlchemyBackend:
         """One job's status, cancel reason and finished_at; None when there is no such row."""
         if not self._can_match(job_id, filters):
             return None
+        if self._identity is None:
+            self._identify()
         stmt = self._read_one
         params: dict[str, Any] = {"job_id": job_id}
         if filters:
-            stmt = select(*self._columns).where(*self._where(job_id, filters))
+            stmt = self._checking(select(*self._columns)).where(*self._where(job_id, filters))
             params = {}
         row = self._read(lambda conn: conn.execute(stmt, params).first())
-        return None if row is None else JobRow(Status(row[0]), row[1], row[2], row[3])
+        if row is None:
+            return None
+        if self._checked:
+            self._check(row[-1], job_id)
+        return JobRow(Status(row[0]), row[1], row[2], row[3])
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those `job_ids` that exist, in one query."""
         ids = [i for i in job_ids if self._id_rule.can_match(i)]
         if not ids:
             return {}
-        return _by_id(
-            self._read(lambda conn: conn.execute(self._read_many, {"job_ids": ids}).all())
-        )
+        if self._identity is None:
+            self._identify()
+        rows = self._read(lambda conn: conn.execute(self._read_many, {"job_ids": ids}).all())
+        if self._checked and rows:
+            self._check(rows[0][-1], ids)
+        return _by_id(rows)
 
     def _read(self, work: Callable[[Connection], _T]) -> _T:
         """Run one read, once more on a fresh connection if the pooled one was dead.
@@ -465,23 +667,24 @@ class SQLAlchemyBackend:
 
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp `finished_at` where it is still null (and `cancel_observed_at`)."""
-        self._write(
-            self._mark_stopped,
-            {"job_id": job_id, "now": utcnow(), "observed": observed_at},
-            notify=end_payload(job_id) if self._postgresql else None,
-        )
+        ident = self._identity or self._identify()
+        params = {"job_id": job_id, "now": utcnow(), "observed": observed_at}
+        notify = (ident.channel, end_payload(job_id)) if self._postgresql else None
+        self._write(self._mark_stopped, params, job_id, notify=notify)
 
     def beat_worker(self, worker_id: str, period: float) -> None:
         """Stamp this process's worker row with the database's clock, and its expiry
         `period` seconds times [`MISSED_BEATS`][dbcancel.backend.MISSED_BEATS] later; insert
         the row if it is missing."""
+        if self._identity is None:
+            self._identify()
         lifetime = beat_lifetime(period) // dt.timedelta(microseconds=1)
         params = {"worker": worker_id, "lifetime": lifetime}
 
         def work(conn: Connection) -> None:
             sql = self._liveness if self._expiry else self._legacy
-            if not conn.execute(sql.beat, params).rowcount:
-                conn.execute(sql.add, params)
+            if not self._counted(conn.execute(sql.beat, params), None, worker=True):
+                self._counted(conn.execute(sql.add, params), None, worker=True)
 
         try:
             self._run_liveness(work)
@@ -498,10 +701,15 @@ class SQLAlchemyBackend:
     def reap(self, stale_after: float, error: str) -> int:
         """Stop the jobs whose worker has not beaten for `stale_after` seconds nor
         within its own expiry (see [`Backend.reap`][dbcancel.backend.Backend.reap])."""
+        ident = self._identity or self._identify()
 
         def work(conn: Connection) -> int:
             sql = self._liveness if self._expiry else self._legacy
-            now = conn.execute(self._server_now).scalar_one()
+            row: Any = conn.execute(self._server_now).one()
+            now = row[0]
+            if self._checked:
+                self._check(row[1], None)
+                self._check(row[2], None, worker=True)
             params = {
                 "cutoff": now - dt.timedelta(seconds=stale_after),
                 "reaped_at": now,
@@ -510,7 +718,7 @@ class SQLAlchemyBackend:
             count = int(conn.execute(sql.reap, {**params, "now": now}).rowcount)
             conn.execute(sql.forget, params)
             if count and self._postgresql:
-                conn.execute(select(func.pg_notify(self._channel_on(conn), end_payload(None))))
+                conn.execute(select(func.pg_notify(ident.channel, end_payload(None))))
             return count
 
         return self._run_liveness(work)
@@ -543,7 +751,8 @@ class SQLAlchemyBackend:
     def _worker_columns(self) -> set[str] | None:
         """The names of the worker table's columns; None when there is no such table."""
         try:
-            columns = inspect(self.engine).get_columns(WORKER_TABLE, schema=self.table.schema)
+            # The schema the statements went to: translated, as SQLAlchemy renders it.
+            columns = inspect(self.engine).get_columns(WORKER_TABLE, schema=self._schema)
         except NoSuchTableError:
             return None
         return {str(c["name"]) for c in columns}
@@ -563,30 +772,28 @@ class SQLAlchemyBackend:
             )
         from ._pg import PgListener, connect_from_engine
 
-        return PgListener(connect_from_engine(self.engine), self._channel)
+        # The channel is the backend's, resolved through the engine (and its
+        # schema_translate_map), not on the listener's own raw connection.
+        return PgListener(connect_from_engine(self.engine), lambda: self.channel)
 
-    @property
-    def channel(self) -> str:
-        """This table's PostgreSQL notification channel (asks the database once)."""
-        with self.engine.connect() as conn:
-            return self._channel_on(conn)
-
-    def _channel_on(self, conn: Connection) -> str:
-        return self._channel.name(
-            lambda query, params: conn.exec_driver_sql(query, tuple(params)).scalar_one()
-        )
-
-    def _write(self, stmt: Any, params: dict[str, Any], *, notify: str | None = None) -> int:
+    def _write(
+        self,
+        stmt: Any,
+        params: dict[str, Any],
+        job_id: Any,
+        *,
+        notify: tuple[str, str] | None = None,
+    ) -> int:
         """Run one write in its own transaction (retried after a deadlock); the row count.
 
-        `notify`: a payload for `pg_notify` on this table's channel, sent in the same
+        `notify`: a channel and a payload for `pg_notify`, sent in the same
         transaction when the write changed a row.
         """
 
         def work(conn: Connection) -> int:
-            count = int(conn.execute(stmt, params).rowcount)
+            count = self._counted(conn.execute(stmt, params), job_id)
             if notify is not None and count:
-                conn.execute(select(func.pg_notify(self._channel_on(conn), notify)))
+                conn.execute(select(func.pg_notify(*notify)))
             return count
 
         return self._transaction(work)
@@ -595,8 +802,8 @@ class SQLAlchemyBackend:
         """Run `work` in its own transaction, and again when running it again is safe
         (see [`dbcancel.backend.run_retried`][dbcancel.backend.run_retried]): after a
         deadlock or lock timeout, up to five tries, and after a connection found dead
-        (SQLAlchemy has then emptied the pool, so the second try opens a fresh connection),
-        once."""
+        (SQLAlchemy has then emptied the pool, so the second try opens a fresh
+        connection), once."""
 
         def transaction() -> _T:
             with self.engine.connect() as conn, _timeouts.applied(_driver_connection(conn)):
@@ -638,16 +845,24 @@ class _Liveness(NamedTuple):
     forget: Any
 
     @classmethod
-    def build(cls, table: Table, workers: Table, *, expiry: bool) -> _Liveness:
+    def build(
+        cls, table: Table, workers: Table, checking: Callable[..., Any], *, expiry: bool
+    ) -> _Liveness:
         """With `expiry`, beats write `expires_at` and a worker counts as alive until
         it passes; without, for a worker table that predates the column, `stale_after`
-        alone judges (and the statements never name the column)."""
+        alone judges (and the statements never name the column). `checking` makes the
+        beats also say where they found the worker table (see `_checking`)."""
         c, w = table.c, workers.c
         stamps: dict[str, Any] = {"heartbeat_at": server_now()}
         if expiry:
             stamps["expires_at"] = server_expiry(bindparam("lifetime", type_=BigInteger()))
-        beat = update(workers).where(w.id == bindparam("worker")).values(**stamps)
-        add = workers.insert().values(id=bindparam("worker"), started_at=server_now(), **stamps)
+        beat = checking(
+            update(workers).where(w.id == bindparam("worker")).values(**stamps), worker=True
+        )
+        add = checking(
+            workers.insert().values(id=bindparam("worker"), started_at=server_now(), **stamps),
+            worker=True,
+        )
         cutoff = bindparam("cutoff", type_=w.heartbeat_at.type)
         fresh: Any = w.heartbeat_at >= cutoff
         stale: Any = w.heartbeat_at < cutoff

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import inspect
 import json
 import logging
 import threading
@@ -403,8 +404,21 @@ class Backend(Protocol):
     backends share.
     """
 
-    key: Hashable
-    """Identifies the database and table, so that jobs of one table are found in-process."""
+    @property
+    def key(self) -> Hashable:
+        """Identifies the table as the database resolves it, so that the jobs of one
+        table are found in-process: the server and database, the schema the table is in
+        (after whatever maps or search paths the connection applies), and its name. Two
+        backends on one table have equal keys; backends on two tables never do (the same
+        name in another schema or database is another table: another tenant's).
+
+        It may be a property that asks the database the first time it is read (and
+        again after a failed try); dbcancel reads it first when a job is run or
+        cancelled, never when a `Jobs` is built. Reads after the first must be cheap:
+        every `run()` and `cancel()` makes a few.
+        """
+        ...
+
     model_name: str
     """The model's name, for messages."""
     label: str
@@ -456,9 +470,13 @@ class Backend(Protocol):
         in the same UPDATE, unless that already holds an earlier value.
         """
 
-    worker_key: Hashable
-    """Identifies the worker table: the database (and schema) the job table lives in.
-    One process beats one row there, whatever the number of its jobs and tables."""
+    @property
+    def worker_key(self) -> Hashable:
+        """Identifies the worker table that `beat_worker` and `reap` use, as the
+        database resolves it (server, database, schema), like `key`. One process
+        beats one row there, whatever the number of its jobs and tables: two backends
+        whose statements reach two worker tables must never share it."""
+        ...
 
     def beat_worker(self, worker_id: str, period: float) -> None:
         """Stamp the worker row `worker_id` with the database's clock, and commit.
@@ -524,17 +542,22 @@ BACKEND_MEMBERS: tuple[str, ...] = (
 def check_backend(backend: Any) -> None:
     """Raise `TypeError` naming what `backend` lacks of [`Backend`][dbcancel.backend.Backend].
 
-    [`Jobs.from_backend`][dbcancel.Jobs.from_backend] calls it, so that a half-written backend fails
-    when the `Jobs` is built, not at the first cancel.
+    [`Jobs.from_backend`][dbcancel.Jobs.from_backend] calls it, so that a half-written
+    backend fails when the `Jobs` is built, not at the first cancel. It runs no
+    property: `key` and `worker_key` may ask the database when first read, which
+    building a `Jobs` must not do (the database may be down while the application
+    starts); their values are checked here only when they are plain attributes.
     """
-    missing = [name for name in BACKEND_MEMBERS if not hasattr(backend, name)]
+    missing = [name for name in BACKEND_MEMBERS if not _has_member(backend, name)]
     if missing:
         raise TypeError(
             f"{type(backend).__name__} is not a dbcancel backend: it lacks "
             f"{', '.join(missing)}; implement every member of dbcancel.backend.Backend"
         )
     for name in ("key", "worker_key"):
-        value = getattr(backend, name)
+        value = _static(backend, name)
+        if hasattr(type(value), "__get__"):
+            continue  # a property: computed, and used, at the first run or cancel
         try:
             hash(value)
         except TypeError:
@@ -542,6 +565,22 @@ def check_backend(backend: Any) -> None:
                 f"{type(backend).__name__}.{name} must be hashable (a tuple of strings, "
                 f"say), got {value!r}"
             ) from None
+
+
+def _static(backend: Any, name: str) -> Any:
+    """`backend.name` without running a property: the property itself, then."""
+    try:
+        return inspect.getattr_static(backend, name)
+    except AttributeError:
+        return getattr(backend, name)  # a member only __getattr__ knows of
+
+
+def _has_member(backend: Any, name: str) -> bool:
+    try:
+        _static(backend, name)
+    except AttributeError:
+        return False
+    return True
 
 
 # -- one retry policy ---------------------------------------------------------------------

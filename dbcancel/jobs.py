@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from ._client import check_seconds
-from ._health import health_for
+from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
 from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
@@ -197,9 +197,24 @@ class Jobs(JobsWorker):
         self._watch = watched_mode(watch, clock)
         self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._backend = backend
-        self._health = health_for(backend.key, backend.label)
+        # Found by the table's key, which the backend may have to ask the database for:
+        # at the first run or cancel (see the _health property), not here.
+        self._table_health: Health | None = None
 
     # -- properties -------------------------------------------------------------------
+
+    @property
+    def _health(self) -> Health:
+        """The poll counters and outages of this table in this process, shared by every
+        `Jobs` of the table (found by its key on first use)."""
+        health = self._table_health
+        if health is None:
+            health = self._table_health = health_for(self._backend.key, self._backend.label)
+        return health
+
+    @_health.setter
+    def _health(self, health: Health) -> None:
+        self._table_health = health
 
     @property
     def interval(self) -> float:

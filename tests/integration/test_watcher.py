@@ -80,10 +80,6 @@ def watcher_threads(db: Any) -> list[threading.Thread]:
     ]
 
 
-def db_key_url(db: Any) -> str:
-    return db.engine.url.render_as_string(hide_password=True)
-
-
 class StatusQueries:
     """Counts the statements the watcher thread sends that read the job table's status."""
 
@@ -758,40 +754,67 @@ def terminate(pg: Any, application_name: str) -> list[int]:
     return [pid for pid, _ in rows]
 
 
+@contextlib.contextmanager
+def schema_of_its_own(pg: Any, suffix: str) -> Iterator[Any]:
+    """A URL whose search_path is a new schema with the test tables: a table of the
+    test's own, whose watcher is of the test's own engine (one watcher per table and
+    process, whichever engine it was first asked for)."""
+    other = f"{make_url(pg.url).query['options'].split('=', 1)[1]}_{suffix}"
+    admin = create_engine(pg.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {other}"))
+    url = make_url(pg.url).update_query_dict({"options": f"-csearch_path={other}"})
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {other} CASCADE"))
+        admin.dispose()
+
+
 @postgresql_only
 def test_watcher_and_listener_recover_from_terminated_connections(pg, caplog):
     name = f"dbcancel-test-{uuid.uuid4().hex[:8]}"
-    url = make_url(pg.url).update_query_dict({"application_name": name})
-    engine = create_engine(url)  # no pre-ping: a dead pooled connection fails a poll
-    try:
-        # Interval 30 s: after the kill, only a working listener can deliver a cancel.
-        jobs = Jobs(engine, Analysis, interval=30.0, watch=True)
-        job = pg.add()
-        with jobs.run(job) as cp:
-            wait_until(lambda: jobs.stats().listening, 10, "the listener")
-            assert jobs.status(job) is Status.IN_PROGRESS  # a pooled connection, now idle
-            killed = terminate(pg, name)
-            assert len(killed) >= 2, killed  # the listener and the pooled poll connection
-            wait_until(lambda: jobs.stats().listener_errors >= 1, 10, "the listener to break")
-            wait_until(lambda: jobs.stats().listening, 10, "the listener to reconnect")
+    with schema_of_its_own(pg, "kill") as own:
+        url = own.update_query_dict({"application_name": name})
+        engine = create_engine(url)  # no pre-ping: a dead pooled connection fails a poll
+        try:
+            Base.metadata.create_all(engine)
+            with engine.begin() as conn:
+                job = conn.execute(TABLE.insert().returning(TABLE.c.id)).scalar_one()
+            # Interval 30 s: after the kill, only a working listener can deliver a cancel.
+            jobs = Jobs(engine, Analysis, interval=30.0, watch=True)
+            with jobs.run(job) as cp:
+                wait_until(lambda: jobs.stats().listening, 10, "the listener")
+                assert jobs.status(job) is Status.IN_PROGRESS  # a pooled connection, now idle
+                killed = terminate(pg, name)
+                assert len(killed) >= 2, killed  # the listener and the pooled poll connection
+                wait_until(lambda: jobs.stats().listener_errors >= 1, 10, "the listener to break")
+                wait_until(lambda: jobs.stats().listening, 10, "the listener to reconnect")
 
-            cli = [sys.executable, "-m", "dbcancel", "cancel", "--url", pg.url]
-            proc = subprocess.run(
-                [*cli, "--table", "analysis", str(job)],
-                cwd=ROOT,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert proc.returncode == 0, proc.stderr
-            wait_until(lambda: cp.cancelled, 10, "the cancel through the new listener")
+                cli = [sys.executable, "-m", "dbcancel", "cancel", "--url"]
+                proc = subprocess.run(
+                    [
+                        *cli,
+                        own.render_as_string(hide_password=False),
+                        "--table",
+                        "analysis",
+                        str(job),
+                    ],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert proc.returncode == 0, proc.stderr
+                wait_until(lambda: cp.cancelled, 10, "the cancel through the new listener")
 
-            # The watcher applies only what its poll reads: that poll, made after the
-            # pooled connections were killed, worked.
+                # The watcher applies only what its poll reads: that poll, made after the
+                # pooled connections were killed, worked.
+                assert jobs.stats().outage is None
             assert jobs.stats().outage is None
-        assert jobs.stats().outage is None
-    finally:
-        engine.dispose()
+        finally:
+            engine.dispose()
 
 
 @postgresql_only

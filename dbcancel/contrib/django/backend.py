@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import os
 import threading
 import uuid
 from collections.abc import Callable, Collection, Hashable, Mapping
@@ -34,7 +35,8 @@ from django.db.models.lookups import Exact, LessThan
 from django.utils import timezone
 
 from dbcancel import _timeouts
-from dbcancel._pg import Channel
+from dbcancel._identity import ROUTING_OPTIONS, Identity
+from dbcancel._pg import IDENTITY_SQL, channel_name
 from dbcancel.backend import (
     RETRIES,
     Change,
@@ -226,10 +228,13 @@ class DjangoBackend:
         self.alias = using
         self.model_name: str = name
         self.label = f"{name}@{using}"
-        self.key: Hashable = ("django", using, meta.db_table)
-        self.worker_key: Hashable = ("django", using)
         self._manager = model._base_manager
         connection = connections[using]
+        _refuse_switching_schemas(connection, name, using)
+        # Which tables: resolved on first use (see _resolve), never here, so that a
+        # DjangoJobs can be built while the database is down.
+        self._identity: Identity | None = None
+        self._identity_lock = threading.Lock()
         self._id_rule = _filter_rule(meta.pk, connection)
         self._id_type = self._id_rule.python_type
         # Filter names: "pk", each field's name and, for relations, its attname
@@ -243,12 +248,84 @@ class DjangoBackend:
         }
         self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
-        self._channel = Channel(meta.db_table, connection.ops.quote_name(meta.db_table))
         self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
         self._expiry = True  # until a statement finds the worker table without it
         if connections[using].vendor == "mysql":
             self._hint = _force_primary(connections[using].ops.quote_name(meta.db_table))
+
+    # -- identity ---------------------------------------------------------------------
+
+    @property
+    def key(self) -> Hashable:
+        """The job table as the database resolves it (see `_resolve`); asks the
+        database the first time, then a cached read."""
+        return (self._identity or self._identify()).key
+
+    @property
+    def worker_key(self) -> Hashable:
+        """The worker table of the alias's connections, as the database resolves it."""
+        return (self._identity or self._identify()).worker_key
+
+    @property
+    def channel(self) -> str:
+        """This table's PostgreSQL notification channel."""
+        return (self._identity or self._identify()).channel
+
+    def _identify(self) -> Identity:
+        """Resolve the tables on the database, once (a failed try is tried again at the
+        next use); one round trip, on the calling thread's connection."""
+        with self._identity_lock:
+            if self._identity is None:
+                self._identity = self._read(self._resolve)
+            return self._identity
+
+    def _resolve(self) -> Identity:
+        """`key` `("django", vendor, server, database, schema, db_table)` and
+        `worker_key` `("django", vendor, server, database, worker schema)`.
+
+        `vendor` is the connection's (`postgresql`, `mysql`, `sqlite`: the
+        server, whichever ENGINE wraps it); `server` the alias's ``(HOST, PORT,
+        routing OPTIONS)`; `database` PostgreSQL's `current_database()``, MySQL's
+        `DATABASE()`, the resolved path of the SQLite file (in memory: the alias's
+        own); `schema` where the connection's `search_path` finds the table
+        (PostgreSQL: the namespace of `to_regclass()`, the current schema while the
+        table does not exist; MySQL: the database; SQLite: `main`). The alias's
+        connections are the same in every thread, so one answer serves them all: a
+        connection that switches schemas per request is refused (when the DjangoJobs
+        is built, and by every call).
+        """
+        connection = connections[self.alias]
+        _refuse_switching_schemas(connection, self.model_name, self.alias)
+        vendor = connection.vendor
+        entry = connection.settings_dict
+        options = entry.get("OPTIONS") or {}
+        routing = tuple(sorted((k, str(v)) for k, v in options.items() if k in ROUTING_OPTIONS))
+        server = (entry.get("HOST") or None, str(entry.get("PORT") or "") or None, routing)
+        table = self.model._meta.db_table
+        quote = connection.ops.quote_name
+        with connection.cursor() as cursor:
+            if vendor == "postgresql":
+                cursor.execute(IDENTITY_SQL, [quote(table), quote(Worker._meta.db_table)])
+                database, schema, worker_schema = cursor.fetchone()
+            elif vendor == "mysql":
+                cursor.execute("SELECT DATABASE()")
+                database = schema = worker_schema = cursor.fetchone()[0]
+            elif vendor == "sqlite":
+                cursor.execute("PRAGMA database_list")
+                files = {row[1]: row[2] for row in cursor.fetchall()}
+                schema = worker_schema = "main"
+                file = files.get("main")
+                database = os.path.realpath(file) if file else f":memory:{self.alias}"
+            else:
+                database, schema, worker_schema = entry.get("NAME"), None, None
+        return Identity(
+            key=("django", vendor, server, database, schema, table),
+            worker_key=("django", vendor, server, database, worker_schema),
+            schema=schema,
+            worker_schema=worker_schema,
+            channel=channel_name(str(schema), table),
+        )
 
     # -- Backend ----------------------------------------------------------------------
 
@@ -336,6 +413,8 @@ class DjangoBackend:
             notify = "*" if job_id is None else cancel_payload(job_id, reason)
         elif self._postgresql and "finished_at" in change.stamp:
             notify = end_payload(job_id)  # the job has stopped: wake remote wait()s
+        if notify is not None:
+            self.channel  # noqa: B018 - resolved before the transaction opens
 
         def update() -> int:
             with self._hinted(job_id is not None):
@@ -346,6 +425,7 @@ class DjangoBackend:
 
         if using is not None:
             self._check_caller_transaction(using)
+            _refuse_switching_schemas(connections[self.alias], self.model_name, self.alias)
             return update()
         return self._write(update)
 
@@ -398,8 +478,8 @@ class DjangoBackend:
 
     def _notify(self, payload: str) -> None:
         """`pg_notify` on this table's channel, in the current transaction."""
+        channel = self.channel
         with connections[self.alias].cursor() as cursor:
-            channel = self._channel.name(lambda q, p: _scalar(cursor, q, p))
             cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
 
     def beat_worker(self, worker_id: str, period: float) -> None:
@@ -577,13 +657,7 @@ class DjangoBackend:
 
             return psycopg.connect(**connection.get_connection_params())
 
-        return PgListener(connect, self._channel)
-
-    @property
-    def channel(self) -> str:
-        """This table's PostgreSQL notification channel (asks the database once)."""
-        with connections[self.alias].cursor() as cursor:
-            return self._channel.name(lambda q, p: _scalar(cursor, q, p))
+        return PgListener(connect, lambda: self.channel)
 
     # -- connections ------------------------------------------------------------------
 
@@ -626,13 +700,17 @@ class DjangoBackend:
         began: list[Any] = [None]
 
         def attempt() -> _T:
-            began[0] = connections[self.alias].connection
+            connection = connections[self.alias]
+            # A few attribute lookups: a wrapper that switched schemas since is refused
+            # before anything is sent.
+            _refuse_switching_schemas(connection, self.model_name, self.alias)
+            began[0] = connection.connection
             if _timeouts.current() is None:
                 return work()
             # A round-trip limit (the runtime's polls and beats): on the connection the
             # work will use, opened first if it is not.
-            connections[self.alias].ensure_connection()
-            with _timeouts.applied(connections[self.alias].connection):
+            connection.ensure_connection()
+            with _timeouts.applied(connection.connection):
                 return work()
 
         faults = Faults(
@@ -723,6 +801,32 @@ def _force_primary(quoted_table: str) -> Callable[..., Any]:
     return wrapper
 
 
-def _scalar(cursor: Any, query: str, params: list[str]) -> Any:
-    cursor.execute(query, params)
-    return cursor.fetchone()[0]
+_SWITCHES_SCHEMAS = ("schema_name", "set_schema", "set_tenant")
+"""What a connection that switches schemas per request has: django-tenants' and
+django-tenant-schemas' wrappers set `connection.schema_name` (and `tenant`) per
+request and `SET search_path` on their cursors."""
+
+
+def _refuse_switching_schemas(connection: Any, model_name: str, alias: str) -> None:
+    """Refuse an alias whose connection moves its search_path per request.
+
+    A DjangoJobs keys its jobs, its watcher and its heartbeat by the table the alias
+    reaches, once; its watcher and heartbeat threads open their own connections, which
+    such a wrapper points at whatever schema it starts in. dbcancel cannot tell which
+    tenant's table a call would reach, and refuses rather than guess.
+    """
+    found = [name for name in _SWITCHES_SCHEMAS if hasattr(connection, name)]
+    if not found:
+        return
+    kind = f"{type(connection).__module__}.{type(connection).__name__}"
+    schema = getattr(connection, "schema_name", None)
+    now = "" if schema is None else f", now on schema {schema!r}"
+    raise DbcancelError(
+        f"DjangoJobs({model_name}) on database {alias!r}: its connection ({kind}{now}) "
+        "switches schemas per request, so dbcancel cannot tell which tenant's table a "
+        "cancel, a poll or a heartbeat would reach, and refuses rather than act on "
+        "another tenant's jobs. Give each tenant schema a database alias of its own in "
+        "DATABASES (ENGINE 'django.db.backends.postgresql', OPTIONS "
+        "{'options': '-c search_path=<schema>'}) and build one DjangoJobs per alias "
+        "(using=...); see the Tenants section of dbcancel's operations docs"
+    )

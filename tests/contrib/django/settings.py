@@ -2,7 +2,11 @@
 
 * ``default``: SQLite, in a file (threads and child processes must reach it);
 * ``postgresql`` and ``mariadb``: the servers of ``DBCANCEL_TEST_POSTGRESQL`` and
-  ``DBCANCEL_TEST_MARIADB`` (SQLAlchemy URLs, the variables ``tests/conftest.py`` reads).
+  ``DBCANCEL_TEST_MARIADB`` (SQLAlchemy URLs, the variables ``tests/conftest.py`` reads);
+* ``postgresql_tenant``: the test database of ``postgresql`` (a test mirror), with the
+  ``search_path`` of its connections set to a schema of its own, :data:`TENANT_SCHEMA`
+  (``test_tenants.py`` creates it and its tables): the same table names as
+  ``postgresql``'s, other tables.
 
 pytest-django creates a test database per alias. Their names carry the process id and a
 random suffix, so that runs of the suite started at the same time on one machine do not
@@ -36,6 +40,9 @@ SERVERS = {
 }
 ALIASES = {"sqlite": "default", "postgresql": "postgresql", "mariadb": "mariadb"}
 """Database name (as the rest of the suite calls them) → Django alias."""
+TENANT_ALIAS = "postgresql_tenant"
+TENANT_SCHEMA = f"t{RUN}"
+"""The schema every connection of :data:`TENANT_ALIAS` has as its ``search_path``."""
 
 _unreachable: dict[str, str | None] = {}
 
@@ -88,6 +95,12 @@ def databases() -> dict[str, dict[str, Any]]:
         },
         "postgresql": _server("postgresql"),
         "mariadb": _server("mariadb"),
+        TENANT_ALIAS: {
+            **_server("postgresql"),
+            "OPTIONS": {"options": f"-c search_path={TENANT_SCHEMA}"},
+            # Not created, nor flushed: it is postgresql's test database.
+            "TEST": {"MIRROR": "postgresql"},
+        },
     }
 
 
