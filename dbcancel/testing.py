@@ -36,12 +36,13 @@ class FakeClock:
 
 
 def close_watchers(timeout: float = 10.0) -> None:
-    """Make the idle watcher threads of this process close their database connections now.
+    """Make this process's runtime close the database connections it keeps while idle, now.
 
-    A watcher thread (the default, watched mode) keeps its connection to the database,
+    The runtime thread (the default, watched mode) keeps its connection to a database,
     and on PostgreSQL a LISTEN connection, open for a few seconds after its last job
-    ends. A test suite that drops its test database right after the last test (Django's
-    test runner and pytest-django on PostgreSQL do) calls this first, once no job runs:
+    there ends. A test suite that drops its test database right after the last test
+    (Django's test runner and pytest-django on PostgreSQL do) calls this first, once no
+    job runs:
 
     ```python
     @pytest.fixture(scope="session", autouse=True)
@@ -50,8 +51,9 @@ def close_watchers(timeout: float = 10.0) -> None:
         dbcancel.testing.close_watchers()
     ```
 
-    The next watched job reopens them. Raises `TimeoutError` when a watcher still
-    has running jobs, or has not closed them within `timeout` seconds.
+    The next watched job reopens them. Raises `TimeoutError` when jobs of a database
+    still run in this process, or its connections were not closed within `timeout`
+    seconds.
     """
     from ._runtime import current_runtime
 
@@ -59,6 +61,6 @@ def close_watchers(timeout: float = 10.0) -> None:
     busy = [] if rt is None else rt.close_idle(timeout)
     if busy:
         raise TimeoutError(
-            f"the watcher(s) of {', '.join(busy)} did not close their connections within "
-            f"{timeout}s: jobs of those tables still run in this process; let them end first"
+            f"the runtime did not close its connections to {', '.join(busy)} within "
+            f"{timeout}s: jobs of those databases still run in this process; let them end first"
         )
