@@ -90,6 +90,8 @@ NOTIFY_INTERVAL = 10.0
 """The interval of the (h) watcher: far longer than any latency that NOTIFY delivers."""
 NOTIFY_TARGET = 0.100
 """(h) target: p95 well under one second; the verdict uses 100 ms."""
+WAIT_TARGET = 0.100
+"""(k): a remote ``wait()`` returns within this of the worker's end (p95)."""
 HOT_TARGET = 1.5
 """(i) target: watcher-mode ``cp()`` at most 1.5x a loop calling an empty bound method."""
 CANCEL_DELAY = (0.05, 0.25)
@@ -199,6 +201,8 @@ class Trial:
     polls: int = 0
     notifications: int = 0
     listening: bool = False
+    wait_lag: float | None = None
+    """(k): seconds from the worker's loop exit to this process's ``wait()`` returning."""
 
 
 @dataclass
@@ -432,6 +436,10 @@ def watch_trial(db: Database, jobs: Jobs, child: Child, rng: random.Random) -> T
     jobs.cancel(job_id)
     cancelled_at = time.monotonic()
     # CLOCK_MONOTONIC is system-wide on Linux: the child's reading compares with ours.
+    # (k) The cancel-then-delete flow: wait until the worker has really stopped. The
+    # worker's interval and ours are 10 s: only its end's notification returns this soon.
+    jobs.wait(job_id, timeout=NOTIFY_INTERVAL * 2 + TIMEOUT)
+    returned_at = time.monotonic()
     _, exited, polls, notifications, listening = child.expect(
         "exited", NOTIFY_INTERVAL * 2 + TIMEOUT
     ).split()
@@ -441,6 +449,7 @@ def watch_trial(db: Database, jobs: Jobs, child: Child, rng: random.Random) -> T
         int(polls),
         int(notifications),
         listening == "1",
+        returned_at - float(exited),
     )
 
 
@@ -628,6 +637,19 @@ def summary_rows(report: Report) -> list[list[str]]:
                 "—",
             ]
         )
+        lags = [t.wait_lag for t in watched if t.wait_lag is not None]
+        if lags:
+            lag95 = nearest_rank(lags, 0.95)
+            rows.append(
+                [
+                    "(k) `wait()` in another process returns after the worker's loop exits, "
+                    f"PostgreSQL, interval {NOTIFY_INTERVAL:g} s",
+                    f"p50 {fmt_ms(nearest_rank(lags, 0.5))} ms, p95 {fmt_ms(lag95)} ms, "
+                    f"max {fmt_ms(max(lags))} ms (n={len(lags)})",
+                    f"p95 ≤ {fmt_ms(WAIT_TARGET)} ms",
+                    verdict(lag95 <= WAIT_TARGET),
+                ]
+            )
     else:
         rows.append(["(h) cancel latency with PostgreSQL NOTIFY", "not measured", "—", "—"])
     bound = report.loops[BOUND].best
