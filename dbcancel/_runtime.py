@@ -312,6 +312,14 @@ class Runtime:
         """A `threading.Event` set when a notification names `job_id` (its cancel, or its
         end), for the block; None when the database sends none (poll instead)."""
         with self._cond:
+            db = self._databases.get(backend.worker_key)
+            table = None if db is None else db.tables.get(backend.key)
+        if table is None and _listener_of(backend) is None:
+            # Nothing announces ends here: the caller polls, and the runtime keeps no
+            # state (nor engine) for a database it has nothing to do for.
+            yield None
+            return
+        with self._cond:
             table = self._table(backend, None)
             if table.listener is None:
                 event = None

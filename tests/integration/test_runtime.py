@@ -446,6 +446,7 @@ def test_thirty_databases_leave_one_thread_and_no_engine_behind(tmp_path, monkey
         jobs = Jobs(engine, Analysis, interval=INTERVAL)  # watched: the runtime serves it
         with jobs.run(job) as cp:
             cp()
+        assert jobs.wait(job, timeout=10) is Status.COMPLETED
         engine.dispose()
     wait_until(lambda: rt.stats().databases == 0, 10, "the idle databases to be forgotten")
     threads = [t for t in _dbcancel_threads() if t not in before]
