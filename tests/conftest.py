@@ -70,7 +70,9 @@ def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         # A generous busy timeout: threads of one test write to the same file.
         return create_engine(url, connect_args={"timeout": 30})
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # Few connections kept between tests, many allowed at once (the stress tests' threads):
+    # four xdist workers share the server's connection limit (100 on PostgreSQL).
+    return create_engine(url, pool_size=4, max_overflow=36, pool_pre_ping=True)
 
 
 @pytest.fixture(
