@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Project tasks that need nothing but Python 3.11+.
 
-``python3 tasks.py demo|test|test-all|check|docs|bench``. Each task creates the virtualenv
+``python3 tasks.py demo|test|test-all|check|build|docs|bench``. Each task creates the virtualenv
 ``.venv`` when it is missing, installs what the task needs into it, and runs the task
 there, so a fresh clone needs no other setup. The install is skipped when nothing it
 depends on changed since the last one: a stamp file in the virtualenv holds a hash of
@@ -50,7 +50,8 @@ def _stamp_of(extra: str | None, interpreter: str) -> str:
     digest = hashlib.sha256()
     for name in ("setup.cfg", "pyproject.toml"):
         digest.update((ROOT / name).read_bytes())
-    digest.update(f"extra={extra}\npython={interpreter}\n".encode())
+    # How the clone is installed: a .venv installed otherwise is installed again.
+    digest.update(f"extra={extra}\npython={interpreter}\nediting=compat\n".encode())
     return digest.hexdigest()
 
 
@@ -81,7 +82,12 @@ def _install(extra: str | None, venv_dir: Path = VENV, base: str | None = None) 
     target = f".[{extra}]" if extra else "."
     if _run(py, "-m", "pip", "install", "--quiet", "--upgrade", "pip") != 0:
         sys.exit("pip could not upgrade itself; see the output above")
-    if _run(py, "-m", "pip", "install", "--quiet", "-e", target) != 0:
+    # compat: the clone itself goes on sys.path, where its regular package wins over the
+    # namespace package that Python makes of the clone's folder when started from the
+    # folder that holds it (setuptools' default editable mode imports through a finder
+    # that comes after that search, and loses to it).
+    compat = ("--config-settings", "editable_mode=compat")
+    if _run(py, "-m", "pip", "install", "--quiet", *compat, "-e", target) != 0:
         sys.exit(f"installing {target} failed; see the output above")
     # Keep the stamps of extras installed from the same files; drop stale ones.
     fresh = [s for s in have if s in {_stamp_of(e, interpreter) for e in _EXTRAS}]
@@ -216,6 +222,13 @@ def docs(args: list[str]) -> int:
     return _run(PY, "-m", "mkdocs", "serve", "--strict", *args)
 
 
+def build(args: list[str]) -> int:
+    """Build the wheel and the sdist into dist/ (what `pip install dist/...whl` takes)."""
+    py = _install("dev")
+    out = ROOT / "dist"
+    return _run(py, "-m", "build", "--sdist", "--wheel", "--outdir", out, *args, ROOT)
+
+
 BENCHMARKS = ("core", "media", "watch", "liveness", "celery")
 
 
@@ -232,6 +245,7 @@ TASKS = {
     "test": test,
     "test-all": test_all,
     "check": check,
+    "build": build,
     "docs": docs,
     "bench": bench,
 }

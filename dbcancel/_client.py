@@ -107,7 +107,7 @@ class JobsClient:
     def status(self, job_id: JobId) -> Status:
         """The job's current status, read from the database."""
         self._backend.check_id(job_id)
-        return self._read(job_id).status
+        return self._read(job_id, changing=False).status
 
     def wait(self, job_id: JobId, timeout: float | None = None) -> Status:
         """Block until the job has stopped (`finished_at` set); return its final status.
@@ -132,7 +132,7 @@ class JobsClient:
             while True:
                 if woken is not None:
                     woken.clear()
-                row = self._read(job_id)
+                row = self._read(job_id, changing=False)
                 remaining = math.inf if deadline is None else deadline - time.monotonic()
                 if row.finished_at is not None:
                     # The run of the job in this process has written its end but may
@@ -202,8 +202,13 @@ class JobsClient:
 
     # -- shared with the worker side --------------------------------------------------
 
-    def _read(self, job_id: Any, where: Mapping[str, Any] | None = None) -> JobRow:
+    def _read(
+        self, job_id: Any, where: Mapping[str, Any] | None = None, *, changing: bool = True
+    ) -> JobRow:
+        """The job's row, or [`JobNotFound`][dbcancel.JobNotFound] (`changing`: whether
+        the caller meant to change it, so that the error says nothing was)."""
         row = self._backend.read(job_id, where)
         if row is None:
-            raise JobNotFound(self._backend.model_name, job_id, dict(where) if where else None)
+            filters = dict(where) if where else None
+            raise JobNotFound(self._backend.model_name, job_id, filters, changing=changing)
         return row

@@ -24,7 +24,7 @@ try:
         TypeDecorator,
         event,
     )
-    from sqlalchemy.dialects import mysql
+    from sqlalchemy.dialects import mysql, sqlite
     from sqlalchemy.orm import Mapped, declared_attr, mapped_column
     from sqlalchemy.sql.naming import conv
 except ImportError as err:  # pragma: no cover - exercised in a subprocess
@@ -136,6 +136,33 @@ def _add_status_check(column: Column[Any], table: Table) -> None:
         CheckConstraint(status_check_sql(column.name), name=conv(status_check_name(table.name)))
     )
     worker_table(table.metadata, table.schema)
+    _never_reuse_ids(table)
+
+
+_SQLITE = sqlite.dialect()
+
+
+def _never_reuse_ids(table: Table) -> None:
+    """Make SQLite never hand out a deleted job's id again (`AUTOINCREMENT`).
+
+    Without it SQLite gives a new row the largest rowid plus one, so deleting the newest
+    job frees its id for the next one, and a late cancel or status request for the
+    deleted job reaches the new job. Only where SQLite allows it: a single primary key
+    column that SQLite makes an `INTEGER PRIMARY KEY` (a `BigInteger` renders `BIGINT`
+    there, which `AUTOINCREMENT` refuses: `BigInteger().with_variant(Integer(),
+    "sqlite")` is the usual way to have both). A `sqlite_autoincrement` in the model's
+    own `__table_args__` wins.
+    """
+    pk = list(table.primary_key.columns)
+    if len(pk) != 1 or pk[0].foreign_keys:
+        return
+    if _SQLITE.type_compiler_instance.process(pk[0].type.dialect_impl(_SQLITE)) != "INTEGER":
+        return
+    # The options given to the Table (the model's __table_args__, applied before the
+    # columns attach) are the non-default ones.
+    given = getattr(table.dialect_options["sqlite"], "_non_defaults", {})
+    if "autoincrement" not in given:
+        table.dialect_kwargs["sqlite_autoincrement"] = True
 
 
 class CancellableMixin:
@@ -154,6 +181,13 @@ class CancellableMixin:
     `worker_id` (the process running it). "Stopped" means `finished_at IS NOT
     NULL`. Change `status` only through [`Jobs`][dbcancel.Jobs]. The model's metadata
     also gets the `WORKER_TABLE`, where each worker process beats.
+
+    On SQLite the table is made `AUTOINCREMENT` (`sqlite_autoincrement=True`) when its
+    primary key is one integer column, so that the id of a deleted job is never given to
+    a new one (SQLite otherwise reuses the largest id): a late cancel or status request
+    for a deleted job then finds nothing instead of the next job. A model's own
+    `__table_args__` may set `sqlite_autoincrement` otherwise. Tables made before
+    this must be rebuilt to get it (see the operations guide).
     """
 
     @declared_attr

@@ -374,7 +374,7 @@ class SQLAlchemyBackend:
         self._checked = self._postgresql and self._schema is None
 
         c = self.table.c
-        self._columns = (c.status, c.cancel_reason, c.finished_at, c.error)
+        self._columns = (c.status, c.cancel_reason, c.finished_at, c.error, c.worker_id)
         self._read_one = self._checking(select(*self._columns)).where(
             self.pk == bindparam("job_id")
         )
@@ -460,12 +460,46 @@ class SQLAlchemyBackend:
             database = engine.url.database
             schema = worker_schema = schema or engine.dialect.default_schema_name
         name = self.table.name
+        self._check_tables(conn)
         return Identity(
             key=("sqlalchemy", vendor, server, database, schema, name),
             worker_key=("sqlalchemy", vendor, server, database, worker_schema),
             schema=schema,
             worker_schema=worker_schema,
             channel=channel_name(str(schema), name),
+        )
+
+    def _check_tables(self, conn: Connection) -> None:
+        """Refuse, once and clearly, a job table or worker table that does not exist,
+        rather than let the first statement that needs it fail with the driver's error
+        (the worker table's only at the first run, deep in the runtime)."""
+        found = inspect(conn)
+        job_table = found.has_table(self.table.name, schema=self._schema)
+        workers = found.has_table(WORKER_TABLE, schema=self._schema)
+        if job_table and workers:
+            return
+        where = "" if self._schema is None else f" in schema {self._schema!r}"
+        verb = "does not exist"
+        if not job_table:
+            missing = f"the table {self.table.name!r} of {self.model_name}"
+            if not workers:
+                missing += f" and the worker table {WORKER_TABLE!r}"
+                verb = "do not exist"
+            fix = (
+                "create the tables with metadata.create_all(engine) (CancellableMixin puts "
+                f"{WORKER_TABLE!r} in the model's metadata too), or in an Alembic migration"
+            )
+        else:
+            missing = f"the worker table {WORKER_TABLE!r} beside {self.model_name}'s table"
+            fix = (
+                "every process that runs jobs beats its row there, and reap() reads it: "
+                "create it with metadata.create_all(engine) (CancellableMixin puts it in the "
+                "model's metadata), or in a migration with op.add_cancellation() or "
+                "op.upgrade_cancellation()"
+            )
+        raise DbcancelError(
+            f"{missing} {verb}{where} on {self.engine.url.render_as_string()}: "
+            f"{fix}; nothing was changed"
         )
 
     def _checking(self, stmt: Any, *, worker: bool = False) -> Any:
@@ -631,7 +665,7 @@ class SQLAlchemyBackend:
             return None
         if self._checked:
             self._check(row[-1], job_id)
-        return JobRow(Status(row[0]), row[1], row[2], row[3])
+        return JobRow(Status(row[0]), row[1], row[2], row[3], row[4])
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those `job_ids` that exist, in one query."""
@@ -899,8 +933,8 @@ class _Liveness(NamedTuple):
 
 
 def _by_id(rows: Any) -> dict[Any, JobRow]:
-    """Rows of (id, status, cancel_reason, finished_at, error) as JobRows by id."""
-    return {r[0]: JobRow(Status(r[1]), r[2], r[3], r[4]) for r in rows}
+    """Rows of (id, status, cancel_reason, finished_at, error, worker_id) as JobRows by id."""
+    return {r[0]: JobRow(Status(r[1]), r[2], r[3], r[4], r[5]) for r in rows}
 
 
 _RETRIES = RETRIES

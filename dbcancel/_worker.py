@@ -137,7 +137,11 @@ class JobsWorker(JobsClient):
                 row = self._read(job_id, where)
                 if row.status is not Status.CANCELLED:
                     raise InvalidTransition(
-                        b.model_name, job_id, row.status.value, Status.IN_PROGRESS.value
+                        b.model_name,
+                        job_id,
+                        row.status.value,
+                        Status.IN_PROGRESS.value,
+                        row.worker_id if row.status is Status.IN_PROGRESS else None,
                     )
                 reason = row.cancel_reason
         finally:

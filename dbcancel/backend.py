@@ -134,12 +134,17 @@ def utcnow() -> dt.datetime:
 
 
 class JobRow(NamedTuple):
-    """The columns of one job that the logic needs."""
+    """The columns of one job that the logic needs.
+
+    `worker_id` (the worker that runs or ran the job) serves messages only ("already
+    running in worker ..."); a backend that does not read it leaves it None.
+    """
 
     status: Status
     cancel_reason: str | None
     finished_at: dt.datetime | None
     error: str | None = None
+    worker_id: str | None = None
 
 
 def row_text(row: JobRow) -> str | None:

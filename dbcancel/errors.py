@@ -44,40 +44,73 @@ class JobNotFound(DbcancelError, LookupError):
     """No job row has this id (or it exists but does not match the `where` filters).
 
     A row that exists but belongs to someone else is reported exactly like a missing row,
-    so that callers cannot probe for other users' jobs.
+    so that callers cannot probe for other users' jobs. `changing` is True when the call
+    would have changed the row (a cancel, a run): the message then says that nothing was
+    changed; a read ([`Jobs.status`][dbcancel.Jobs.status], [`Jobs.wait`][dbcancel.Jobs.wait])
+    changes nothing by nature and does not say so.
     """
 
-    def __init__(self, model: str, job_id: JobId, where: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        job_id: JobId,
+        where: dict[str, Any] | None = None,
+        *,
+        changing: bool = True,
+    ) -> None:
         self.model = model
         self.job_id = job_id
         self.where = dict(where) if where else None
+        self.changing = changing
         text = f"{model} {job_id!r} not found"
         if where:
             text += f" (or it does not match {self.where!r})"
-        super().__init__(text + "; nothing was changed")
+        super().__init__(text + ("; nothing was changed" if changing else ""))
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.model, self.job_id, self.where))
+        return (_job_not_found, (type(self), self.model, self.job_id, self.where, self.changing))
+
+
+def _job_not_found(
+    cls: type[JobNotFound], model: str, job_id: JobId, where: Any, changing: bool
+) -> JobNotFound:
+    """Rebuild a pickled [`JobNotFound`][dbcancel.JobNotFound] (its `changing` is
+    keyword-only)."""
+    return cls(model, job_id, where, changing=changing)
 
 
 class InvalidTransition(DbcancelError):
     """A status change that the transition table does not allow.
 
     `current` is the status the row had when the change was refused, `wanted` the
-    status that was asked for.
+    status that was asked for, `worker` the worker the row names (`host:pid:token`, or
+    None): a run refused because the job is already running says in which worker.
     """
 
-    def __init__(self, model: str, job_id: JobId, current: str, wanted: str) -> None:
+    def __init__(
+        self, model: str, job_id: JobId, current: str, wanted: str, worker: str | None = None
+    ) -> None:
         self.model = model
         self.job_id = job_id
         self.current = current
         self.wanted = wanted
-        super().__init__(
-            f"{model} {job_id!r} cannot go from {current!r} to {wanted!r}; nothing was changed"
-        )
+        self.worker = worker
+        if current == wanted == "in_progress":
+            where = f" in worker {worker}" if worker else ""
+            text = (
+                f"{model} {job_id!r} is already running{where}, so it cannot start again "
+                f"(from {current!r} to {wanted!r}); nothing was changed. A job runs once: "
+                "wait for it (jobs.wait), cancel it, or, if that worker is gone, let "
+                "jobs.reap() fail it and create a new job"
+            )
+        else:
+            text = (
+                f"{model} {job_id!r} cannot go from {current!r} to {wanted!r}; nothing was changed"
+            )
+        super().__init__(text)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.model, self.job_id, self.current, self.wanted))
+        return (type(self), (self.model, self.job_id, self.current, self.wanted, self.worker))
 
 
 class JobNotRunnable(DbcancelError):

@@ -66,6 +66,15 @@ def test_a_changed_setup_cfg_or_extra_installs_again(tasks, tmp_path: Path) -> N
     assert pip_installs(tasks)[-1][-1] == ".[docs]"
 
 
+def test_the_clone_is_installed_editable_in_compat_mode(tasks, tmp_path: Path) -> None:
+    """compat puts the clone on sys.path, so that Python started from the folder that
+    holds the clone imports the package, not the clone's folder as a namespace."""
+    tasks._install("dev", tmp_path / "venv")
+    install = pip_installs(tasks)[-1]
+    assert install[-2:] == ("-e", ".[dev]")
+    assert install[-4:-2] == ("--config-settings", "editable_mode=compat")
+
+
 def _runs(expression: str, marks: set[str]) -> bool:
     from _pytest.mark.expression import Expression
 

@@ -1,16 +1,14 @@
 """A Celery app whose tasks stop through the database: ``dbcancel.contrib.celery``.
 
-Run a worker from this folder, with RabbitMQ and Redis on this machine::
-
-    DATABASE_URL=sqlite:////tmp/analysis.db celery -A tasks worker -c 2
-    DATABASE_URL=sqlite:////tmp/analysis.db python tasks.py     # submit, cancel, wait
-
-``BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``) and ``RESULT_BACKEND``
-(default ``redis://127.0.0.1:6379/0``) point elsewhere.
+How to start a worker, submit and cancel jobs, and stop it: README.md beside this file.
+``BROKER_URL`` (default ``amqp://guest:guest@127.0.0.1:5672//``), ``RESULT_BACKEND``
+(default ``redis://127.0.0.1:6379/0``), ``DATABASE_URL`` (default ``sqlite:///analysis.db``)
+and ``QUEUE`` (default ``analysis``) point elsewhere.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -47,12 +45,21 @@ Base.metadata.create_all(engine)
 cancellable = CeleryJobs(app, engine, Analysis, interval=0.5)
 
 
+# A plain logger: the cancel line comes from the runtime thread, outside the task's
+# context. The worker prints INFO lines with --loglevel INFO.
+log = logging.getLogger("analyses")
+
+
 @cancellable.task(autoretry_for=(ConnectionError,), max_retries=3)
 def analyse(cp: Checkpoint, job_id: int, files: int) -> int:
     """The task body runs inside ``jobs.run(job_id)``: completed, failed or cancelled."""
+    log.info("analysis %s started: %d files", job_id, files)
+    # Runs where the cancel is seen (the runtime thread): the body stops at its next cp().
+    cp.on_cancel(lambda: log.info("analysis %s cancelled: %s", job_id, cp.reason))
     for _ in range(files):
         cp()  # raises Cancelled once the job is cancelled, from any process
         time.sleep(0.1)  # the work of one file
+    log.info("analysis %s completed: %d files", job_id, files)
     return files
 
 
@@ -74,6 +81,7 @@ def main() -> int:
     deadline = time.monotonic() + 60
     while jobs.status(stop) is Status.PENDING and time.monotonic() < deadline:
         time.sleep(0.05)
+    print("cancelling", stop)
     jobs.cancel(stop, reason="user deleted it", where={"user_id": "alice"})
     print("stopped:", jobs.wait(stop, timeout=30).value)  # cancelled
     stopped.get(timeout=30, propagate=False)  # the worker records REVOKED as it stops

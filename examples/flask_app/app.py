@@ -146,8 +146,13 @@ def analyze_session(cp: Checkpoint, *, view: str) -> None:
     raised by ``cp()`` before each file or by ``analyze()`` between and during frames,
     ends the job as ``cancelled``.
     """
+    log.info("analysis %s started (view %s)", cp.job_id, view)
+    # Runs where the cancel is seen: the canceller's thread here, the runtime thread in
+    # another process. The worker stops at its next checkpoint.
+    cp.on_cancel(lambda: log.info("analysis %s cancelled: %s", cp.job_id, cp.reason))
     try:
         _analyze_files(cp, view=view)
+        log.info("analysis %s completed", cp.job_id)
     finally:
         analysis_stopped.send(current_app._get_current_object(), analysis_id=cp.job_id)
 
@@ -410,6 +415,7 @@ def delete_analysis(analysis_id: int) -> ResponseReturnValue:
         # Ownership is part of the cancel's one conditional UPDATE: someone else's
         # analysis is a 404, and nothing changes.
         jobs.cancel(analysis_id, reason="deleted by its owner", where={"user_id": user})
+        log.info("analysis %s cancel requested by %s; waiting for it to stop", analysis_id, user)
         final = jobs.wait(analysis_id, timeout=current_app.config["STOP_TIMEOUT"])
     except JobNotFound:
         abort(404, f"no analysis {analysis_id}")
@@ -420,6 +426,7 @@ def delete_analysis(analysis_id: int) -> ResponseReturnValue:
         db.session.execute(
             delete(Analysis).where(Analysis.id == analysis_id, Analysis.user_id == user)
         )
+    log.info("analysis %s stopped (%s); deleted", analysis_id, final.value)
     return {"deleted": analysis_id, "status": final.value}
 
 
@@ -440,7 +447,13 @@ def delete_video() -> ResponseReturnValue:
     )
     if owned is None:
         abort(404, f"no session {session_id!r}")
-    jobs.cancel_where(user_id=user, session_id=session_id)
+    cancelled = jobs.cancel_where(user_id=user, session_id=session_id)
+    log.info(
+        "session %s: delete requested by %s, %d analysis(es) cancelled; waiting for them",
+        session_id,
+        user,
+        cancelled,
+    )
     running = db.session.scalars(
         select(Analysis.id).where(Analysis.session_id == session_id, Analysis.finished_at.is_(None))
     ).all()
@@ -496,6 +509,8 @@ def delete_video() -> ResponseReturnValue:
     if trashed is not None:
         # Committed: the rows are gone, the files may go. A failure here leaves only trash.
         shutil.rmtree(trashed, ignore_errors=True)
+    stopped = ", ".join(f"{id_} {status.value}" for id_, status in final) or "none"
+    log.info("session %s deleted; its analyses stopped first: %s", session_id, stopped)
     return {
         "deleted": session_id,
         "files": files,

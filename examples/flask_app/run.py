@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import sys
 import time
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the analysis server's port (default: a free one; 8765 with --celery)",
     )
     args = parser.parse_args(argv)
+    # The app's lines (an analysis's start, cancel and end) and dbcancel's warnings.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("flask_app").setLevel(logging.INFO)
     port = args.analysis_port if args.analysis_port is not None else (8765 if args.celery else 0)
 
     url = os.environ.get("DATABASE_URL") or f"sqlite:///{HERE / 'instance' / 'flask_app.db'}"

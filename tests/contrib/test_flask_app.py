@@ -586,6 +586,13 @@ def schema(url: str) -> dict[str, Any]:
                     for ck in insp.get_check_constraints(table)
                 ),
             }
+            if engine.dialect.name == "sqlite":  # whether ids of deleted rows come back
+                with engine.connect() as conn:
+                    sql = conn.execute(
+                        text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"),
+                        {"t": table},
+                    ).scalar_one()
+                tables[table]["autoincrement"] = "AUTOINCREMENT" in sql
         return tables
     finally:
         engine.dispose()
@@ -648,6 +655,8 @@ def test_alembic_chain_upgrades_to_the_models_and_downgrades(
         assert tuple(row[:2]) == ("alice", "s1")
         assert row[3] == "pending"
 
+        if database.name == "sqlite":
+            assert schema(created)["analysis"]["autoincrement"] is True
         command.downgrade(config, "0001")
         assert schema(migrated) == initial
         with engine.connect() as conn:

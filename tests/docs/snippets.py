@@ -5,9 +5,10 @@ temporary folder, unless the HTML comment on the line before its fence says othe
 
 * ``<!-- snippet: continues -->``: the block continues the previous Python block of the
   same page; it runs after that one (and whatever that one continues) in one process.
-* ``<!-- snippet: part -->``: like ``continues``, but not run by itself: only as the
-  beginning of the next ``continues`` block (a step that alone would run for long, say a
-  worker that the next block cancels).
+* ``<!-- snippet: part -->``: like ``continues``, and also the beginning of the next
+  ``continues`` block (a worker that the next block cancels, say). It runs alone too,
+  with what it continues, and must end within ``PART_TIMEOUT`` seconds: a reader who
+  runs the blocks up to it must not wait for minutes.
 * ``<!-- snippet: postgresql -->`` or ``<!-- snippet: mariadb -->``: the block needs that
   server; it runs against the test server, in a schema or database of its own (the
   block's literal URL is replaced by the test URL).
@@ -31,6 +32,8 @@ DEFAULT_URLS = {
     "postgresql": "postgresql+psycopg://postgres@127.0.0.1:5432/test",
     "mariadb": "mysql+pymysql://root@127.0.0.1:3306/test",
 }
+PART_TIMEOUT = 30.0
+"""Seconds within which a ``part`` block, run alone with what it continues, must end."""
 KINDS = {"run", "continues", "part", "postgresql", "mariadb", "pytest", "excerpt", "skip"}
 _MARKER = re.compile(r"^<!--\s*snippet:\s*(\S+)\s*(.*?)\s*-->$")
 _FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")
@@ -120,8 +123,10 @@ def run(snippet: Snippet, workdir: Path, url: str | None = None, timeout: float 
 
     ``url`` replaces the default server URL in the source for postgresql/mariadb blocks.
     """
-    if snippet.kind in ("skip", "part"):
+    if snippet.kind == "skip":
         return
+    if snippet.kind == "part":
+        timeout = min(timeout, PART_TIMEOUT)
     if snippet.kind == "excerpt":
         _check_excerpt(snippet)
         return
@@ -140,15 +145,21 @@ def run(snippet: Snippet, workdir: Path, url: str | None = None, timeout: float 
     else:
         (workdir / "snippet.py").write_text(source, encoding="utf-8")
         command = [sys.executable, "-W", "error", "snippet.py"]
-    proc = subprocess.run(
-        command,
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    try:
+        proc = subprocess.run(
+            command,
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"{snippet.id} ({snippet.kind}) ran for more than {timeout:g}s; a block that "
+            "runs alone must end in seconds"
+        ) from None
     if proc.returncode != 0:
         raise AssertionError(
             f"{snippet.id} failed (exit {proc.returncode}):\n{source}\n"

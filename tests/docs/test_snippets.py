@@ -65,7 +65,7 @@ def server_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 @pytest.mark.parametrize(
     "snippet",
-    [pytest.param(s, id=s.id, marks=_marks(s)) for s in ALL if s.kind not in ("skip", "part")],
+    [pytest.param(s, id=s.id, marks=_marks(s)) for s in ALL if s.kind != "skip"],
 )
 def test_snippet_runs(snippet: Snippet, server_url: str | None, tmp_path: Path) -> None:
     snippets.run(snippet, tmp_path, url=server_url)
@@ -127,7 +127,7 @@ def test_continues_runs_after_the_block_before(tmp_path: Path) -> None:
     snippets.run(second, tmp_path)
 
 
-def test_a_part_runs_only_with_the_block_after_it(tmp_path: Path) -> None:
+def test_a_part_runs_with_the_block_after_it_and_alone(tmp_path: Path) -> None:
     page = _page(
         tmp_path,
         "```python\nx = 1\n```\n\n<!-- snippet: part -->\n```python\nx += 1\n```\n\n"
@@ -137,6 +137,17 @@ def test_a_part_runs_only_with_the_block_after_it(tmp_path: Path) -> None:
     assert part.kind == "part"
     assert last.prelude == "x = 1\n\nx += 1\n\n"
     snippets.run(last, tmp_path)
+    snippets.run(part, tmp_path)
+
+
+def test_a_part_that_runs_long_alone_fails(tmp_path: Path) -> None:
+    page = _page(
+        tmp_path,
+        "```python\nimport time\n```\n\n<!-- snippet: part -->\n```python\ntime.sleep(60)\n```\n",
+    )
+    _first, part = snippets.collect(page)
+    with pytest.raises(AssertionError, match="ran for more than 1s"):
+        snippets.run(part, tmp_path, timeout=1)
 
 
 def test_an_excerpt_must_match_its_file(tmp_path: Path) -> None:

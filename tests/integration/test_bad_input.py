@@ -286,7 +286,11 @@ def test_unknown_id(db, populated, op):
     assert isinstance(err, DbcancelError)
     assert isinstance(err, LookupError)
     assert (err.model, err.job_id) == ("Analysis", MISSING)
-    assert str(err) == f"Analysis {MISSING} not found; nothing was changed"
+    # Only a call that would have changed the row says that nothing was changed.
+    changing = op in ("cancel", "run")
+    assert err.changing is changing
+    tail = "; nothing was changed" if changing else ""
+    assert str(err) == f"Analysis {MISSING} not found{tail}"
     assert table_state(db) == before
     assert jobs.active() == ()
 
@@ -387,9 +391,17 @@ def test_invalid_transition_message(db, populated, state):
         current.value,
         "in_progress",
     )
-    assert str(err) == (
-        f"Analysis {job!r} cannot go from {current.value!r} to 'in_progress'; nothing was changed"
-    )
+    if current is Status.IN_PROGRESS:  # the arranged row names no worker
+        assert err.worker is None
+        assert str(err).startswith(
+            f"Analysis {job!r} is already running, so it cannot start again (from "
+            "'in_progress' to 'in_progress'); nothing was changed. "
+        )
+    else:
+        assert str(err) == (
+            f"Analysis {job!r} cannot go from {current.value!r} to 'in_progress'; "
+            "nothing was changed"
+        )
     assert table_state(db) == before
     assert jobs.active() == ()
 

@@ -681,6 +681,12 @@ def test_other_errors_pickle():
         assert text in str(it)
     assert isinstance(nf, dbcancel.DbcancelError)
     assert isinstance(it, dbcancel.DbcancelError)
+    read = pickle.loads(pickle.dumps(JobNotFound("Analysis", 3, changing=False)))
+    assert (read.changing, str(read)) == (False, "Analysis 3 not found")
+    running = InvalidTransition("Analysis", 3, "in_progress", "in_progress", "h:12:ab")
+    running2 = pickle.loads(pickle.dumps(running))
+    assert (running2.worker, str(running2)) == ("h:12:ab", str(running))
+    assert "already running in worker h:12:ab" in str(running)
 
 
 # -- the context functions ------------------------------------------------------------

@@ -64,7 +64,7 @@ _RETRIES = RETRIES
 
 _T = TypeVar("_T")
 
-_COLUMNS = ("status", "cancel_reason", "finished_at", "error")
+_COLUMNS = ("status", "cancel_reason", "finished_at", "error", "worker_id")
 
 
 def resolve_model(model: Any) -> Any:
@@ -319,6 +319,7 @@ class DjangoBackend:
                 database = os.path.realpath(file) if file else f":memory:{self.alias}"
             else:
                 database, schema, worker_schema = entry.get("NAME"), None, None
+            self._check_tables(connection, cursor, table)
         return Identity(
             key=("django", vendor, server, database, schema, table),
             worker_key=("django", vendor, server, database, worker_schema),
@@ -326,6 +327,33 @@ class DjangoBackend:
             worker_schema=worker_schema,
             channel=channel_name(str(schema), table),
         )
+
+    def _check_tables(self, connection: Any, cursor: Any, table: str) -> None:
+        """Refuse, once and clearly, a job table or worker table that does not exist
+        (not migrated yet), rather than let the first statement that needs it fail with
+        the driver's error."""
+        tables = set(connection.introspection.table_names(cursor))
+        missing = [name for name in (table, WORKER_TABLE) if name not in tables]
+        if not missing:
+            return
+        if table in missing:
+            label = self.model._meta.app_label
+            what = f"the table {table!r} of {self.model_name}"
+            if WORKER_TABLE in missing:
+                what += f" and the worker table {WORKER_TABLE!r} do not exist"
+            else:
+                what += " does not exist"
+            fix = (
+                f"run manage.py migrate (and manage.py makemigrations {label} first if "
+                "the model has no migration yet)"
+            )
+        else:
+            what = f"the worker table {WORKER_TABLE!r} does not exist"
+            fix = (
+                "every process that runs jobs beats its row there, and reap() reads it: "
+                "add 'dbcancel.contrib.django' to INSTALLED_APPS and run manage.py migrate"
+            )
+        raise DbcancelError(f"{what} in database {self.alias!r}: {fix}; nothing was changed")
 
     # -- Backend ----------------------------------------------------------------------
 
@@ -382,6 +410,8 @@ class DjangoBackend:
         """
         if not self._can_match(job_id, filters):
             return 0
+        if self._identity is None:
+            self._identify()  # refuses a missing table before anything is written
         now = timezone.now()
         updates: dict[str, Any] = {}
         # MySQL/MariaDB evaluate SET assignments left to right, each seeing the ones
@@ -434,12 +464,14 @@ class DjangoBackend:
         such row."""
         if not self._can_match(job_id, filters):
             return None
+        if self._identity is None:
+            self._identify()  # refuses a missing table with a message that says so
         qs = self._filtered(self._manager.using(self.alias).filter(pk=job_id), filters)
         rows = self._read(lambda: list(qs.values_list(*_COLUMNS)[:1]))
         if not rows:
             return None
-        status, reason, finished_at, error = rows[0]
-        return JobRow(Status(status), reason, finished_at, error)
+        status, reason, finished_at, error, worker = rows[0]
+        return JobRow(Status(status), reason, finished_at, error, worker)
 
     def read_many(self, job_ids: Collection[Any]) -> dict[Any, JobRow]:
         """The rows of those `job_ids` that exist, in one query."""
@@ -448,8 +480,8 @@ class DjangoBackend:
             return {}
         rows = self._manager.using(self.alias).filter(pk__in=ids)
         return {
-            pk: JobRow(Status(status), reason, finished_at, error)
-            for pk, status, reason, finished_at, error in self._read(
+            pk: JobRow(Status(status), reason, finished_at, error, worker)
+            for pk, status, reason, finished_at, error, worker in self._read(
                 lambda: list(rows.values_list("pk", *_COLUMNS))
             )
         }

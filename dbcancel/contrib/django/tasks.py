@@ -98,6 +98,34 @@ _SHUTDOWN_SIGNALS = tuple(
 )
 
 
+# The loggers through which Django Tasks reports a task's end: Django 6's, the backport's.
+_TASKS_LOGGERS = ("django.tasks", "django_tasks")
+
+
+class _CancelledInOneLine(logging.Filter):
+    """The end of a task whose job was cancelled, as one line: Django Tasks logs every
+    FAILED task with `logger.exception`, so a worker printed a whole traceback for each
+    cancel, which reads like a crash. The record keeps its text and gains the reason;
+    it loses the traceback and is logged at INFO (a cancel is no error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, JobCancelled):
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args = ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _log_cancels_in_one_line() -> None:
+    """Put the filter on the Django Tasks loggers, once."""
+    for name in _TASKS_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _CancelledInOneLine) for f in logger.filters):
+            logger.addFilter(_CancelledInOneLine())
+
+
 class JobCancelled(DbcancelError):
     """A cancellable task's job was cancelled (or its row deleted): the body did not finish.
 
@@ -211,6 +239,7 @@ class DjangoTaskJobs:
         self._jobs: DjangoJobs | None = None
         self._pid = os.getpid()
         self._task_names: set[str] = set()
+        _log_cancels_in_one_line()
 
     # -- public -----------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from dbcancel import JobNotFound
 
 from . import work
 from .models import Analysis
+
+log = logging.getLogger("analyses")
 
 
 def _as_json(analysis: Analysis) -> dict[str, object]:
@@ -54,6 +57,7 @@ def start(request: HttpRequest) -> JsonResponse:
     )
     # The worker's first query must find the row: start it once the row is committed.
     transaction.on_commit(lambda: work.start(analysis.pk), using=router.db_for_write(Analysis))
+    log.info("analysis %s created by %s: %s", analysis.pk, request.user, folder)
     return JsonResponse(_as_json(analysis), status=201)
 
 
@@ -79,12 +83,15 @@ def delete(request: HttpRequest, pk: int) -> JsonResponse:
         jobs.cancel(pk, reason="deleted by its owner", where={"user_id": request.user.pk})
     except JobNotFound:
         raise Http404("no such analysis") from None
+    log.info("analysis %s cancel requested by %s; waiting for it to stop", pk, request.user)
     try:
         final = jobs.wait(pk, timeout=settings.ANALYSIS_STOP_TIMEOUT)
     except TimeoutError:
+        log.warning("analysis %s has not stopped yet: not deleted", pk)
         return JsonResponse({"error": "the analysis is still stopping; try again"}, status=409)
     shutil.rmtree(work.output_dir(pk), ignore_errors=True)
     analysis = Analysis.objects.get(pk=pk)
     files_done = analysis.files_done
     analysis.delete()
+    log.info("analysis %s stopped (%s) after %d files; deleted", pk, final.value, files_done)
     return JsonResponse({"deleted": pk, "status": final.value, "files_done": files_done})

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -18,6 +19,8 @@ from dbcancel.contrib.django import DjangoJobs
 
 from .models import Analysis
 from .signals import file_analysed
+
+log = logging.getLogger("analyses")
 
 
 def analysis_jobs() -> DjangoJobs:
@@ -60,6 +63,9 @@ def analyse_files(cp: Checkpoint, analysis_id: int) -> int:
     row cancelled. Returns the number of files analysed.
     """
     analysis = Analysis.objects.get(pk=analysis_id)
+    log.info("analysis %s started: %s", analysis_id, analysis.folder)
+    # Runs where the cancel is seen (the runtime thread, or the canceller's thread).
+    cp.on_cancel(lambda: log.info("analysis %s cancelled: %s", analysis_id, cp.reason))
     out = output_dir(analysis_id)
     out.mkdir(parents=True, exist_ok=True)
     delay = float(settings.ANALYSIS_FILE_DELAY)
@@ -71,6 +77,7 @@ def analyse_files(cp: Checkpoint, analysis_id: int) -> int:
         file_analysed.send(Analysis, analysis_id=analysis_id, count=count, path=path)
         if delay:
             time.sleep(delay)  # stands in for heavier work per file
+    log.info("analysis %s completed: %d files", analysis_id, count)
     return count
 
 

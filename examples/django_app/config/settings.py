@@ -135,3 +135,17 @@ ANALYSIS_STOP_TIMEOUT = 10.0
 ANALYSIS_FILE_DELAY = float(os.environ.get("ANALYSIS_FILE_DELAY", "0.005"))
 """Extra seconds per file, standing in for heavier work: slow enough to watch (and for
 the demo to catch the analysis midway), fast enough not to bore."""
+
+# The analyses' start, cancel and end, in the server's and the worker's output (stderr):
+# the app's own lines ("analyses") and dbcancel's warnings. db_worker adds its own line
+# per task, a cancel's included.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "analyses": {"handlers": ["console"], "level": "INFO"},
+        "dbcancel": {"handlers": ["console"], "level": "WARNING"},
+    },
+}

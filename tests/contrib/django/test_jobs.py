@@ -13,10 +13,11 @@ import time
 from typing import Any
 
 import pytest
+from django.apps import apps
 from django.db import connections, transaction
 from django.test.utils import CaptureQueriesContext
 
-from dbcancel import Cancelled, JobNotFound, Jobs, Status
+from dbcancel import Cancelled, DbcancelError, JobNotFound, Jobs, Status
 from dbcancel.contrib.django import DjangoJobs
 from dbcancel.contrib.django.models import CancellableModel
 
@@ -371,3 +372,37 @@ def test_media_receive_stops_when_the_row_is_cancelled(alias, jobs, add, row):
     done = row(job)
     assert done.status == Status.CANCELLED
     assert done.finished_at is not None
+
+
+def test_the_newest_jobs_id_is_not_given_to_the_next_job(alias, jobs, add):
+    """Django's SQLite backend declares auto fields AUTOINCREMENT (the others never
+    reuse ids): a late request for a deleted job finds nothing rather than the next."""
+    first, newest = add(), add()
+    assert jobs.cancel(newest)
+    assert jobs.wait(newest, timeout=5) is Status.CANCELLED
+    Analysis.objects.using(alias).filter(pk=newest).delete()
+    following = add()
+    assert following > newest > first
+    with pytest.raises(JobNotFound) as info:
+        jobs.status(newest)
+    assert str(info.value) == f"Analysis {newest} not found"  # a read changes nothing
+
+
+def test_a_missing_job_table_says_which_and_how_to_create_it(alias):
+    class Meta:
+        app_label = "testapp"
+        db_table = "testapp_never_migrated"
+
+    model = type("NeverMigrated", (CancellableModel,), {"__module__": __name__, "Meta": Meta})
+    try:
+        jobs = DjangoJobs(model, interval=0.05, using=alias)
+        with pytest.raises(DbcancelError) as info:
+            jobs.status(1)
+        assert str(info.value) == (
+            f"the table 'testapp_never_migrated' of NeverMigrated does not exist in database "
+            f"{alias!r}: run manage.py migrate (and manage.py makemigrations testapp first "
+            "if the model has no migration yet); nothing was changed"
+        )
+    finally:
+        apps.all_models["testapp"].pop("nevermigrated", None)
+        apps.clear_cache()

@@ -95,10 +95,16 @@ def test_a_cancel_from_a_view_stops_the_running_task(routed, jobs, add, row):
         response = Client().post(f"/testapp/{job_id}/cancel/", {"reason": "user deleted it"})
         assert response.json() == {"id": job_id, "cancelled": True}
         assert jobs.wait(job_id, timeout=JOIN_TIMEOUT) is Status.CANCELLED
-        finished(proc)
+        out = finished(proc)
     finally:
         proc.kill()
         proc.wait()
+    # The worker says it in one line with the reason, not with a traceback.
+    assert "Traceback" not in out, out
+    (line,) = [ln for ln in out.splitlines() if "state=FAILED" in ln]
+    assert line.endswith(
+        f"state=FAILED (JobCancelled: Analysis {job_id} was cancelled: user deleted it)"
+    ), out
     analysis = row(job_id)
     assert analysis.status == Status.CANCELLED
     assert analysis.cancel_reason == "user deleted it"

@@ -22,7 +22,8 @@ from django.db.migrations.questioner import NonInteractiveMigrationQuestioner
 from django.db.migrations.state import ProjectState
 
 import dbcancel.backend
-from dbcancel import Status
+from dbcancel import DbcancelError, Status
+from dbcancel.contrib.django import DjangoJobs
 from dbcancel.contrib.django.backend import DjangoBackend
 from dbcancel.contrib.django.models import Worker
 from dbcancel.models import WORKER_TABLE
@@ -114,3 +115,41 @@ def test_new_code_on_the_old_worker_table_beats_reaps_and_warns_once(
     assert len(warned) == 1, [r.getMessage() for r in caplog.records]
     assert warned[0].levelno == logging.WARNING
     assert "manage.py migrate dbcancel" in warned[0].getMessage()
+
+
+@pytest.fixture
+def no_worker_table(alias: str) -> Iterator[None]:
+    """dbcancel's app migrated to zero (no worker table) for the test; migrated back after."""
+    migrate(alias, ("dbcancel", None))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        migrate(alias, LATEST)
+
+
+@pytest.mark.parametrize("op", ["status", "cancel", "run"])
+def test_a_missing_worker_table_is_one_clear_error_at_the_first_use(
+    alias: str, no_worker_table: None, op: str
+) -> None:
+    job = Analysis.objects.using(alias).create().pk
+    jobs = DjangoJobs(Analysis, interval=0.05, using=alias)
+
+    def call() -> None:
+        if op == "run":
+            with jobs.run(job):
+                pass
+        else:
+            getattr(jobs, op)(job)
+
+    with pytest.raises(DbcancelError) as info:
+        call()
+    err = info.value
+    assert err.__cause__ is None
+    assert err.__context__ is None or err.__suppress_context__
+    assert str(err) == (
+        f"the worker table {WORKER_TABLE!r} does not exist in database {alias!r}: every "
+        "process that runs jobs beats its row there, and reap() reads it: add "
+        "'dbcancel.contrib.django' to INSTALLED_APPS and run manage.py migrate; nothing "
+        "was changed"
+    )
+    assert Analysis.objects.using(alias).get(pk=job).status == Status.PENDING
