@@ -68,11 +68,11 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel import Checkpoint, JobId
+from dbcancel import Checkpoint, JobId, errors
 from dbcancel._delivery import DELETED, WORKER_SHUTDOWN_REASON, Delivery, Ending, OnShutdown
 from dbcancel._liveness import DEFAULT_HEARTBEAT
 from dbcancel._options import DEFAULT_INTERVAL, Options, OptionsView
-from dbcancel.errors import JobCancelled, JobNotRunnable
+from dbcancel.errors import JobNotRunnable
 
 from .jobs import DjangoJobs
 
@@ -96,6 +96,18 @@ SHUTDOWN_REASON = WORKER_SHUTDOWN_REASON
 _SHUTDOWN_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT") if hasattr(signal, name)
 )
+
+
+class JobCancelled(errors.JobCancelled):
+    """A cancellable task's job was cancelled (or its row deleted): the body did not finish.
+
+    The [`JobCancelled`][dbcancel.JobCancelled] of Django Tasks, a subclass under this
+    module's name, which results already recorded name. The task result of such a run
+    is FAILED with it: `result.errors[0].exception_class` is this class, and its
+    traceback ends with `Analysis 12 was cancelled: user deleted it`. `job_id` is the
+    job's id, `model` the name of the job model and `reason` the cancel reason
+    (`"deleted"` for a missing row, or None).
+    """
 
 
 class CancellableTask(Protocol, Generic[P, R]):
@@ -303,7 +315,10 @@ class DjangoTaskJobs(OptionsView):
                 jobs.model_name,
                 job_id,
             )
-        raise outcome.exception() from outcome.error
+        exc = outcome.exception()
+        if ending is Ending.CANCELLED:
+            exc = JobCancelled(outcome.model, job_id, outcome.reason)
+        raise exc from outcome.error
 
     # -- warm shutdown ----------------------------------------------------------------
 
