@@ -1,0 +1,139 @@
+"""Helpers shared by the tests that run real task-queue workers (RQ, Dramatiq)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from dbcancel import Jobs, Status
+from tests.conftest import Database
+from tests.models import Analysis
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 60.0
+
+
+def until(check: Callable[[], Any], timeout: float = TIMEOUT, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def ran(marks: Path, job_id: int) -> list[str]:
+    """One line (the pid) per run of the body of ``job_id``."""
+    path = marks / f"ran-{job_id}"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+class Process:
+    """A worker subprocess in a session of its own, logging to a file."""
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                list(cmd),
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def kill(self) -> None:
+        """SIGKILL the process's whole session at once."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL the session after ``timeout``."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+def random_cancels(
+    db: Database, jobs: Jobs, ids: list[int], slots: int, seed: int = 1
+) -> dict[int, bool]:
+    """Cancel 60 % of ``ids``: a third at random moments of the whole run (most are then
+    queued or done), two thirds at a random moment of their own run, once seen running.
+    Returns what each cancel returned."""
+    rng = random.Random(seed)
+    chosen = rng.sample(ids, len(ids) * 3 // 5)
+    anytime, running = chosen[: len(chosen) // 3], set(chosen[len(chosen) // 3 :])
+    horizon = len(ids) * 0.1 / slots
+    start = time.monotonic()
+    due = {job_id: start + rng.uniform(0, horizon) for job_id in anytime}
+    cancelled: dict[int, bool] = {}
+    deadline = start + 120
+    while (due or running) and time.monotonic() < deadline:
+        now = time.monotonic()
+        with db.sessions() as s:
+            statuses = dict(
+                s.execute(
+                    select(Analysis.id, Analysis.status).where(Analysis.id.in_(list(running)))
+                ).all()
+            )
+        for job_id, status in statuses.items():
+            if status is Status.IN_PROGRESS and job_id not in due:
+                due[job_id] = now + rng.uniform(0, 0.1)
+            elif status is not Status.PENDING and job_id not in due:
+                running.discard(job_id)  # finished before it was seen running
+        for job_id, at in list(due.items()):
+            if at <= now:
+                cancelled[job_id] = jobs.cancel(job_id, reason="random")
+                del due[job_id]
+                running.discard(job_id)
+        time.sleep(0.01)  # the pace of the canceller's loop, not a synchronisation
+    assert not due and not running, "the canceller ran out of time"
+    return cancelled
+
+
+def check_random_run(
+    db: Database, jobs: Jobs, ids: list[int], cancelled: dict[int, bool], marks: Path
+) -> dict[int, Status]:
+    """The invariants of a run with random cancels; returns the final statuses."""
+    deadline = time.monotonic() + 120
+    final = {j: jobs.wait(j, timeout=max(1.0, deadline - time.monotonic())) for j in ids}
+    with db.sessions() as s:
+        rows = {r.id: r for r in s.scalars(select(Analysis).where(Analysis.id.in_(ids)))}
+    won = [j for j, ok in cancelled.items() if ok]
+    assert [j for j in won if final[j] is not Status.CANCELLED] == []  # 0 completed after
+    assert [j for j in ids if rows[j].status is Status.IN_PROGRESS] == []
+    assert [j for j in ids if rows[j].finished_at is None] == []
+    assert {final[j] for j in ids} <= {Status.CANCELLED, Status.COMPLETED}
+    assert [j for j in won if rows[j].started_at and rows[j].cancel_observed_at is None] == []
+    assert [j for j in ids if rows[j].started_at is None and ran(marks, j)] == []
+    print(
+        f"{len(ids)} jobs, {len(cancelled)} cancels ({len(won)} True), "
+        f"{sum(1 for j in won if rows[j].started_at)} while running, "
+        f"{sum(1 for s in final.values() if s is Status.COMPLETED)} completed"
+    )
+    return final
