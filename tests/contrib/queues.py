@@ -72,10 +72,8 @@ class Process:
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
 
@@ -112,7 +110,8 @@ def random_cancels(
                 del due[job_id]
                 running.discard(job_id)
         time.sleep(0.01)  # the pace of the canceller's loop, not a synchronisation
-    assert not due and not running, "the canceller ran out of time"
+    assert not due, "the canceller ran out of time"
+    assert not running, "the canceller ran out of time"
     return cancelled
 
 

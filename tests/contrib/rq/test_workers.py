@@ -23,9 +23,8 @@ import redis
 
 from dbcancel import Jobs, Status
 from tests.conftest import IN_CI, Database
+from tests.contrib.queues import Process, check_random_run, ran, random_cancels, until
 from tests.models import Analysis
-
-from ..queues import Process, check_random_run, ran, random_cancels, until
 
 rq = pytest.importorskip("rq")
 from rq import Queue, Retry, Worker  # noqa: E402
