@@ -61,6 +61,10 @@ class Process:
         except OSError:
             return "(no log)"
 
+    def text(self) -> str:
+        """The whole log so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def kill(self) -> None:
         """SIGKILL the process's whole session at once."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
