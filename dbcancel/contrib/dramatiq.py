@@ -176,7 +176,8 @@ class DramatiqJobs(OptionsView):
             def run(job_id: Any, /, *args: Any, **kwargs: Any) -> Any:
                 return self._run(middleware, broker, job_id, body, args, kwargs)
 
-            return dramatiq.actor(run, broker=broker, **options)
+            make: Any = dramatiq.actor
+            return make(run, broker=broker, **options)
 
         return decorate
 
@@ -215,7 +216,7 @@ class DramatiqJobs(OptionsView):
         raise outcome.exception() from outcome.error
 
 
-class _Middleware(Middleware):  # type: ignore[misc]
+class _Middleware(Middleware):
     """Which message each worker thread runs, and the warm shutdown of a worker."""
 
     def __init__(self, delivery: Delivery[Jobs]) -> None:
