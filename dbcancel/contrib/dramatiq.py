@@ -145,9 +145,7 @@ class DramatiqJobs(OptionsView):
         """`"cancel"` or `"wait"`: what a warm shutdown does to running jobs."""
         return self._delivery.on_shutdown
 
-    def task(
-        self, **options: Any
-    ) -> Callable[[Callable[Concatenate[Checkpoint, Any, P], R]], Any]:
+    def task(self, **options: Any) -> Callable[[Callable[Concatenate[Checkpoint, Any, P], R]], Any]:
         """Declare a cancellable actor: `@cancellable.task(**actor_options)`.
 
         The decorated body is called as `body(cp, job_id, *args, **kwargs)` inside

@@ -271,7 +271,8 @@ def make_machine(db) -> type[RuleBasedStateMachine]:
         def retry(self, data: st.DataObject) -> None:
             """The body asks its task queue for a retry, then leaves its run raising."""
             job = data.draw(st.sampled_from(self.open_runs()))
-            assert job.cp is not None and job.run is not None
+            assert job.cp is not None
+            assert job.run is not None
             before = snapshot(db, job.id)
             moved = self.jobs._retry(job.cp, "OSError: transient")
             if Status.PENDING not in TRANSITIONS[job.status]:
