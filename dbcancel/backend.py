@@ -157,8 +157,8 @@ class Change:
     `stamp_if_from` columns are set to now only when the old status is in the given set
     (a `CASE` evaluated against the old row). `count` columns are incremented
     (`col = COALESCE(col, 0) + 1`) where the table has them, and skipped where it
-    does not (the `attempts` counter is optional; see
-    [`ATTEMPTS_COLUMN`][dbcancel.models.ATTEMPTS_COLUMN]).
+    does not (the `attempts` counter, which a table made by an earlier dbcancel may
+    lack).
     """
 
     to: Status

@@ -138,7 +138,7 @@ def frames_of(stream: IO[bytes], frame_size: int) -> Iterator[bytes]:
         yield frame
 
 
-def analyze_session(cp: Checkpoint, *, view: str) -> None:
+def analyze_session(cp: Checkpoint, analysis_id: int, *, view: str) -> None:
     """Stream every file of the analysis's session to the analysis server; store the results.
 
     Runs inside the app context and inside ``jobs.run(analysis_id)``: in a thread started
@@ -149,7 +149,7 @@ def analyze_session(cp: Checkpoint, *, view: str) -> None:
     try:
         _analyze_files(cp, view=view)
     finally:
-        analysis_stopped.send(current_app._get_current_object(), analysis_id=cp.job_id)
+        analysis_stopped.send(current_app._get_current_object(), analysis_id=analysis_id)
 
 
 def _analyze_files(cp: Checkpoint, *, view: str) -> None:
