@@ -208,8 +208,10 @@ class CancellableMixin:
     )
     """The process running (or that ran) the job, `host:pid:token`: its row in the
     worker table (`WORKER_TABLE`) says whether it is still alive."""
+    # After status, where upgrade_cancellation() appends it to an older table: a table
+    # created now and one upgraded list their columns in the same order.
     attempts: Mapped[int] = mapped_column(
-        Integer(), nullable=False, default=0, server_default="0", sort_order=_LAST
+        Integer(), nullable=False, default=0, server_default="0", sort_order=_LAST + 1
     )
     """How many times a worker started the job: 1 once its body ran, 2 once a retry's
     began, ... A task queue's retry moves the job back to `pending`, keeping this and the
