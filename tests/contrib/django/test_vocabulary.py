@@ -110,7 +110,18 @@ BAD_OPTIONS = [
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
 @pytest.mark.parametrize(
-    ("options", "error", "text"), BAD_OPTIONS, ids=[str(o) for o, _, _ in BAD_OPTIONS]
+    ("options", "error", "text"),
+    BAD_OPTIONS,
+    # Stable across xdist workers (a function's repr is not).
+    ids=[
+        "interval-0",
+        "interval-str",
+        "clock-int",
+        "watch-str",
+        "watch-and-clock",
+        "max_staleness-negative",
+        "heartbeat-0",
+    ],
 )
 def test_the_same_errors_for_the_same_bad_options(
     name: str, engine: Engine, options: dict[str, Any], error: type, text: str
