@@ -59,6 +59,9 @@ OnShutdown = Literal["cancel", "wait"]
 J = TypeVar("J", bound=Jobs)
 
 
+_NEVER_RETRIED = (Cancelled, SystemExit, KeyboardInterrupt, GeneratorExit)
+
+
 class Ending(enum.Enum):
     """How one delivery of a job ended."""
 
@@ -167,16 +170,19 @@ class Delivery(Generic[J]):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
         *,
-        retry_if: Callable[[Exception], bool] | None = None,
+        retry_if: Callable[[BaseException], bool] | None = None,
     ) -> Outcome:
         """Run `body(cp, job_id, *args, **kwargs)` for job `job_id`; say how it ended.
 
         `retry_if(exc)`: True when the queue will retry the delivery after `exc` from
         the body; the row then goes back to `pending` before `exc` leaves the run,
         unless the job was cancelled meanwhile (CANCELLED: the queue must not retry).
-        A body that already asked through [`retry`][dbcancel._delivery.Delivery.retry]
-        ends RETRY whatever it raises. Exceptions that are not `Exception`s
-        (`SystemExit`, `KeyboardInterrupt`) propagate, after the run has recorded them.
+        It is asked about every exception but a `Cancelled`, `SystemExit`,
+        `KeyboardInterrupt` or `GeneratorExit` (a queue's own interrupts, Dramatiq's
+        time limit say, may be retried). A body that already asked through
+        [`retry`][dbcancel._delivery.Delivery.retry] ends RETRY whatever it raises.
+        Exceptions that are not `Exception`s propagate, after the run has recorded
+        them (or left the row `pending` for the retry).
         """
         jobs = self.jobs
         model = jobs.model_name
@@ -202,7 +208,7 @@ class Delivery(Generic[J]):
                 value = body(cp, job_id, *args, **(kwargs or {}))
             except BaseException as exc:
                 if (
-                    isinstance(exc, Exception)
+                    not isinstance(exc, _NEVER_RETRIED)
                     and retry_if is not None
                     and not cp._retried
                     and not cp.cancelled

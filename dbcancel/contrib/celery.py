@@ -406,7 +406,7 @@ class _RetryFirst:
         return super().retry(*args, **kwargs)  # type: ignore[misc]
 
 
-def _autoretries(task: Any, exc: Exception) -> bool:
+def _autoretries(task: Any, exc: BaseException) -> bool:
     """True when Celery's `autoretry_for` will send a retry after `exc` (the wrapper
     it puts around the task calls `task.retry()` once the run has ended)."""
     autoretry_for = tuple(getattr(task, "autoretry_for", ()) or ())

@@ -240,7 +240,7 @@ class _Middleware(Middleware):
         self._delivery.begin_shutdown(defer=False, reason=SHUTDOWN_REASON)
 
 
-def _retries(broker: Any, message: Any, exc: Exception) -> bool:
+def _retries(broker: Any, message: Any, exc: BaseException) -> bool:
     """True when Dramatiq's `Retries` middleware will retry `message` after `exc`: the
     same decision it makes once the actor has raised."""
     retries_mw = next((m for m in broker.middleware if isinstance(m, Retries)), None)

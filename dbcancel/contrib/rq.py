@@ -174,7 +174,7 @@ class RQJobs(OptionsView):
         raise outcome.exception() from outcome.error
 
 
-def _retries(exc: Exception) -> bool:
+def _retries(exc: BaseException) -> bool:
     """True when RQ will requeue the current job after `exc` (it has retries left)."""
     current = get_current_job()
     return bool(current is not None and current.should_retry)

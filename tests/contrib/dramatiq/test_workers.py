@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from dbcancel import Jobs, Status
+from dbcancel.contrib.dramatiq import SHUTDOWN_REASON
 from tests.conftest import IN_CI, Database
 from tests.contrib.queues import Process, check_random_run, ran, random_cancels, until
 
@@ -192,3 +194,22 @@ def test_sigkill_of_a_worker_is_reaped(db: Database, dq: Cluster) -> None:
     after = db.add()
     dq.send("loop", after, 2, 0.01)
     assert dq.jobs.wait(after, timeout=30) is Status.COMPLETED
+
+
+def test_warm_shutdown_cancels_the_running_jobs(db: Database, dq: Cluster) -> None:
+    own = f"{dq.queue}.later"
+    node = dq.start("w", own, processes=1)
+    ids = [db.add(), db.add()]
+    for job_id in ids:
+        dq.send("loop_later", job_id, 3000, 0.02, queue=own)
+    until(
+        lambda: all(dq.jobs.status(j) is Status.IN_PROGRESS for j in ids),
+        what="the jobs running",
+    )
+    node.proc.send_signal(signal.SIGTERM)  # dramatiq's warm shutdown
+    assert node.proc.wait(30) == 0, node.tail()
+    for job_id in ids:
+        assert dq.jobs.wait(job_id, timeout=5) is Status.CANCELLED
+        row = db.row(job_id)
+        assert row is not None
+        assert (row.cancel_reason, row.cancel_observed_at is not None) == (SHUTDOWN_REASON, True)
