@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,34 @@ class Process:
         self.kill()
 
 
+@dataclass(frozen=True)
+class RowView:
+    """What the invariants read of a job's row, from either ORM."""
+
+    status: Status
+    started_at: Any
+    finished_at: Any
+    cancel_observed_at: Any
+
+
+def sqlalchemy_rows(db: Database) -> Callable[[list[int]], dict[int, RowView]]:
+    def rows(ids: list[int]) -> dict[int, RowView]:
+        with db.sessions() as s:
+            found = s.scalars(select(Analysis).where(Analysis.id.in_(ids)))
+            return {
+                r.id: RowView(r.status, r.started_at, r.finished_at, r.cancel_observed_at)
+                for r in found
+            }
+
+    return rows
+
+
 def random_cancels(
-    db: Database, jobs: Jobs, ids: list[int], slots: int, seed: int = 1
+    rows: Callable[[list[int]], dict[int, RowView]],
+    jobs: Jobs,
+    ids: list[int],
+    slots: int,
+    seed: int = 1,
 ) -> dict[int, bool]:
     """Cancel 60 % of ``ids``: a third at random moments of the whole run (most are then
     queued or done), two thirds at a random moment of their own run, once seen running.
@@ -97,16 +124,10 @@ def random_cancels(
     deadline = start + 120
     while (due or running) and time.monotonic() < deadline:
         now = time.monotonic()
-        with db.sessions() as s:
-            statuses = dict(
-                s.execute(
-                    select(Analysis.id, Analysis.status).where(Analysis.id.in_(list(running)))
-                ).all()
-            )
-        for job_id, status in statuses.items():
-            if status is Status.IN_PROGRESS and job_id not in due:
+        for job_id, row in rows(list(running)).items():
+            if row.status is Status.IN_PROGRESS and job_id not in due:
                 due[job_id] = now + rng.uniform(0, 0.1)
-            elif status is not Status.PENDING and job_id not in due:
+            elif row.status is not Status.PENDING and job_id not in due:
                 running.discard(job_id)  # finished before it was seen running
         for job_id, at in list(due.items()):
             if at <= now:
@@ -120,23 +141,26 @@ def random_cancels(
 
 
 def check_random_run(
-    db: Database, jobs: Jobs, ids: list[int], cancelled: dict[int, bool], marks: Path
+    rows: Callable[[list[int]], dict[int, RowView]],
+    jobs: Jobs,
+    ids: list[int],
+    cancelled: dict[int, bool],
+    ran: Callable[[int], Any],
 ) -> dict[int, Status]:
     """The invariants of a run with random cancels; returns the final statuses."""
     deadline = time.monotonic() + 120
     final = {j: jobs.wait(j, timeout=max(1.0, deadline - time.monotonic())) for j in ids}
-    with db.sessions() as s:
-        rows = {r.id: r for r in s.scalars(select(Analysis).where(Analysis.id.in_(ids)))}
+    found = rows(ids)
     won = [j for j, ok in cancelled.items() if ok]
     assert [j for j in won if final[j] is not Status.CANCELLED] == []  # 0 completed after
-    assert [j for j in ids if rows[j].status is Status.IN_PROGRESS] == []
-    assert [j for j in ids if rows[j].finished_at is None] == []
+    assert [j for j in ids if found[j].status is Status.IN_PROGRESS] == []
+    assert [j for j in ids if found[j].finished_at is None] == []
     assert {final[j] for j in ids} <= {Status.CANCELLED, Status.COMPLETED}
-    assert [j for j in won if rows[j].started_at and rows[j].cancel_observed_at is None] == []
-    assert [j for j in ids if rows[j].started_at is None and ran(marks, j)] == []
+    assert [j for j in won if found[j].started_at and found[j].cancel_observed_at is None] == []
+    assert [j for j in ids if found[j].started_at is None and ran(j)] == []
     print(
         f"{len(ids)} jobs, {len(cancelled)} cancels ({len(won)} True), "
-        f"{sum(1 for j in won if rows[j].started_at)} while running, "
+        f"{sum(1 for j in won if found[j].started_at)} while running, "
         f"{sum(1 for s in final.values() if s is Status.COMPLETED)} completed"
     )
     return final

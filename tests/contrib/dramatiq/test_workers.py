@@ -22,7 +22,14 @@ import pytest
 from dbcancel import Jobs, Status
 from dbcancel.contrib.dramatiq import SHUTDOWN_REASON
 from tests.conftest import IN_CI, Database
-from tests.contrib.queues import Process, check_random_run, ran, random_cancels, until
+from tests.contrib.queues import (
+    Process,
+    check_random_run,
+    ran,
+    random_cancels,
+    sqlalchemy_rows,
+    until,
+)
 
 dramatiq = pytest.importorskip("dramatiq")
 from dramatiq.brokers.rabbitmq import RabbitmqBroker  # noqa: E402
@@ -175,8 +182,10 @@ def test_random_cancels_over_the_threads(db: Database, dq: Cluster) -> None:
     for job_id in ids:
         dq.send("loop", job_id, rng.randint(3, 25), 0.02)
     slots = PROCESSES * THREADS
-    cancelled = random_cancels(db, dq.jobs, ids, slots, seed=rng.randrange(1 << 30))
-    check_random_run(db, dq.jobs, ids, cancelled, dq.marks)
+    cancelled = random_cancels(
+        sqlalchemy_rows(db), dq.jobs, ids, slots, seed=rng.randrange(1 << 30)
+    )
+    check_random_run(sqlalchemy_rows(db), dq.jobs, ids, cancelled, lambda j: ran(dq.marks, j))
 
 
 def test_sigkill_of_a_worker_is_reaped(db: Database, dq: Cluster) -> None:

@@ -23,7 +23,14 @@ import redis
 
 from dbcancel import Jobs, Status
 from tests.conftest import IN_CI, Database
-from tests.contrib.queues import Process, check_random_run, ran, random_cancels, until
+from tests.contrib.queues import (
+    Process,
+    check_random_run,
+    ran,
+    random_cancels,
+    sqlalchemy_rows,
+    until,
+)
 from tests.models import Analysis
 
 rq = pytest.importorskip("rq")
@@ -165,8 +172,12 @@ def test_random_cancels_over_the_workers(db: Database, rqc: Cluster) -> None:
     rng = random.Random(int(os.environ.get("DBCANCEL_RQ_SEED", "1")))
     ids = [db.add() for _ in range(n)]
     enqueued = {j: rqc.queue.enqueue(LOOP, j, rng.randint(1, 8), 0.01) for j in ids}
-    cancelled = random_cancels(db, rqc.jobs, ids, WORKERS, seed=rng.randrange(1 << 30))
-    final = check_random_run(db, rqc.jobs, ids, cancelled, rqc.marks)
+    cancelled = random_cancels(
+        sqlalchemy_rows(db), rqc.jobs, ids, WORKERS, seed=rng.randrange(1 << 30)
+    )
+    final = check_random_run(
+        sqlalchemy_rows(db), rqc.jobs, ids, cancelled, lambda j: ran(rqc.marks, j)
+    )
     for job_id, r_job in enqueued.items():
         want = JobStatus.FAILED if final[job_id] is Status.CANCELLED else JobStatus.FINISHED
         assert rqc.ended(r_job).get_status() == want, job_id
