@@ -22,27 +22,6 @@ from .backend import Backend, check_backend
 __all__ = ["JobRun", "Jobs", "JobsStats"]
 
 
-def check_options(
-    *,
-    interval: Any,
-    clock: Any,
-    watch: Any,
-    max_staleness: Any,
-) -> tuple[float, float | None]:
-    """Validate the options of [`Jobs`][dbcancel.Jobs]; return `interval` and `max_staleness`
-    as floats. Shared with the integrations, which build their `Jobs` later."""
-    options = Options.checked(
-        interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
-    )
-    return options.interval, options.max_staleness
-
-
-def watched_mode(watch: bool | None, clock: Callable[[], float] | None) -> bool:
-    """The mode `watch` stands for: None is watched unless a custom clock is given
-    (a clock the caller drives cannot drive a background thread)."""
-    return clock is None if watch is None else watch
-
-
 @dataclass(frozen=True, slots=True)
 class JobsStats:
     """What this process has done for one job table, from [`Jobs.stats`][dbcancel.Jobs.stats].
@@ -191,7 +170,7 @@ class Jobs(JobsWorker):
         self._given_clock = clock
         if watch:
             backend.listener()  # refuses a PostgreSQL engine it could not listen through
-        self._watch = watched_mode(watch, clock)
+        self._watch = options.watched
         self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._backend = backend
         # Found by the table's key, which the backend may have to ask the database for:
