@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from sqlalchemy import String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dbcancel import CancellableMixin, Jobs
+from dbcancel import CancellableMixin, Cancelled, Jobs
 from dbcancel.media import MediaAnalysisService, MediaError
 
 EXIT_CANCELLED = 3
@@ -71,8 +71,12 @@ async def stream(args: argparse.Namespace, jobs: Jobs, job_id: int) -> int:
             bar = "#" * (20 * done // args.frames)
             print(f"\rjob {job_id} [{bar:<20}] {done}/{args.frames} frames", end="", flush=True)
 
-    async with jobs.run(job_id) as cp:
-        results = await service.analyze(frames(), view=args.view, checkpoint=cp)
+    try:
+        async with jobs.run(job_id) as cp:
+            results = await service.analyze(frames(), view=args.view, checkpoint=cp)
+    except Cancelled as exc:  # cancelled before it started: nothing was streamed
+        print(f"job {job_id} was cancelled before it started ({exc.reason or 'no reason'})")
+        return EXIT_CANCELLED
     print()
     if cp.cancelled:
         print(f"job {job_id} cancelled after {done} frames ({cp.reason or 'no reason'});")
