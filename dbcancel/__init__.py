@@ -24,7 +24,15 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .checkpoint import CallbackHandle, Checkpoint, bind_checkpoint, checkpoint, current
-from .errors import Cancelled, DbcancelError, InvalidTransition, JobNotFound, JobNotRunnable
+from .errors import (
+    Cancelled,
+    DbcancelError,
+    InvalidTransition,
+    JobCancelled,
+    JobNotFound,
+    JobNotRunnable,
+    UsageError,
+)
 from .jobs import JobRun, Jobs, JobsStats
 from .models import TERMINAL, TRANSITIONS, JobId, Status
 from .registry import ActiveJob
@@ -44,6 +52,7 @@ __all__ = [
     "Checkpoint",
     "DbcancelError",
     "InvalidTransition",
+    "JobCancelled",
     "JobId",
     "JobNotFound",
     "JobNotRunnable",
@@ -51,6 +60,7 @@ __all__ = [
     "Jobs",
     "JobsStats",
     "Status",
+    "UsageError",
     "bind_checkpoint",
     "checkpoint",
     "current",

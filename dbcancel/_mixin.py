@@ -16,6 +16,7 @@ try:
         Column,
         DateTime,
         Dialect,
+        Integer,
         MetaData,
         PrimaryKeyConstraint,
         String,
@@ -177,8 +178,9 @@ class CancellableMixin:
     Columns: `status` (not null, default `pending`, indexed, with a CHECK constraint
     named `ck_<table>_status`), `cancel_requested_at`, `cancel_reason`,
     `cancel_observed_at`, `started_at`, `finished_at`, `heartbeat_at` (aware UTC
-    datetimes, null), `error` (the text of the exception that failed the job) and
-    `worker_id` (the process running it). "Stopped" means `finished_at IS NOT
+    datetimes, null), `error` (the text of the exception that failed the job, or that
+    caused its last retry), `worker_id` (the process running it) and `attempts` (how
+    many times a worker started it). "Stopped" means `finished_at IS NOT
     NULL`. Change `status` only through [`Jobs`][dbcancel.Jobs]. The model's metadata
     also gets the `WORKER_TABLE`, where each worker process beats.
 
@@ -240,3 +242,12 @@ class CancellableMixin:
     )
     """The process running (or that ran) the job, `host:pid:token`: its row in the
     worker table (`WORKER_TABLE`) says whether it is still alive."""
+    # After status, where upgrade_cancellation() appends it to an older table: a table
+    # created now and one upgraded list their columns in the same order.
+    attempts: Mapped[int] = mapped_column(
+        Integer(), nullable=False, default=0, server_default="0", sort_order=_LAST + 1
+    )
+    """How many times a worker started the job: 1 once its body ran, 2 once a retry's
+    began, ... A task queue's retry moves the job back to `pending`, keeping this and the
+    `error` that caused the retry. `op.upgrade_cancellation()` adds it to a table made
+    before it; a table without it runs jobs as before, uncounted."""

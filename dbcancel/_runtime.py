@@ -667,7 +667,9 @@ class Runtime:
             timeout = min(timeout, LISTEN_SLICE)
             for listener, db in blind:
                 self._receive(db, listener, 0.0 if fds else timeout)
-        if math.isinf(timeout) and not fds:
+        if math.isinf(timeout):
+            # Nothing due: wait for a kick or a notification. select() refuses an
+            # infinite timeout (OverflowError), with listeners as without.
             timeout = 3600.0
         try:
             ready, _, _ = select.select([self._wake_r, *fds], [], [], timeout)

@@ -608,6 +608,9 @@ class SQLAlchemyBackend:
         ]
         assignments += [(c[name], now) for name in change.stamp]
         assignments += [(c[name], value) for name, value in change.values.items()]
+        assignments += [
+            (c[name], func.coalesce(c[name], 0) + 1) for name in change.count if name in c
+        ]
         assignments.append((c.status, change.to))
         stmt = (
             update(self.table)

@@ -26,6 +26,7 @@ from .backend import (
     complete_change,
     cut_reason,
     fail_change,
+    retry_change,
     row_text,
     start_change,
     utcnow,
@@ -35,7 +36,7 @@ from .errors import Cancelled, InvalidTransition
 from .models import JobId, Status
 from .registry import ActiveJob, registry
 
-__all__ = ["JobRun", "JobsWorker"]
+__all__ = ["JobRun", "JobsWorker", "error_text"]
 
 log = logging.getLogger("dbcancel")
 
@@ -57,15 +58,16 @@ class JobsWorker(JobsClient):
     def run(self, job_id: JobId, *, where: Mapping[str, Any] | None = None) -> JobRun:
         """Run a job: a context manager (`with` or `async with`) yielding its Checkpoint.
 
-        On enter: pending → in_progress. A job already cancelled yields a checkpoint
-        that is already cancelled; a missing row raises
+        On enter: pending → in_progress. A job already cancelled raises
+        [`Cancelled`][dbcancel.Cancelled] from the `with` (or `async with`) statement
+        itself: the body never runs and nothing is written (its first worker, if any, is
+        the one that says when it has stopped); catch it around the statement where a
+        cancelled job is an expected outcome. A missing row raises
         [`JobNotFound`][dbcancel.JobNotFound]; a job in any other state raises
         [`InvalidTransition`][dbcancel.InvalidTransition]. On exit: in_progress → completed,
         unless it was cancelled meanwhile (then it stays cancelled); a `Cancelled` of this
-        job is swallowed; any other exception marks it failed and propagates. Every exit of
-        a run that started the job stamps `finished_at`; a run that found the job already
-        cancelled writes nothing (its first worker, if any, is the one that says when it has
-        stopped).
+        job raised inside the block is swallowed; any other exception marks it failed and
+        propagates. Every exit of a run that started the job stamps `finished_at`.
         """
         self._backend.check_id(job_id)
         self._backend.check_filters(where)
@@ -97,6 +99,29 @@ class JobsWorker(JobsClient):
             raise InvalidTransition(self.model_name, job_id, status.value, status.value)
         return status, text
 
+    def _retry(self, cp: Checkpoint, error: str) -> bool:
+        """Move the running job of `cp` back to pending: its body asked its task queue
+        for a retry, and `error` says why. True when the row is pending now; False, with
+        nothing changed, when the job was cancelled meanwhile (the cancel wins: `cp`
+        takes note, and the retry must not run) or left `in_progress` another way.
+
+        The run's exit then writes nothing: the next delivery starts the job again.
+        """
+        if cp._retried:
+            return True
+        if cp.cancelled:
+            return False
+        cp._retried = True  # before the write: a poll must not take pending for a fence
+        try:
+            if self._backend.apply(retry_change(error), job_id=cp.job_id):
+                return True
+        except BaseException:
+            cp._retried = False
+            raise
+        cp._retried = False
+        cp._apply_row(*self._poll_row(cp.job_id))
+        return False
+
     def _start(
         self, job_id: Any, where: Mapping[str, Any] | None, *, in_executor: bool = False
     ) -> tuple[Checkpoint, bool]:
@@ -117,7 +142,7 @@ class JobsWorker(JobsClient):
 
     def _start_job(self, job_id: Any, where: Mapping[str, Any] | None) -> tuple[Checkpoint, bool]:
         b = self._backend
-        started, reason = True, None
+        started = True
         # Before the job names this process as its worker, the process's row must be
         # there and fresh; the job leaves the heartbeat once it has stopped.
         rt = runtime()
@@ -143,7 +168,12 @@ class JobsWorker(JobsClient):
                         Status.IN_PROGRESS.value,
                         row.worker_id if row.status is Status.IN_PROGRESS else None,
                     )
-                reason = row.cancel_reason
+                # Cancelled before any worker started it: the body must not run, and
+                # this run writes nothing (the job may still have a worker elsewhere,
+                # a cancelled duplicate delivery's, and only that one says it stopped).
+                cancelled = Cancelled(job_id, row.cancel_reason)
+                cancelled._dbcancel_key = b.key  # type: ignore[attr-defined]
+                raise cancelled
         finally:
             if not started:
                 rt.leave(b, self._heartbeat_period)
@@ -153,8 +183,6 @@ class JobsWorker(JobsClient):
             interval=self._interval,
             clock=self._clock,
             key=b.key,
-            cancelled=not started,
-            reason=reason,
             watched=self._watch,
             max_staleness=self._max_staleness,
             health=self._health,
@@ -250,7 +278,8 @@ class JobsWorker(JobsClient):
         b = self._backend
         job_id = cp.job_id
         own_cancel = isinstance(exc, Cancelled) and _is_own(exc, cp, b.key)
-        if not started:
+        if not started or cp._retried:
+            # A retry moved the row back to pending: the next delivery owns it now.
             return own_cancel
         if exc is None:
             using = cp._completed_in
@@ -281,10 +310,7 @@ class JobsWorker(JobsClient):
                 cp._observe(reason)
             b.mark_stopped(job_id, cp._seen_at())
             return True
-        if isinstance(exc, _Interrupted):
-            text = str(exc)
-        else:
-            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        text = str(exc) if isinstance(exc, _Interrupted) else error_text(exc)
         if not b.apply(fail_change(text), job_id=job_id):
             b.mark_stopped(job_id, cp._seen_at())
         return False
@@ -313,6 +339,11 @@ class JobsWorker(JobsClient):
                 Status.IN_PROGRESS.value,
                 exc_info=True,
             )
+
+
+def error_text(exc: BaseException) -> str:
+    """What the `error` column keeps of `exc`: `"OSError: disk full"`."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _is_own(exc: Cancelled, cp: Checkpoint, key: Any) -> bool:

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from . import _timeouts
 from ._random import rng
-from .models import CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
+from .models import ATTEMPTS_COLUMN, CANCEL_REASON_LENGTH, ERROR_LENGTH, Status, allowed_sources
 
 __all__ = [
     "BACKEND_MEMBERS",
@@ -56,6 +56,7 @@ __all__ = [
     "is_transient_error",
     "read_cancel_payload",
     "read_payload",
+    "retry_change",
     "row_text",
     "run_retried",
     "start_change",
@@ -159,13 +160,17 @@ class Change:
     A backend turns it into `UPDATE t SET status = :to, <stamp> = now, <values>
     WHERE status IN (:sources) AND <filters>` and returns the row count.
     `stamp_if_from` columns are set to now only when the old status is in the given set
-    (a `CASE` evaluated against the old row).
+    (a `CASE` evaluated against the old row). `count` columns are incremented
+    (`col = COALESCE(col, 0) + 1`) where the table has them, and skipped where it
+    does not (the `attempts` counter, which a table made by an earlier dbcancel may
+    lack).
     """
 
     to: Status
     stamp: tuple[str, ...] = ()
     stamp_if_from: Mapping[str, frozenset[Status]] = field(default_factory=dict)
     values: Mapping[str, Any] = field(default_factory=dict)
+    count: tuple[str, ...] = ()
 
     @property
     def sources(self) -> frozenset[Status]:
@@ -284,8 +289,25 @@ def integer_bounds(bits: int, *, unsigned: bool = False) -> tuple[int, int]:
 
 
 def start_change(worker_id: str) -> Change:
-    """pending → in_progress, stamping `started_at` and naming the worker process."""
-    return Change(Status.IN_PROGRESS, stamp=("started_at",), values={"worker_id": worker_id})
+    """pending → in_progress, stamping `started_at`, naming the worker process and
+    counting the attempt."""
+    return Change(
+        Status.IN_PROGRESS,
+        stamp=("started_at",),
+        values={"worker_id": worker_id},
+        count=(ATTEMPTS_COLUMN,),
+    )
+
+
+def retry_change(error: str) -> Change:
+    """in_progress → pending: the body asked its task queue for a retry.
+
+    Keeps the attempt count and the error that caused the retry (`error`), so that the
+    row says why the job runs again; the next start counts the next attempt. Applies
+    only to a job still in progress: a job cancelled meanwhile stays cancelled, and its
+    retry never runs.
+    """
+    return Change(Status.PENDING, values={"error": error[:ERROR_LENGTH]})
 
 
 def complete_change() -> Change:

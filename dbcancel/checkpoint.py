@@ -199,6 +199,7 @@ class Checkpoint(functools.partial[None]):
         "_ok_at",
         "_owner",
         "_reason",
+        "_retried",
         "_served",
         "_source",
         "_stopped",
@@ -229,6 +230,7 @@ class Checkpoint(functools.partial[None]):
     _owner: bool
     _ok_at: float
     _reason: str | None
+    _retried: bool
     _served: int
     _source: _Source
     _stopped: threading.Event
@@ -290,6 +292,7 @@ class Checkpoint(functools.partial[None]):
         self._fenced = False
         self._local = False
         self._reason = None
+        self._retried = False
         self._observed_at = None
         self._failures = 0
         self._stopped = threading.Event()
@@ -442,6 +445,10 @@ class Checkpoint(functools.partial[None]):
         self._failures = 0
         self._ok_at = self._clock()
         self._schedule_next_poll()
+        if self._retried:
+            # Its body asked for a retry and the row went back to pending (a retry may
+            # even have started it again): this run is leaving, and writes nothing.
+            return Status.PENDING if status is None else status
         if status is None:
             self._observe(DELETED)
             return Status.CANCELLED

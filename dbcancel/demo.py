@@ -40,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ._commands import format_table
 from .checkpoint import Checkpoint
-from .errors import DbcancelError
+from .errors import Cancelled, DbcancelError
 from .jobs import Jobs
 from .models import WORKER_TABLE, CancellableMixin, Status
 
@@ -173,6 +173,8 @@ def _analyse(jobs: Jobs, p: _Progress, frame_delay: float, wake: threading.Event
             finally:
                 p.loop_exit = time.perf_counter()
         p.state = "cancelled" if cp.cancelled else "completed"
+    except Cancelled:
+        p.state = "cancelled"  # before it started: the body never ran
     except Exception as exc:  # reported in the final table, not as a traceback
         p.state = "failed"
         p.error = f"{type(exc).__name__}: {exc}"

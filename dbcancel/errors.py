@@ -12,7 +12,15 @@ from typing import Any
 
 from .models import JobId
 
-__all__ = ["Cancelled", "DbcancelError", "InvalidTransition", "JobNotFound", "JobNotRunnable"]
+__all__ = [
+    "Cancelled",
+    "DbcancelError",
+    "InvalidTransition",
+    "JobCancelled",
+    "JobNotFound",
+    "JobNotRunnable",
+    "UsageError",
+]
 
 
 class Cancelled(BaseException):
@@ -113,15 +121,42 @@ class InvalidTransition(DbcancelError):
         return (type(self), (self.model, self.job_id, self.current, self.wanted, self.worker))
 
 
+class JobCancelled(DbcancelError):
+    """A task of a task queue found its job cancelled (or its row deleted): the body did
+    not finish, or never started.
+
+    What the task-queue integrations record as such a task's failure where the queue has
+    no state of its own for a revoked task (Django Tasks, RQ, Dramatiq; Celery records
+    REVOKED): its text is `Analysis 12 was cancelled: user deleted it`. `job_id` is the
+    job's id, `model` the name of the job model and `reason` the cancel reason
+    (`"deleted"` for a missing row, or None).
+    """
+
+    def __init__(self, model: str, job_id: JobId, reason: str | None = None) -> None:
+        self.model = model
+        self.job_id = job_id
+        self.reason = reason
+        # The arguments themselves: result backends rebuild an exception as cls(*args).
+        super().__init__(model, job_id, reason)
+
+    def __str__(self) -> str:
+        text = f"{self.model} {self.job_id!r} was cancelled"
+        return text + (f": {self.reason}" if self.reason else "")
+
+
 class JobNotRunnable(DbcancelError):
     """A task of a task queue found its job failed, completed or in progress: nothing ran.
 
-    Raised (and recorded as the task's failure) by the task-queue integrations,
-    [`dbcancel.contrib.celery`][dbcancel.contrib.celery] and
-    [`dbcancel.contrib.django.tasks`][dbcancel.contrib.django.tasks], when a retry or a
-    second message arrives for a job whose body already ran (or runs in another worker now),
-    and when a job was reaped or failed by hand while its body ran. `status` is the row's
-    status, `job_id` the job's id and `model` the name of the job model.
+    Raised (and recorded as the task's failure) by the task-queue integrations
+    ([`dbcancel.contrib.celery`][dbcancel.contrib.celery],
+    [`dbcancel.contrib.django.tasks`][dbcancel.contrib.django.tasks],
+    [`dbcancel.contrib.rq`][dbcancel.contrib.rq],
+    [`dbcancel.contrib.dramatiq`][dbcancel.contrib.dramatiq]) when a second message
+    arrives for a job whose body already ran to its end (or runs in another worker now),
+    and when a job was reaped or failed by hand while its body ran. A retry the body
+    asked for is not such a message: it moved the job back to `pending`, and runs.
+    `status` is the row's status, `job_id` the job's id and `model` the name of the job
+    model.
     """
 
     def __init__(self, model: str, job_id: JobId, status: str) -> None:
@@ -135,6 +170,14 @@ class JobNotRunnable(DbcancelError):
     def __str__(self) -> str:
         return (
             f"{self.model} {self.job_id!r} is {self.status!r}, not pending: a job's body "
-            "runs at most once, so this run did nothing; create a new job to run the work "
-            "again"
+            "runs at most once to an end, and never beside another run of it, so this run "
+            "did nothing; create a new job to run the work again"
         )
+
+
+class UsageError(DbcancelError, RuntimeError):
+    """dbcancel was called where it cannot do its work, and did nothing: inside the
+    caller's open transaction (`DjangoJobs` commits every change on its own), outside
+    a Flask app context, on an app without the extension. The message says what to do
+    instead. A `RuntimeError` too, as these errors were before they had a class.
+    """

@@ -12,44 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
 
-from ._client import check_seconds
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
+from ._options import DEFAULT_INTERVAL, Options
 from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
 from .backend import Backend, check_backend
 
 __all__ = ["JobRun", "Jobs", "JobsStats"]
-
-
-def check_options(
-    *,
-    interval: Any,
-    clock: Any,
-    watch: Any,
-    max_staleness: Any,
-) -> tuple[float, float | None]:
-    """Validate the options of [`Jobs`][dbcancel.Jobs]; return `interval` and `max_staleness`
-    as floats. Shared with the integrations, which build their `Jobs` later."""
-    seconds = check_seconds("interval", interval)
-    if clock is not None and not callable(clock):
-        raise TypeError(f"clock must be a callable returning seconds, got {clock!r}")
-    if watch is not None and not isinstance(watch, bool):
-        raise TypeError(f"watch must be None, True or False, got {watch!r}")
-    if watch and clock is not None:
-        raise ValueError(
-            "Jobs(watch=True) polls from a background thread on real time; a custom "
-            "clock applies only to watch=False (use watch=False, or leave watch out, in "
-            "tests that drive the clock)"
-        )
-    staleness = None if max_staleness is None else check_seconds("max_staleness", max_staleness)
-    return seconds, staleness
-
-
-def watched_mode(watch: bool | None, clock: Callable[[], float] | None) -> bool:
-    """The mode `watch` stands for: None is watched unless a custom clock is given
-    (a clock the caller drives cannot drive a background thread)."""
-    return clock is None if watch is None else watch
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +94,7 @@ class Jobs(JobsWorker):
         bind: Any,
         model: Any,
         *,
-        interval: float = 0.5,
+        interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] | None = None,
         watch: bool | None = None,
         max_staleness: float | None = None,
@@ -146,7 +116,7 @@ class Jobs(JobsWorker):
         cls,
         backend: Backend,
         *,
-        interval: float = 0.5,
+        interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] | None = None,
         watch: bool | None = None,
         max_staleness: float | None = None,
@@ -188,13 +158,19 @@ class Jobs(JobsWorker):
     ) -> None:
         """What every way of building a `Jobs` shares: check the options, keep the backend."""
         check_backend(backend)
-        self._interval, self._max_staleness = check_options(
-            interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
+        options = Options.checked(
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+            heartbeat=heartbeat,
         )
-        self._heartbeat_period = check_seconds("heartbeat", heartbeat)
+        self._interval, self._max_staleness = options.interval, options.max_staleness
+        self._heartbeat_period = options.heartbeat
+        self._given_clock = clock
         if watch:
             backend.listener()  # refuses a PostgreSQL engine it could not listen through
-        self._watch = watched_mode(watch, clock)
+        self._watch = options.watched
         self._clock: Callable[[], float] = clock if clock is not None else time.monotonic
         self._backend = backend
         # Found by the table's key, which the backend may have to ask the database for:
@@ -231,6 +207,11 @@ class Jobs(JobsWorker):
     def heartbeat(self) -> float:
         """Seconds between two beats of this process's worker row while jobs run."""
         return self._heartbeat_period
+
+    @property
+    def clock(self) -> Callable[[], float] | None:
+        """The clock the checkpoints read; None for `time.monotonic`."""
+        return self._given_clock
 
     @property
     def max_staleness(self) -> float | None:

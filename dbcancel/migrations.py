@@ -13,7 +13,7 @@ def downgrade():
 
 `add_cancellation` gives the table what [`CancellableMixin`][dbcancel.CancellableMixin] declares, so
 that the upgraded table equals `metadata.create_all()` of the model with the mixin: the
-columns of `dbcancel.models.REQUIRED_COLUMNS` (same types, appended after the
+columns of `dbcancel.models.REQUIRED_COLUMNS` and `attempts` (same types, appended after the
 table's own), the index `ix_<table>_status` and the CHECK constraint
 `ck_<table>_status`. `drop_cancellation` removes exactly those again. Existing rows
 keep their data. SQLite is altered in Alembic's batch mode (the table is copied into a
@@ -36,7 +36,7 @@ What existing rows get, and tables that already have a `status` column:
   replaced, to allow dbcancel's five states plus every value the column holds and every
   value the old constraint allowed. Rows whose status is not one of the five are not
   jobs dbcancel can read: map them to dbcancel's states before using `Jobs` on them.
-  `drop_cancellation(..., existing_status=True)` then removes only the seven columns it
+  `drop_cancellation(..., existing_status=True)` then removes only the columns it
   added and leaves the `status` column, its index and its (wider) constraint, so the
   old code keeps working after a downgrade. The flag is explicit because nothing in the
   table can tell afterwards whether `status` was there before: without it, a downgrade
@@ -74,6 +74,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .errors import DbcancelError
 from .models import (
+    ATTEMPTS_COLUMN,
     REQUIRED_COLUMNS,
     CancellableMixin,
     Status,
@@ -177,7 +178,7 @@ class DropCancellationOp(MigrateOperation):
         """Undo `AddCancellationOp.add_cancellation` on `table_name`.
 
         Drops the CHECK constraint, the status index and dbcancel's columns; with
-        `existing_status=True` (pass what the upgrade passed) only the seven columns
+        `existing_status=True` (pass what the upgrade passed) only the columns
         beside `status`. The rows and their other columns stay.
         """
         operations.invoke(cls(table_name, schema=schema, existing_status=existing_status))
@@ -207,9 +208,9 @@ class UpgradeCancellationOp(MigrateOperation):
     ) -> None:
         """Bring a table made cancellable by an earlier dbcancel up to this one.
 
-        Adds the columns this version needs that the table lacks (all nullable: the
-        rows keep their data), the worker table if the database has none, and the
-        worker table's missing columns (`expires_at`); does nothing when all is there,
+        Adds the columns this version needs that the table lacks (nullable, or with a
+        server default: the rows keep their data), the worker table if the database has
+        none, and the worker table's missing columns (`expires_at`); does nothing when all is there,
         so it is safe to run again, in every migration after an upgrade of dbcancel.
         """
         operations.invoke(cls(table_name, schema=schema))
@@ -222,8 +223,9 @@ class UpgradeCancellationOp(MigrateOperation):
 def upgrade_cancellation(op: Any, table_name: str, *, schema: str | None = None) -> None:
     """Bring the job table `table_name` up to this dbcancel; `op` is Alembic's `op`.
 
-    The same as `op.upgrade_cancellation(table_name)`: adds the nullable columns a
-    newer dbcancel needs (`cancel_observed_at`, `worker_id`), creates the worker table,
+    The same as `op.upgrade_cancellation(table_name)`: adds the columns a newer
+    dbcancel needs (`cancel_observed_at`, `worker_id`, nullable; `attempts`, not null
+    with a server default of 0), creates the worker table,
     and adds the worker table's nullable `expires_at`, where they are missing. Raises
     [`MigrationError`][dbcancel.migrations.MigrationError], changing nothing, when the table
     has no `status` column (use [`add_cancellation`][dbcancel.migrations.add_cancellation]).
@@ -300,7 +302,12 @@ def _new_column(name: str) -> sa.Column[Any]:
 
 
 # In the order create_all() gives them, which is not that of REQUIRED_COLUMNS.
-_COLUMNS = tuple(c.name for c in _Probe.__table__.c if c.name in REQUIRED_COLUMNS)
+_COLUMNS = tuple(
+    c.name for c in _Probe.__table__.c if c.name in REQUIRED_COLUMNS or c.name == ATTEMPTS_COLUMN
+)
+# Columns a table made by an earlier dbcancel may lack: a downgrade drops them only
+# where they are.
+_OPTIONAL_COLUMNS = frozenset({ATTEMPTS_COLUMN})
 _OTHER_COLUMNS = tuple(c for c in _COLUMNS if c != "status")
 _STATES = tuple(s.value for s in Status)
 _MIN_STATUS_LENGTH = max(len(s) for s in _STATES)
@@ -577,7 +584,11 @@ def _drop(operations: Operations, operation: DropCancellationOp) -> None:
     else:
         table = _read(operations, name, schema)
 
-    wanted = _OTHER_COLUMNS if keep_status else _COLUMNS
+    wanted = tuple(
+        c
+        for c in (_OTHER_COLUMNS if keep_status else _COLUMNS)
+        if c in table.columns or c not in _OPTIONAL_COLUMNS
+    )
     missing = [c for c in wanted if c not in table.columns]
     if keep_status and "status" not in table.columns:
         missing.insert(0, "status")

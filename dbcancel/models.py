@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._mixin import CancellableMixin, StatusType, UTCDateTime, worker_table
 
 __all__ = [
+    "ATTEMPTS_COLUMN",
     "REQUIRED_COLUMNS",
     "TERMINAL",
     "TRANSITIONS",
@@ -71,12 +72,20 @@ TERMINAL: frozenset[Status] = frozenset({Status.COMPLETED, Status.FAILED, Status
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.PENDING: frozenset({Status.IN_PROGRESS, Status.CANCELLED}),
-    Status.IN_PROGRESS: frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED}),
+    # in_progress -> pending: the body asked its task queue for a retry (see retry_change).
+    Status.IN_PROGRESS: frozenset(
+        {Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.PENDING}
+    ),
     Status.COMPLETED: frozenset(),
     Status.FAILED: frozenset(),
     Status.CANCELLED: frozenset(),
 }
-"""Every allowed status change, as `{from: {to, ...}}`. The only place they are listed."""
+"""Every allowed status change, as `{from: {to, ...}}`. The only place they are listed.
+
+`in_progress → pending` is a retry that the job's body asked its task queue for (a
+Celery `Retry`, an RQ or Dramatiq retry): the next delivery runs the body again. It is
+the only way back from `in_progress`, and nothing leaves a terminal state, so a retry
+never resurrects a job that was cancelled or has finished."""
 
 
 def allowed_sources(to: Status) -> frozenset[Status]:
@@ -97,6 +106,12 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 )
 """The columns [`CancellableMixin`][dbcancel.CancellableMixin] adds and
 [`Jobs`][dbcancel.Jobs] needs."""
+
+ATTEMPTS_COLUMN = "attempts"
+"""The column that counts the starts of a job (1 after its first run began, 2 after the
+start of its first retry, ...). The mixin and `CancellableModel` add it; a table without
+it (one made by an earlier dbcancel, not yet migrated, or a plain `Table` of your own)
+runs jobs as before, uncounted."""
 
 CANCEL_REASON_LENGTH = 255
 ERROR_LENGTH = 2000

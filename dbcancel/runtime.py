@@ -32,8 +32,10 @@ def shutdown(timeout: float = 10.0) -> None:
     """Stop dbcancel's work in this process; safe to call more than once.
 
     Every job still running in this process is cancelled with the reason
-    `"shutdown"` (`dbcancel.SHUTDOWN_REASON`): its checkpoint raises at its next call,
-    its `on_cancel` callbacks run, and its `run()` writes `cancelled` when it ends.
+    `"shutdown"` (`dbcancel.SHUTDOWN_REASON`; a task-queue worker's warm shutdown,
+    which the integrations handle before the process ends, says `"worker shutdown"`):
+    its checkpoint raises at its next call, its `on_cancel` callbacks run, and its
+    `run()` writes `cancelled` when it ends.
     Then, once those jobs have left `run()` or `timeout` seconds have passed, the
     runtime thread stops and closes its database connections. A later job starts it
     again.

@@ -14,9 +14,10 @@ Terminal 3, while it streams::
 
 The worker notices the cancel within its poll interval (it polls the row off the event
 loop), closes its connection with code 1001 "cancelled" and exits with status 3. A
-server fault makes it exit with status 1 and the job ``failed``. With ``--watch``, the
-process's shared watcher polls instead (one statement per interval for all its jobs, and
-on PostgreSQL a cancel arrives by NOTIFY within milliseconds whatever the interval).
+server fault makes it exit with status 1 and the job ``failed``. By default, as in the
+library, the process's shared runtime thread polls (one statement per interval for all its
+jobs, and on PostgreSQL a cancel arrives by NOTIFY within milliseconds whatever the
+interval); ``--no-watch`` runs threadless, each checkpoint polling its own row.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator
 from sqlalchemy import String, create_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dbcancel import CancellableMixin, Jobs
+from dbcancel import CancellableMixin, Cancelled, Jobs
 from dbcancel.media import MediaAnalysisService, MediaError
 
 EXIT_CANCELLED = 3
@@ -70,8 +71,12 @@ async def stream(args: argparse.Namespace, jobs: Jobs, job_id: int) -> int:
             bar = "#" * (20 * done // args.frames)
             print(f"\rjob {job_id} [{bar:<20}] {done}/{args.frames} frames", end="", flush=True)
 
-    async with jobs.run(job_id) as cp:
-        results = await service.analyze(frames(), view=args.view, checkpoint=cp)
+    try:
+        async with jobs.run(job_id) as cp:
+            results = await service.analyze(frames(), view=args.view, checkpoint=cp)
+    except Cancelled as exc:  # cancelled before it started: nothing was streamed
+        print(f"job {job_id} was cancelled before it started ({exc.reason or 'no reason'})")
+        return EXIT_CANCELLED
     print()
     if cp.cancelled:
         print(f"job {job_id} cancelled after {done} frames ({cp.reason or 'no reason'});")
@@ -93,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=25.0, help="0 streams as fast as it can")
     parser.add_argument("--interval", type=float, default=0.2, help="poll interval, seconds")
     parser.add_argument(
-        "--watch", action="store_true", help="use the shared per-process watcher (watch=True)"
+        "--watch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--watch insists on the shared runtime thread (watch=True), --no-watch runs "
+        "threadless (watch=False); left out, the library's default (watched)",
     )
     args = parser.parse_args(argv)
 

@@ -33,17 +33,24 @@ What each delivery of a task does, by the state of the job's row:
 
 * `pending`: the body runs inside `jobs.run(job_id)`. It returns: the job is
   `completed` and Celery records SUCCESS with the body's return value. It raises: the
-  job is `failed` and the exception goes to Celery as usual (FAILURE, or a retry).
+  job is `failed` and the exception goes to Celery as usual (FAILURE).
+* A retry, whether `autoretry_for` sends it or a bound body's `task.retry()`: the job
+  goes back to `pending` (its `attempts` count and the `error` that caused the retry
+  kept) before Celery sends the retry, which runs the body again; Celery records RETRY.
+  Once `max_retries` is spent, the last error fails the job. A job cancelled before the
+  retry was asked for is not retried: REVOKED.
 * `cancelled` (before or while the body ran, including an exception the body raised
-  after the cancel), or deleted: Celery records REVOKED (the result raises
+  after the cancel, or between two attempts), or deleted: the body does not run (or
+  stops at its next `cp()`), Celery records REVOKED (the result raises
   `TaskRevokedError` with the cancel reason) and the task neither succeeds nor retries.
-* `failed` (a retry of an attempt whose body raised) or `completed` (a duplicate
-  delivery): the body does not run; Celery records FAILURE with
-  [`JobNotRunnable`][dbcancel.JobNotRunnable] for this delivery. A job's body runs at most
-  once.
+* `failed` or `completed` (a duplicate delivery): the body does not run; Celery
+  records FAILURE with [`JobNotRunnable`][dbcancel.JobNotRunnable] for this delivery.
 * `in_progress` (a duplicate delivery while another worker runs it, or one whose
   worker died and that `reap()` will settle): the body does not run, a warning is
   logged, and nothing is recorded: the running attempt records its own result.
+* Any state, after this node's warm shutdown began (a prefetched message in the threads
+  or solo pool): the job does not start; the message goes back to the broker (rejected
+  with requeue under `acks_late`, sent again as itself otherwise) for another node.
 
 Results go to whatever result backend the app has; with none, or `ignore_result=True`,
 nothing is recorded and such deliveries end as Celery's `Ignore` does.
@@ -55,26 +62,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 from collections.abc import Callable
-from typing import Any, Concatenate, Generic, Literal, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, Generic, NoReturn, ParamSpec, Protocol, TypeVar
 
 try:
     from celery import signals
     from celery.backends.base import DisabledBackend
-    from celery.exceptions import Ignore
+    from celery.exceptions import Ignore, Reject, Retry
 except ImportError as err:  # pragma: no cover - exercised in a subprocess
     raise ImportError(
         "dbcancel.contrib.celery needs Celery, which is not installed: "
         "pip install 'dbcancel[celery]'"
     ) from err
 
-from sqlalchemy import Engine
-
-from dbcancel import Checkpoint, InvalidTransition, JobId, JobNotFound, Jobs, Status
+from dbcancel import Checkpoint, JobId, Jobs
+from dbcancel._delivery import WORKER_SHUTDOWN_REASON, Delivery, Ending, OnShutdown, Outcome
 from dbcancel._liveness import DEFAULT_HEARTBEAT
-from dbcancel.errors import JobNotRunnable
+from dbcancel._options import DEFAULT_INTERVAL, Options, OptionsView
+from dbcancel._sqla import resolve_engine
+from dbcancel.checkpoint import current
+from dbcancel.errors import JobCancelled, JobNotRunnable
 
 __all__ = [
     "EXPIRED_REASON",
@@ -82,6 +90,7 @@ __all__ = [
     "SHUTDOWN_REASON",
     "CancellableTask",
     "CeleryJobs",
+    "JobCancelled",
     "JobNotRunnable",
 ]
 
@@ -90,16 +99,16 @@ log = logging.getLogger("dbcancel")
 P = ParamSpec("P")
 R = TypeVar("R", covariant=True)
 
-SHUTDOWN_REASON = "worker shutdown"
-"""The cancel reason of the jobs a warm shutdown stops (`on_shutdown="cancel"`)."""
+SHUTDOWN_REASON = WORKER_SHUTDOWN_REASON
+"""The cancel reason of the jobs a warm shutdown stops (`on_shutdown="cancel"`):
+`"worker shutdown"`, the same in every task-queue integration. (The process-wide
+[`dbcancel.shutdown`][dbcancel.shutdown] says `"shutdown"`.)"""
 
 REVOKED_REASON = "revoked in Celery"
 """The cancel reason of a job whose task Celery revoked (`AsyncResult.revoke()`)."""
 
 EXPIRED_REASON = "expired in Celery"
 """The cancel reason of a job whose task expired before it ran (`expires=`)."""
-
-OnShutdown = Literal["cancel", "wait"]
 
 
 class CancellableTask(Protocol, Generic[P, R]):
@@ -133,56 +142,61 @@ class CancellableTask(Protocol, Generic[P, R]):
         ...
 
 
-class CeleryJobs:
+class CeleryJobs(OptionsView):
     """Cancellable Celery tasks for the jobs of one table.
 
-    `app` is the Celery app, `engine` the SQLAlchemy Engine of the job table and
-    `model` its mapped class (or Table), as for [`Jobs`][dbcancel.Jobs]; `interval`,
-    `watch`, `max_staleness` and `heartbeat` are passed to the `Jobs` that each
-    worker process builds for itself on first use.
+    `app` is the Celery app, `bind` the SQLAlchemy Engine of the job table (or a
+    sessionmaker bound to one) and `model` its mapped class (or Table), as for
+    [`Jobs`][dbcancel.Jobs]; `interval`, `clock`, `watch`, `max_staleness` and
+    `heartbeat` are the options of `Jobs`, passed to the `Jobs` that each worker process
+    builds for itself on first use, and read back as `Jobs` shows them (`watch` is the
+    mode in effect).
 
     `on_shutdown`: what a warm shutdown (SIGTERM) of a worker node does to the jobs it
     runs. `"cancel"` (the default) cancels them with the reason
     [`SHUTDOWN_REASON`][dbcancel.contrib.celery.SHUTDOWN_REASON]: they stop at their next
     checkpoint (within `interval` in a prefork child; at once in the threads and solo
     pools), end `cancelled` with Celery's state REVOKED, and the node exits. `"wait"` keeps
-    Celery's own behaviour: the node finishes its running tasks before it exits.
+    Celery's own behaviour: the node finishes its running tasks before it exits. Either
+    way, a delivery that reaches a task after the warm shutdown began does not start its
+    job: its message goes back to the broker, for another node.
     """
 
     def __init__(
         self,
         app: Any,
-        engine: Engine,
+        bind: Any,
         model: Any,
         *,
-        interval: float = 0.5,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] | None = None,
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
-        if not isinstance(engine, Engine):
-            raise TypeError(
-                f"CeleryJobs needs the SQLAlchemy Engine of the job table, got {engine!r}; "
-                "pass create_engine(url), not a URL or a Session"
-            )
+        engine = resolve_engine(bind)
+        self._options = Options.checked(
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+            heartbeat=heartbeat,
+        )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')
         self._app = app
         self._engine = engine
         self._model = model
-        self._options: dict[str, Any] = {
-            "interval": interval,
-            "watch": watch,
-            "max_staleness": max_staleness,
-            "heartbeat": heartbeat,
-        }
-        # Validate the options now, in the process that declares the tasks.
-        Jobs(engine, model, **self._options)
-        self._on_shutdown: OnShutdown = on_shutdown
-        self._lock = threading.Lock()
-        self._jobs: Jobs | None = None
-        self._pid = os.getpid()
+        # Validate the model (and watch=True's listener) now, in the process that
+        # declares the tasks.
+        Jobs(engine, model, **self._options.kwargs())
+        self._delivery: Delivery[Jobs] = Delivery(
+            lambda: Jobs(engine, model, **self._options.kwargs()),
+            # The pool's connections belong to the parent: forget them without closing.
+            dispose=lambda: engine.dispose(close=False),
+            on_shutdown=on_shutdown,
+        )
         self._task_names: set[str] = set()
         self._connect()
 
@@ -196,7 +210,7 @@ class CeleryJobs:
     @property
     def on_shutdown(self) -> OnShutdown:
         """`"cancel"` or `"wait"`: what a warm shutdown does to running jobs."""
-        return self._on_shutdown
+        return self._delivery.on_shutdown
 
     @property
     def task_names(self) -> frozenset[str]:
@@ -207,12 +221,7 @@ class CeleryJobs:
     @property
     def jobs(self) -> Jobs:
         """This process's [`Jobs`][dbcancel.Jobs], built on first use after each fork."""
-        with self._lock:
-            if self._jobs is None or self._pid != os.getpid():
-                if self._pid != os.getpid():
-                    self._after_fork()
-                self._jobs = Jobs(self._engine, self._model, **self._options)
-            return self._jobs
+        return self._delivery.jobs
 
     def task(
         self, **options: Any
@@ -222,10 +231,17 @@ class CeleryJobs:
         The decorated body is called as `body(cp, job_id, *args, **kwargs)` inside
         `jobs.run(job_id)` (with `bind=True`: `body(task, cp, job_id, ...)`); the
         task is sent as `task.delay(job_id, *args, **kwargs)`. `options` are Celery's
-        (`name`, `queue`, `autoretry_for`, `acks_late`, ...). See the module's
-        documentation for what each delivery does by the state of the row.
+        (`name`, `queue`, `autoretry_for`, `max_retries`, `acks_late`, `base`, ...).
+        A retry (`autoretry_for`, or `task.retry()` in a bound body) moves the job back
+        to `pending` before Celery sends it, unless the job was cancelled meanwhile.
+        See the module's documentation for what each delivery does by the state of the
+        row.
         """
         bind = bool(options.pop("bind", False))
+        base = options.pop("base", None) or self._app.Task
+        delivery = self._delivery
+        # A retry() that moves the row back to pending before Celery sends the retry.
+        options["base"] = type(base.__name__, (_RetryFirst, base), {"_dbcancel": delivery})
 
         def decorate(
             body: Callable[Concatenate[Checkpoint, Any, P], R],
@@ -248,7 +264,7 @@ class CeleryJobs:
         return decorate
 
     def __repr__(self) -> str:
-        return f"<CeleryJobs {self._model!r} on_shutdown={self._on_shutdown!r}>"
+        return f"<CeleryJobs {self._model!r} on_shutdown={self.on_shutdown!r}>"
 
     # -- running a delivery -----------------------------------------------------------
 
@@ -260,69 +276,32 @@ class CeleryJobs:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        jobs = self.jobs
-        try:
-            run = jobs.run(job_id)
-            cp = run.__enter__()
-        except InvalidTransition as err:
-            self._not_runnable(task, jobs, job_id, err.current)
-        except JobNotFound:
-            # Cancelled and then deleted while the message was queued, most likely.
-            log.warning(
-                "dbcancel: task %s (%s) found no %s %r: nothing ran",
-                task.name,
-                task.request.id,
-                jobs.model_name,
-                job_id,
-            )
-            self._revoked(task, job_id, "deleted")
-        if cp.cancelled:
-            # Cancelled before this delivery: run() wrote nothing; neither shall we.
-            run.__exit__(None, None, None)
-            self._revoked(task, job_id, cp.reason)
-        try:
-            try:
-                value = body(cp, job_id, *args, **kwargs)
-            except BaseException as exc:
-                if not run.__exit__(type(exc), exc, exc.__traceback__):
-                    raise
-                value = None
-            else:
-                run.__exit__(None, None, None)
-        except Exception:
-            if cp.cancelled:
-                # An error raised because of the cancel (a socket closed by on_cancel,
-                # say): the cancel wins, and no retry runs the job again.
-                self._stopped(task, jobs, job_id, cp)
-            raise
-        if cp.cancelled:
-            self._stopped(task, jobs, job_id, cp)
-        return value
+        outcome = self._delivery.deliver(
+            job_id, body, args, kwargs, retry_if=functools.partial(_autoretries, task)
+        )
+        ending = outcome.ending
+        if ending is Ending.COMPLETED:
+            return outcome.value
+        if ending in (Ending.FAILED, Ending.RETRY):
+            assert outcome.error is not None
+            raise outcome.error
+        if ending is Ending.CANCELLED:
+            self._revoked(task, outcome)
+        if ending is Ending.DEFERRED:
+            self._defer(task, job_id, args, kwargs)
+        return self._not_runnable(task, outcome)
 
-    def _stopped(self, task: Any, jobs: Jobs, job_id: Any, cp: Checkpoint) -> NoReturn:
-        """Record a run that stopped on its checkpoint, by what the row says now."""
-        try:
-            status = jobs.status(job_id)
-        except JobNotFound:  # cancelled, stopped, then deleted: the cancel-then-delete flow
-            self._revoked(task, job_id, cp.reason or "deleted")
-        if status is Status.CANCELLED:
-            self._revoked(task, job_id, cp.reason)
-        # Reaped or changed by hand while it ran: the row says failed.
-        self._not_runnable(task, jobs, job_id, status.value)
-
-    def _revoked(self, task: Any, job_id: Any, reason: str | None) -> NoReturn:
+    def _revoked(self, task: Any, outcome: Outcome) -> NoReturn:
         request = task.request
-        text = f"{self._model_name(job_id)} was cancelled" + (f": {reason}" if reason else "")
+        text = str(outcome.exception())
         if _records(task):
             task.backend.mark_as_revoked(request.id, text, request=request)
         raise Ignore(text)
 
-    def _not_runnable(self, task: Any, jobs: Jobs, job_id: Any, status: str) -> NoReturn:
-        if status == Status.CANCELLED.value:
-            self._revoked(task, job_id, None)
+    def _not_runnable(self, task: Any, outcome: Outcome) -> NoReturn:
         request = task.request
-        if status != Status.IN_PROGRESS.value:
-            exc = JobNotRunnable(jobs.model_name, job_id, status)
+        if outcome.ending is Ending.NOT_RUNNABLE:
+            exc = outcome.exception()
             if _records(task):
                 task.backend.mark_as_failure(request.id, exc, request=request)
             raise Ignore(str(exc))
@@ -330,15 +309,32 @@ class CeleryJobs:
             "dbcancel: task %s (%s) for %s %r found it %s: the body did not run again",
             task.name,
             request.id,
-            jobs.model_name,
-            job_id,
-            status,
+            outcome.model,
+            outcome.job_id,
+            outcome.status,
         )
-        raise Ignore(f"{jobs.model_name} {job_id!r} is {status!r}")
+        raise Ignore(f"{outcome.model} {outcome.job_id!r} is {outcome.status!r}")
 
-    def _model_name(self, job_id: Any) -> str:
-        name = getattr(self._model, "__name__", None) or getattr(self._model, "name", "job")
-        return f"{name} {job_id!r}"
+    def _defer(
+        self, task: Any, job_id: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> NoReturn:
+        """Hand a delivery that came after the warm shutdown began back to the broker."""
+        log.info(
+            "dbcancel: task %s (%s) for %s %r arrived during the warm shutdown of this "
+            "node: not started, its message goes back to the broker",
+            task.name,
+            task.request.id,
+            self._delivery.jobs.model_name,
+            job_id,
+        )
+        if task.acks_late:
+            # Not acknowledged yet: the broker gives it to another node.
+            raise Reject("worker shutting down", requeue=True)
+        # Acknowledged when it was received: send it again, as itself (same id,
+        # arguments, retries and queue), for another node to take.
+        request = task.request
+        task.signature_from_request(request, (job_id, *args), kwargs).apply_async()
+        raise Ignore("worker shutting down: sent back to the broker")
 
     # -- signals ----------------------------------------------------------------------
 
@@ -352,23 +348,10 @@ class CeleryJobs:
         )
         signals.task_revoked.connect(self._on_revoked, weak=False, dispatch_uid=f"{uid}:revoked")
 
-    def _after_fork(self) -> None:
-        # The pool's connections belong to the parent: forget them without closing them.
-        self._engine.dispose(close=False)
-        self._jobs = None
-        self._pid = os.getpid()
-
     def _on_process_init(self, **_: Any) -> None:
-        with self._lock:
-            if self._pid != os.getpid():
-                self._after_fork()
-            else:  # a child forked before this object noticed: same treatment
-                self._engine.dispose(close=False)
-                self._jobs = None
+        self._delivery.after_fork()
 
     def _on_shutting_down(self, **_: Any) -> None:
-        if self._on_shutdown != "cancel":
-            return
         from celery.worker import state
 
         ids = [
@@ -376,14 +359,9 @@ class CeleryJobs:
             for request in list(state.active_requests)
             if request.task_name in self._task_names and request.args
         ]
-        if not ids:
-            return
         # Called from a signal handler: the database work runs in a thread of its own,
         # which the interpreter waits for before it exits.
-        thread = threading.Thread(
-            target=self._cancel_all, args=(ids,), name="dbcancel-celery-shutdown"
-        )
-        thread.start()
+        self._delivery.begin_shutdown(ids, reason=SHUTDOWN_REASON)
 
     def _on_revoked(
         self, sender: Any = None, request: Any = None, expired: bool = False, **_: Any
@@ -396,23 +374,53 @@ class CeleryJobs:
             return
         reason = REVOKED_REASON if not expired else EXPIRED_REASON
         thread = threading.Thread(
-            target=self._cancel_all, args=([args[0]], reason), name="dbcancel-celery-revoked"
+            target=self._delivery.cancel_all,
+            args=([args[0]], reason),
+            name="dbcancel-celery-revoked",
         )
         thread.start()
 
-    def _cancel_all(self, ids: list[Any], reason: str = SHUTDOWN_REASON) -> None:
-        jobs = self.jobs
-        for job_id in ids:
-            try:
-                jobs.cancel(job_id, reason=reason)
-            except Exception:
-                log.exception(
-                    "dbcancel: could not cancel %s %r (%s); it runs on until it ends, or "
-                    "reap() settles it",
-                    jobs.model_name,
-                    job_id,
-                    reason,
-                )
+
+class _RetryFirst:
+    """Mixed into the task class: `task.retry()` moves the job's row back to `pending`
+    before Celery sends the retry, so that the retry finds it startable, and sends
+    nothing for a job cancelled meanwhile (the cancel wins)."""
+
+    _dbcancel: Delivery[Jobs]
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        task: Any = self
+        request = task.request
+        job_id = request.args[0] if request.args else None
+        max_retries = kwargs.get("max_retries")
+        limit = task.max_retries if max_retries is None else max_retries
+        sent = not request.called_directly and (limit is None or request.retries < limit)
+        if sent and job_id is not None:
+            moved = self._dbcancel.retry(job_id, kwargs.get("exc"))
+            if moved is False:
+                # Cancelled meanwhile: no retry. The checkpoint raises the cancel, which
+                # the run swallows; the delivery records REVOKED.
+                cp = current()
+                assert cp is not None
+                raise cp._exception()
+        return super().retry(*args, **kwargs)  # type: ignore[misc]
+
+
+def _autoretries(task: Any, exc: BaseException) -> bool:
+    """True when Celery's `autoretry_for` will send a retry after `exc` (the wrapper
+    it puts around the task calls `task.retry()` once the run has ended)."""
+    autoretry_for = tuple(getattr(task, "autoretry_for", ()) or ())
+    if not autoretry_for or isinstance(exc, (Ignore, Retry, Reject)):
+        return False
+    dont = tuple(getattr(task, "dont_autoretry_for", ()) or ())
+    if (dont and isinstance(exc, dont)) or not isinstance(exc, autoretry_for):
+        return False
+    request = task.request
+    if request.called_directly:
+        return False
+    retry_kwargs = getattr(task, "retry_kwargs", None) or {}
+    limit = retry_kwargs.get("max_retries", task.max_retries)
+    return bool(limit is None or request.retries < limit)
 
 
 def _records(task: Any) -> bool:

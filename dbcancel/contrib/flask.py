@@ -14,7 +14,7 @@ def create_app():
     cancel.init_app(app)
     return app
 
-def analyze(cp, session_id):                     # runs in a thread, in the app context
+def analyze(cp, job_id, session_id):             # runs in a thread, in the app context
     for path in files_of(session_id):
         cp()                                     # raises Cancelled once cancelled
         process(path)
@@ -79,10 +79,12 @@ from dbcancel._commands import (
     SQLAlchemyRows,
     positive_seconds,
 )
+from dbcancel._liveness import DEFAULT_HEARTBEAT
+from dbcancel._options import DEFAULT_INTERVAL, Options, OptionsView
 from dbcancel._sqla import resolve_engine, resolve_table
 from dbcancel.checkpoint import Checkpoint
-from dbcancel.errors import InvalidTransition, JobNotFound
-from dbcancel.jobs import Jobs, check_options
+from dbcancel.errors import Cancelled, InvalidTransition, JobNotFound, UsageError
+from dbcancel.jobs import Jobs
 from dbcancel.models import REQUIRED_COLUMNS, JobId, Status
 
 if TYPE_CHECKING:
@@ -96,14 +98,15 @@ EXTENSION_KEY = "dbcancel"
 _STARTABLE = frozenset({Status.PENDING, Status.CANCELLED})
 
 
-class DBCancel:
+class DBCancel(OptionsView):
     """The dbcancel extension for Flask: a [`Jobs`][dbcancel.Jobs] per app, background
     jobs in the app context, and the `flask dbcancel` commands.
 
     Pass `db` (a Flask-SQLAlchemy `SQLAlchemy` instance; its engine for the model's
     bind key is used) or `engine` (an Engine, or a sessionmaker bound to one), and
     `model`, a mapped class with [`CancellableMixin`][dbcancel.CancellableMixin]. `interval`,
-    `clock`, `watch` and `max_staleness` go to [`Jobs`][dbcancel.Jobs]. With
+    `clock`, `watch`, `max_staleness` and `heartbeat` go to [`Jobs`][dbcancel.Jobs], and
+    read back as `Jobs` shows them (`watch` is the mode in effect). With
     `app`, `init_app(app)` is called at once and that app is used outside any app
     context; otherwise call `init_app` in the app factory, once per app.
     """
@@ -115,10 +118,11 @@ class DBCancel:
         db: SQLAlchemy | None = None,
         model: Any,
         engine: Any = None,
-        interval: float = 0.5,
+        interval: float = DEFAULT_INTERVAL,
         clock: Callable[[], float] | None = None,
         watch: bool | None = None,
         max_staleness: float | None = None,
+        heartbeat: float = DEFAULT_HEARTBEAT,
     ) -> None:
         if (db is None) == (engine is None):
             raise TypeError(
@@ -139,19 +143,13 @@ class DBCancel:
         """The job model."""
         self.table = _job_table(model)
         """The model's table."""
-        interval, max_staleness = check_options(
-            interval=interval, clock=clock, watch=watch, max_staleness=max_staleness
+        self._options = Options.checked(
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+            heartbeat=heartbeat,
         )
-        self.interval = interval
-        """Seconds between two polls of a running job's row."""
-        self.max_staleness = max_staleness
-        """Seconds without a successful poll before jobs are cancelled locally, or None."""
-        self.watch = watch
-        """The `watch` option given to [`Jobs`][dbcancel.Jobs]: None (the default) for
-        the watched mode unless a `clock` is given, True or False to insist; the app's
-        `jobs.watch` says which mode is in effect."""
-        self.clock = clock
-        """The clock given to [`Jobs`][dbcancel.Jobs]; None for `time.monotonic`."""
         self._app = app
         if app is not None:
             self.init_app(app)
@@ -164,10 +162,11 @@ class DBCancel:
     def init_app(self, app: Flask) -> None:
         """Register the extension on `app`: its state and the `flask dbcancel` commands.
 
-        Raises RuntimeError when `app` already has a dbcancel extension.
+        Raises [`UsageError`][dbcancel.UsageError] when `app` already has a dbcancel
+        extension.
         """
         if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(
+            raise UsageError(
                 f"app {app.name!r} already has a dbcancel extension; one DBCancel per app "
                 "(its model's table holds the jobs)"
             )
@@ -189,7 +188,7 @@ class DBCancel:
             app = self._current_app()
         state = app.extensions.get(EXTENSION_KEY)
         if not isinstance(state, DBCancelState) or state.extension is not self:
-            raise RuntimeError(
+            raise UsageError(
                 f"this DBCancel is not registered on app {app.name!r}: call "
                 "ext.init_app(app) in the app factory"
             )
@@ -198,11 +197,13 @@ class DBCancel:
     def submit(
         self, job_id: JobId, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> threading.Thread:
-        """Run `fn(cp, *args, **kwargs)` in a new daemon thread and return the thread.
+        """Run `fn(cp, job_id, *args, **kwargs)` in a new daemon thread and return the
+        thread.
 
         The thread (named `dbcancel-job-<id>`) pushes an app context of the current app
         and enters `jobs.run(job_id)`; `cp` is the job's [`Checkpoint`][dbcancel.Checkpoint]
-        (`dbcancel.checkpoint()` and `dbcancel.current()` work too). `fn` may be a
+        (`dbcancel.checkpoint()` and `dbcancel.current()` work too), and the body gets
+        the job id next, as the task-queue integrations' bodies do. `fn` may be a
         coroutine function: its coroutine then runs with `asyncio.run`. When `fn`
         returns the job is completed; an exception marks it failed (its text is kept in
         the `error` column) and is logged with `app.logger`; a cancel stops it at its
@@ -238,7 +239,7 @@ class DBCancel:
             return app
         if self._app is not None:
             return self._app
-        raise RuntimeError(
+        raise UsageError(
             "DBCancel needs an application context here: use it inside a request or a "
             "`flask` command, or in `with app.app_context():`, or pass the app to "
             "DBCancel(app, ...)"
@@ -255,7 +256,7 @@ class DBCancel:
             with app.app_context():
                 engines = self.db.engines
         if key not in engines:
-            raise RuntimeError(
+            raise UsageError(
                 f"Flask-SQLAlchemy has no engine for bind key {key!r} (the bind of "
                 f"{self.table.name}) on app {app.name!r}; configure it in SQLALCHEMY_BINDS"
             )
@@ -279,14 +280,23 @@ class DBCancel:
             try:
                 with jobs.run(job_id) as cp:
                     try:
-                        if not cp.cancelled:
-                            result = fn(cp, *args, **kwargs)
-                            if asyncio.iscoroutine(result):
-                                asyncio.run(result)
+                        result = fn(cp, job_id, *args, **kwargs)
+                        if asyncio.iscoroutine(result):
+                            asyncio.run(result)
                     finally:
                         # Before run() exits: an uncommitted write of the worker's session
                         # must not hold locks the status UPDATE of the exit then waits for.
                         self._remove_session()
+            except Cancelled as exc:
+                if exc.job_id != job_id:
+                    raise
+                # Cancelled before this thread got to it: fn never ran.
+                app.logger.info(
+                    "dbcancel: %s %r was cancelled before its worker started (%s)",
+                    jobs.model_name,
+                    job_id,
+                    exc.reason,
+                )
             except JobNotFound:
                 if cp is not None:
                     app.logger.exception("dbcancel: %s %r failed", jobs.model_name, job_id)
@@ -330,14 +340,7 @@ class DBCancelState:
             with self._lock:
                 if self._jobs is None:
                     ext = self.extension
-                    self._jobs = Jobs(
-                        ext._engine_for(self.app),
-                        ext.model,
-                        interval=ext.interval,
-                        clock=ext.clock,
-                        watch=ext.watch,
-                        max_staleness=ext.max_staleness,
-                    )
+                    self._jobs = Jobs(ext._engine_for(self.app), ext.model, **ext._options.kwargs())
                 jobs = self._jobs
         return jobs
 

@@ -138,7 +138,7 @@ def frames_of(stream: IO[bytes], frame_size: int) -> Iterator[bytes]:
         yield frame
 
 
-def analyze_session(cp: Checkpoint, *, view: str) -> None:
+def analyze_session(cp: Checkpoint, analysis_id: int, *, view: str) -> None:
     """Stream every file of the analysis's session to the analysis server; store the results.
 
     Runs inside the app context and inside ``jobs.run(analysis_id)``: in a thread started
@@ -154,7 +154,7 @@ def analyze_session(cp: Checkpoint, *, view: str) -> None:
         _analyze_files(cp, view=view)
         log.info("analysis %s completed", cp.job_id)
     finally:
-        analysis_stopped.send(current_app._get_current_object(), analysis_id=cp.job_id)
+        analysis_stopped.send(current_app._get_current_object(), analysis_id=analysis_id)
 
 
 def _analyze_files(cp: Checkpoint, *, view: str) -> None:

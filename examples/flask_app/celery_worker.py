@@ -53,7 +53,7 @@ def analyze(cp: Checkpoint, analysis_id: int, view: str) -> None:
     """Analyse the session of ``analysis_id``; a cancel stops it at its next checkpoint."""
     with flask_app.app_context():
         try:
-            analyze_session(cp, view=view)
+            analyze_session(cp, analysis_id, view=view)
         finally:
             # Before run() writes the job's status: no uncommitted work holds a lock.
             db.session.remove()

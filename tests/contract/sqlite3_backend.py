@@ -96,7 +96,8 @@ def create_tables(path: Path) -> None:
                 {times},
                 cancel_reason VARCHAR({CANCEL_REASON_LENGTH}),
                 error TEXT,
-                worker_id VARCHAR({WORKER_ID_LENGTH})
+                worker_id VARCHAR({WORKER_ID_LENGTH}),
+                attempts INTEGER NOT NULL DEFAULT 0
             );
             CREATE INDEX IF NOT EXISTS ix_analysis_status ON analysis (status);
             CREATE TABLE IF NOT EXISTS analysis_result (
@@ -220,6 +221,8 @@ class Sqlite3Backend:
         for name, value in change.values.items():
             sets.append(f'"{name}" = ?')
             params.append(to_db(value))
+        for name in change.count:
+            sets.append(f'"{name}" = COALESCE("{name}", 0) + 1')
         sets.append("status = ?")
         params.append(change.to.value)
         leaving = sorted(change.sources)

@@ -178,6 +178,7 @@ COLUMNS = (
     "heartbeat_at",
     "error",
     "worker_id",
+    "attempts",
     "user_id",
     "session_id",
 )
@@ -643,11 +644,10 @@ def check_enter(w: Worker, src: Status, allowed: bool) -> None:
         assert w.leave() is False
         return
     if src is Status.CANCELLED:
-        cp = w.enter()  # not a transition: the checkpoint is cancelled from the start
-        assert (cp.cancelled, cp.reason) == (True, "arranged")
+        # Not a transition: the with statement raises the cancel, the body never runs.
         with pytest.raises(Cancelled) as info:
-            cp()
-        assert w.leave(info.value) is True
+            w.jobs.run(w.id).__enter__()
+        assert (info.value.job_id, info.value.reason) == (w.id, "arranged")
     else:
         with pytest.raises(InvalidTransition) as info:
             w.jobs.run(w.id).__enter__()
@@ -659,6 +659,47 @@ def check_enter(w: Worker, src: Status, allowed: bool) -> None:
             "in_progress",
         )
     assert w.b.row(w.id) == before
+
+
+@pytest.mark.parametrize("src", list(Status), ids=[s.value for s in Status])
+def test_retry_transition(backend, worker, src):
+    """A retry the body asks for: in_progress → pending, the attempt count and the error
+    kept; from any other state it changes nothing, and a cancelled job stays so."""
+    w = worker
+    allowed = Status.PENDING in TRANSITIONS[src]
+    arrange_with_open_run(w, src)
+    before = w.b.row(w.id)
+    moved = w.jobs._retry(w.cp, "OSError: disk full")
+    assert moved is allowed
+    row = w.b.row(w.id)
+    if not allowed:
+        assert row == before
+        # Stopped (no retry runs after a cancel), unless it completed through
+        # cp.complete(): then the run is over, and nothing is retried either.
+        assert w.cp.cancelled is (src is not Status.COMPLETED)
+        return
+    assert row["status"] is Status.PENDING
+    assert row["error"] == "OSError: disk full"
+    assert row["finished_at"] is None  # not stopped: the job runs again
+    assert row["attempts"] == 1
+    assert w.leave(RuntimeError("the queue's retry")) is False  # writes nothing
+    assert w.b.row(w.id) == row
+    assert w.jobs.cancel(w.id) is True  # between two attempts: the cancel wins
+    with pytest.raises(Cancelled):
+        w.jobs.run(w.id).__enter__()
+
+
+def test_a_retry_runs_again_and_counts_its_attempts(backend, worker):
+    w = worker
+    w.enter()
+    assert w.jobs._retry(w.cp, "OSError: disk full") is True
+    w.leave(OSError("disk full"))
+    w.enter()
+    assert w.b.row(w.id)["attempts"] == 2
+    assert w.b.row(w.id)["error"] == "OSError: disk full"  # the last retry's, until the end
+    assert w.leave() is False
+    row = w.b.row(w.id)
+    assert (row["status"], row["attempts"]) == (Status.COMPLETED, 2)
 
 
 def check_cancel(w: Worker, src: Status, allowed: bool) -> None:

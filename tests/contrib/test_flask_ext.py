@@ -95,7 +95,9 @@ def add_job(app: Flask, **values: Any) -> int:
         return job.id
 
 
-def loop_until_cancelled(cp: Checkpoint, started: threading.Event, seen: dict[str, Any]) -> None:
+def loop_until_cancelled(
+    cp: Checkpoint, job_id: int, started: threading.Event, seen: dict[str, Any]
+) -> None:
     """A worker: record where it runs, then call the checkpoint until it raises."""
     seen["app"] = current_app._get_current_object()  # type: ignore[attr-defined]
     seen["current"] = dbcancel.current()
@@ -224,7 +226,7 @@ def test_exceptions_mark_the_job_failed_and_are_logged(
 ) -> None:
     job_id = add_job(app)
 
-    def boom(cp: Checkpoint) -> None:
+    def boom(cp: Checkpoint, job_id: int) -> None:
         cp()
         raise ValueError("boom")
 
@@ -246,18 +248,22 @@ def test_submit_checks_the_job_before_starting_a_thread(app: Flask, ext: DBCance
     done = add_job(app, status=Status.COMPLETED)
     cancelled = add_job(app)
     calls: list[int] = []
+
+    def record(cp: Checkpoint, job_id: int) -> None:
+        calls.append(job_id)
+
     with app.app_context():
         with pytest.raises(JobNotFound, match="FlaskJob 999999 not found"):
-            ext.submit(999999, calls.append)
+            ext.submit(999999, record)
         with pytest.raises(InvalidTransition, match="from 'completed' to 'in_progress'"):
-            ext.submit(done, calls.append)
+            ext.submit(done, record)
         with pytest.raises(TypeError, match="ids are int"):
-            ext.submit(str(done), calls.append)
+            ext.submit(str(done), record)
         assert not [t for t in threading.enumerate() if t.name.startswith("dbcancel-job-")]
 
         # Cancelled before its thread got to it: fn is never called.
         assert ext.jobs.cancel(cancelled) is True
-        ext.submit(cancelled, calls.append).join(TIMEOUT)
+        ext.submit(cancelled, record).join(TIMEOUT)
         assert calls == []
         assert ext.jobs.status(cancelled) is Status.CANCELLED
 
@@ -266,21 +272,21 @@ def test_coroutine_functions_run_with_asyncio(app: Flask, ext: DBCancel) -> None
     job_id = add_job(app)
     seen: list[object] = []
 
-    async def work(cp: Checkpoint, label: str) -> None:
+    async def work(cp: Checkpoint, job_id: int, label: str) -> None:
         await asyncio.sleep(0)
         cp()
-        seen.append((label, dbcancel.current() is cp, has_app_context()))
+        seen.append((label, job_id, dbcancel.current() is cp, has_app_context()))
 
     with app.app_context():
         ext.submit(job_id, work, "async").join(TIMEOUT)
         assert ext.jobs.status(job_id) is Status.COMPLETED
-    assert seen == [("async", True, True)]
+    assert seen == [("async", job_id, True, True)]
 
 
 def test_the_session_is_removed_before_the_job_ends(app: Flask, ext: DBCancel) -> None:
     job_id = add_job(app, user_id="alice")
 
-    def touch_row_without_commit(cp: Checkpoint) -> None:
+    def touch_row_without_commit(cp: Checkpoint, job_id: int) -> None:
         # Holds a row lock (PostgreSQL, MariaDB) or the write lock (SQLite) until the
         # session goes: the status UPDATE of run()'s exit would wait for it forever.
         fdb.session.execute(
@@ -492,7 +498,7 @@ def test_cancelled_is_swallowed_by_the_thread(db: Database) -> None:
     ext = DBCancel(app, engine=db.engine, model=Analysis)
     job_id = db.add()
 
-    def give_up(cp: Checkpoint) -> None:
+    def give_up(cp: Checkpoint, job_id: int) -> None:
         raise Cancelled(cp.job_id, "gave up")
 
     ext.submit(job_id, give_up).join(TIMEOUT)

@@ -273,6 +273,7 @@ def test_registered_operations_and_their_reverse(db: Database, names: list[str])
         "error",
         "worker_id",
         "status",
+        "attempts",
     ]
     upgraded = schema(db, name)
 
@@ -336,6 +337,7 @@ def test_an_existing_status_column_is_kept_and_its_constraint_widened(
         "heartbeat_at",
         "error",
         "worker_id",
+        "attempts",
     ]
     assert after["indexes"] == before["indexes"]
     assert rows(db, name, "id", "status") == [(1, "queued"), (2, "done"), (3, "pending")]

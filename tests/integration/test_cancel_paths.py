@@ -377,16 +377,14 @@ def test_callback_registered_after_cancel_runs_at_once(db):
     assert len(calls) == 1
 
 
-def test_callback_on_a_job_cancelled_before_it_started(db):
+def test_a_job_cancelled_before_it_started_never_runs_its_body(db):
     jobs = db.jobs(interval=3600)
     job = db.add()
-    jobs.cancel(job)
-    calls = []
-    with jobs.run(job) as cp:
-        cp.on_cancel(lambda: calls.append(1))
-        assert calls == [1]
-        cp()
-    assert calls == [1]
+    jobs.cancel(job, reason="early")
+    with pytest.raises(Cancelled) as info, jobs.run(job):
+        raise AssertionError("the body of a cancelled job ran")
+    assert (info.value.job_id, info.value.reason) == (job, "early")
+    assert jobs.active() == ()
 
 
 def test_failing_callback_is_logged_and_the_others_run(db, caplog):

@@ -162,13 +162,12 @@ def make_machine(db) -> type[RuleBasedStateMachine]:
                 assert not cp.cancelled
                 assert cp.job_id == job_id
             elif job.status is Status.CANCELLED:
-                # An already cancelled job yields an already cancelled checkpoint.
-                cp = run.__enter__()
-                job.run, job.cp = run, cp
-                assert cp.cancelled
-                assert cp.reason == job.reason
-                with pytest.raises(Cancelled):
-                    cp()
+                # An already cancelled job: the with statement raises, the body never
+                # runs, and nothing is written.
+                with pytest.raises(Cancelled) as cancelled:
+                    run.__enter__()
+                assert (cancelled.value.job_id, cancelled.value.reason) == (job_id, job.reason)
+                assert snapshot(db, job_id) == before
             else:
                 with pytest.raises(InvalidTransition) as info:
                     run.__enter__()
@@ -266,6 +265,29 @@ def make_machine(db) -> type[RuleBasedStateMachine]:
                 job.move(Status.COMPLETED)  # asserts the table allows it
                 job.results = rows
                 assert self.leave(job, None) is False
+
+        @precondition(lambda self: self.open_runs())
+        @rule(data=st.data())
+        def retry(self, data: st.DataObject) -> None:
+            """The body asks its task queue for a retry, then leaves its run raising."""
+            job = data.draw(st.sampled_from(self.open_runs()))
+            assert job.cp is not None
+            assert job.run is not None
+            before = snapshot(db, job.id)
+            moved = self.jobs._retry(job.cp, "OSError: transient")
+            if Status.PENDING not in TRANSITIONS[job.status]:
+                assert moved is False  # cancelled, or completed in a transaction
+                assert snapshot(db, job.id) == before
+                return
+            assert moved is True
+            job.move(Status.PENDING)
+            run, job.run, job.cp = job.run, None, None
+            exc = OSError("transient")
+            assert run.__exit__(OSError, exc, None) is False
+            row = snapshot(db, job.id)
+            assert row[0] is Status.PENDING
+            assert row[4] is None  # not stopped: it runs again
+            assert row[5] == "OSError: transient"
 
         @precondition(lambda self: any(j.status is Status.CANCELLED for j in self.open_runs()))
         @rule(data=st.data())

@@ -188,9 +188,13 @@ def test_table_is_the_documented_one():
         (Status.IN_PROGRESS, Status.COMPLETED),
         (Status.IN_PROGRESS, Status.FAILED),
         (Status.IN_PROGRESS, Status.CANCELLED),
+        (Status.IN_PROGRESS, Status.PENDING),  # a retry the body asked for
     }
     assert all(not TRANSITIONS[s] for s in Status.terminal())
-    assert all(Status.PENDING not in targets for targets in TRANSITIONS.values())
+    # Back to pending only from in_progress: nothing resurrects a finished job.
+    assert [s for s, targets in TRANSITIONS.items() if Status.PENDING in targets] == [
+        Status.IN_PROGRESS
+    ]
 
 
 @pytest.mark.parametrize(("src", "dst"), PAIRS)
@@ -227,14 +231,10 @@ def check_enter(w: Worker, src: Status, allowed: bool) -> None:
         assert row["finished_at"] >= row["started_at"]
         return
     if src is Status.CANCELLED:
-        # Not a transition: the worker gets a checkpoint that is already cancelled.
-        cp = w.enter()
-        assert cp.cancelled is True
-        assert cp.reason == "arranged"
+        # Not a transition: the with statement raises the cancel; the body never runs.
         with pytest.raises(Cancelled) as info:
-            cp()
+            w.jobs.run(w.id).__enter__()
         assert (info.value.job_id, info.value.reason) == (w.id, "arranged")
-        assert w.leave(info.value) is True  # run() swallows its own job's Cancelled
     else:
         with pytest.raises(InvalidTransition) as info:
             w.jobs.run(w.id).__enter__()
@@ -423,10 +423,10 @@ def test_second_run_of_a_job_cancelled_while_running_leaves_it_running(db):
 
     The job is cancelled while its first worker runs (elsewhere; here: a thread that has
     not polled yet), so ``finished_at`` is still NULL: that worker has not stopped. A
-    duplicate delivery of the task enters ``run()``, gets an already-cancelled
-    checkpoint, and leaves. That worker never started the job; if its exit stamps
-    ``finished_at``, ``wait()`` reports "stopped" while the first worker still processes
-    files, and the caller deletes them under it.
+    duplicate delivery of the task enters ``run()``, gets the
+    cancel from its ``with`` statement, and never runs its body. That run never started
+    the job; if it stamped ``finished_at``, ``wait()`` would report "stopped" while the
+    first worker still processes files, and the caller would delete them under it.
     """
     jobs = db.jobs(interval=3600)
     job = db.add()
@@ -444,8 +444,8 @@ def test_second_run_of_a_job_cancelled_while_running_leaves_it_running(db):
         assert jobs.cancel(job, reason="session deleted") is True
         before = read_row(db, job)
         assert before["finished_at"] is None
-        with jobs.run(job) as duplicate:
-            assert duplicate.cancelled is True
+        with pytest.raises(Cancelled), jobs.run(job):
+            raise AssertionError("the body of a cancelled job ran")
         assert read_row(db, job) == before, "a run that never started the job stopped it"
         with pytest.raises(TimeoutError):
             jobs.wait(job, timeout=0.2)

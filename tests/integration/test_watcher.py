@@ -243,11 +243,11 @@ def test_jobs_that_found_their_job_cancelled_are_not_watched(db, queries):
     job = db.add()
     jobs.cancel(job)
     queries.reset()
-    with jobs.run(job) as cp:
-        assert cp.cancelled
-        served = runtime().database_of(jobs._backend)
-        table = None if served is None else served.tables.get(jobs._backend.key)
-        assert table is None or cp not in table.watched
+    with pytest.raises(Cancelled):
+        jobs.run(job).__enter__()
+    served = runtime().database_of(jobs._backend)
+    table = None if served is None else served.tables.get(jobs._backend.key)
+    assert table is None or not table.watched
 
 
 def test_stats_count_polls_and_show_the_watcher(db):

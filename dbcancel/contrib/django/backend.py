@@ -53,7 +53,7 @@ from dbcancel.backend import (
     run_retried,
     warn_old_worker_table,
 )
-from dbcancel.errors import DbcancelError
+from dbcancel.errors import DbcancelError, UsageError
 from dbcancel.models import ERROR_LENGTH, WORKER_TABLE, Status
 
 from .models import Worker, _missing_fields, _wrong_fields
@@ -248,6 +248,7 @@ class DjangoBackend:
         }
         self._related = {f.name: f.related_model for f in meta.concrete_fields if f.is_relation}
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
+        self._field_names = frozenset(f.name for f in meta.concrete_fields)
         self._postgresql = connection.vendor == "postgresql"
         self._hint: Callable[..., Any] | None = None
         self._expiry = True  # until a statement finds the worker table without it
@@ -428,6 +429,9 @@ class DjangoBackend:
         for name in change.stamp:
             updates[name] = now
         updates.update(change.values)
+        for name in change.count:
+            if name in self._field_names:
+                updates[name] = Coalesce(F(name), 0) + 1
         updates["status"] = change.to.value
         qs = self._manager.using(self.alias).filter(status__in=[s.value for s in change.sources])
         if job_id is not None:
@@ -784,9 +788,10 @@ class DjangoBackend:
         conn = connections[self.alias]
         blocks = getattr(conn, "atomic_blocks", ())
         if blocks and not getattr(blocks[-1], "_from_testcase", False):
-            raise RuntimeError(
+            raise UsageError(
                 f"dbcancel commits every status change of {self.model_name} at once, but "
-                f"this call is inside transaction.atomic() on {self.alias!r}. Call it "
+                f"this call is inside transaction.atomic() on {self.alias!r}, so nothing "
+                "was changed. Call it "
                 "outside the atomic block (with ATOMIC_REQUESTS, decorate the view with "
                 "transaction.non_atomic_requests), or defer it with "
                 "transaction.on_commit(...)"

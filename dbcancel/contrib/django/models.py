@@ -74,7 +74,8 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     `pending`, indexed), `cancel_requested_at`, `cancel_reason` (at most 255
     characters), `cancel_observed_at`, `started_at`, `finished_at`, `heartbeat_at`
     (aware datetimes, null), `error` (the text of the exception that failed the
-    job) and `worker_id` (the process running it), plus a CHECK constraint named
+    job), `worker_id` (the process running it) and `attempts` (how many times a worker
+    started it), plus a CHECK constraint named
     `ck_<db_table>_status` that limits `status` to the five values. "Stopped" means
     `finished_at` is set.
 
@@ -111,6 +112,11 @@ class CancellableModel(models.Model):  # type: ignore[misc]
     worker_id = models.CharField(max_length=WORKER_ID_LENGTH, null=True, blank=True, editable=False)
     """The process running (or that ran) the job, `host:pid:token`: its
     [`Worker`][dbcancel.contrib.django.models.Worker] row says whether it is still alive."""
+    attempts = models.PositiveIntegerField(default=0, editable=False)
+    """How many times a worker started the job: 1 once its body ran, 2 once a retry's
+    began, ... (a task queue's retry moves it back to `pending`, keeping this and the
+    `error` that caused the retry). Added in dbcancel 0.3: `makemigrations` adds it to
+    every concrete job model; a table without it runs jobs as before, uncounted."""
 
     class Meta:
         """Abstract; carries the status CHECK constraint to every concrete subclass."""

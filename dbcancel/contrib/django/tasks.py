@@ -47,7 +47,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -69,8 +68,10 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
 
 from django.db import DEFAULT_DB_ALIAS
 
-from dbcancel import Checkpoint, DbcancelError, InvalidTransition, JobId, JobNotFound, Status
+from dbcancel import Checkpoint, JobId, errors
+from dbcancel._delivery import DELETED, WORKER_SHUTDOWN_REASON, Delivery, Ending, OnShutdown
 from dbcancel._liveness import DEFAULT_HEARTBEAT
+from dbcancel._options import DEFAULT_INTERVAL, Options, OptionsView
 from dbcancel.errors import JobNotRunnable
 
 from .jobs import DjangoJobs
@@ -88,10 +89,9 @@ log = logging.getLogger("dbcancel")
 P = ParamSpec("P")
 R = TypeVar("R", covariant=True)
 
-SHUTDOWN_REASON = "worker shutdown"
-"""The cancel reason of the job a worker's warm shutdown stops (`on_shutdown="cancel"`)."""
-
-OnShutdown = Literal["cancel", "wait"]
+SHUTDOWN_REASON = WORKER_SHUTDOWN_REASON
+"""The cancel reason of the job a worker's warm shutdown stops (`on_shutdown="cancel"`):
+`"worker shutdown"`, the same in every task-queue integration."""
 
 _SHUTDOWN_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT") if hasattr(signal, name)
@@ -126,26 +126,16 @@ def _log_cancels_in_one_line() -> None:
             logger.addFilter(_CancelledInOneLine())
 
 
-class JobCancelled(DbcancelError):
+class JobCancelled(errors.JobCancelled):
     """A cancellable task's job was cancelled (or its row deleted): the body did not finish.
 
-    The task result of such a run is FAILED with this exception:
-    `result.errors[0].exception_class` is
-    [`JobCancelled`][dbcancel.contrib.django.tasks.JobCancelled], and its traceback ends
-    with `Analysis 12 was cancelled: user deleted it`. `job_id` is the job's id, `model` the
-    name of the job model and `reason` the cancel reason (`"deleted"` for a missing row, or
-    None).
+    The [`JobCancelled`][dbcancel.JobCancelled] of Django Tasks, a subclass under this
+    module's name, which results already recorded name. The task result of such a run
+    is FAILED with it: `result.errors[0].exception_class` is this class, and its
+    traceback ends with `Analysis 12 was cancelled: user deleted it`. `job_id` is the
+    job's id, `model` the name of the job model and `reason` the cancel reason
+    (`"deleted"` for a missing row, or None).
     """
-
-    def __init__(self, model: str, job_id: JobId, reason: str | None = None) -> None:
-        self.model = model
-        self.job_id = job_id
-        self.reason = reason
-        super().__init__(model, job_id, reason)
-
-    def __str__(self) -> str:
-        text = f"{self.model} {self.job_id!r} was cancelled"
-        return text + (f": {self.reason}" if self.reason else "")
 
 
 class CancellableTask(Protocol, Generic[P, R]):
@@ -195,19 +185,21 @@ class CancellableTask(Protocol, Generic[P, R]):
         ...
 
 
-class DjangoTaskJobs:
+class DjangoTaskJobs(OptionsView):
     """Cancellable Django Tasks for the jobs of one model.
 
-    `model`, `using`, `interval`, `watch`, `max_staleness` and `heartbeat` are
-    those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process builds for
-    itself on first use ([`jobs`][dbcancel.contrib.django.tasks.DjangoTaskJobs.jobs]), so a
-    module can declare its tasks while Django loads its apps.
+    `model`, `using`, `interval`, `clock`, `watch`, `max_staleness` and `heartbeat` are
+    those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process
+    builds for itself on first use
+    ([`jobs`][dbcancel.contrib.django.tasks.DjangoTaskJobs.jobs]), so a module can declare
+    its tasks while Django loads its apps; they read back as `Jobs` shows them (`watch`
+    is the mode in effect).
 
     `on_shutdown`: what a warm shutdown of the worker (its first SIGTERM or SIGINT)
     does to the job it runs. `"cancel"` (the default) cancels it with the reason
     [`SHUTDOWN_REASON`][dbcancel.contrib.django.tasks.SHUTDOWN_REASON]: it stops at its next
     checkpoint, ends `cancelled` with `finished_at` set, its task result is FAILED with
-    [`JobCancelled`][dbcancel.contrib.django.tasks.JobCancelled], and the worker exits.
+    [`JobCancelled`][dbcancel.JobCancelled], and the worker exits.
     `"wait"` keeps the worker's own behaviour: it finishes the running task, then exits.
     This works for workers that run tasks in their main thread and handle these signals
     themselves, as `manage.py db_worker` does; elsewhere the signals are left alone.
@@ -218,26 +210,28 @@ class DjangoTaskJobs:
         model: Any,
         *,
         using: str = DEFAULT_DB_ALIAS,
-        interval: float = 0.5,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] | None = None,
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
+        self._options = Options.checked(
+            interval=interval,
+            clock=clock,
+            watch=watch,
+            max_staleness=max_staleness,
+            heartbeat=heartbeat,
+        )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')
         self._model = model
-        self._options: dict[str, Any] = {
-            "using": using,
-            "interval": interval,
-            "watch": watch,
-            "max_staleness": max_staleness,
-            "heartbeat": heartbeat,
-        }
-        self._on_shutdown: OnShutdown = on_shutdown
-        self._lock = threading.Lock()
-        self._jobs: DjangoJobs | None = None
-        self._pid = os.getpid()
+        self._using = using
+        self._delivery: Delivery[DjangoJobs] = Delivery(
+            lambda: DjangoJobs(model, using=using, **self._options.kwargs()),
+            on_shutdown=on_shutdown,
+        )
         self._task_names: set[str] = set()
         _log_cancels_in_one_line()
 
@@ -246,7 +240,12 @@ class DjangoTaskJobs:
     @property
     def on_shutdown(self) -> OnShutdown:
         """`"cancel"` or `"wait"`: what a warm shutdown does to the running job."""
-        return self._on_shutdown
+        return self._delivery.on_shutdown
+
+    @property
+    def using(self) -> str:
+        """The database alias the jobs are read and written through."""
+        return self._using
 
     @property
     def task_names(self) -> frozenset[str]:
@@ -258,11 +257,7 @@ class DjangoTaskJobs:
     def jobs(self) -> DjangoJobs:
         """This process's [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], built on
         first use (and again after a fork)."""
-        with self._lock:
-            if self._jobs is None or self._pid != os.getpid():
-                self._jobs = DjangoJobs(self._model, **self._options)
-                self._pid = os.getpid()
-            return self._jobs
+        return self._delivery.jobs
 
     @overload
     def task(
@@ -320,7 +315,7 @@ class DjangoTaskJobs:
         return decorate
 
     def __repr__(self) -> str:
-        return f"<DjangoTaskJobs {self._model!r} on_shutdown={self._on_shutdown!r}>"
+        return f"<DjangoTaskJobs {self._model!r} on_shutdown={self.on_shutdown!r}>"
 
     # -- running a task ---------------------------------------------------------------
 
@@ -332,72 +327,39 @@ class DjangoTaskJobs:
         kwargs: dict[str, Any],
     ) -> Any:
         jobs = self.jobs
-        try:
-            run = jobs.run(job_id)
-            cp = run.__enter__()
-        except InvalidTransition as err:
-            raise self._not_runnable(jobs, job_id, err.current) from None
-        except JobNotFound:
-            # Cancelled and then deleted while the task was queued, most likely.
+        with self._shutdown_cancels(job_id):
+            # Django Tasks has no retries: an exception from the body fails the job.
+            outcome = self._delivery.deliver(job_id, body, args, kwargs)
+        ending = outcome.ending
+        if ending is Ending.COMPLETED:
+            return outcome.value
+        if ending is Ending.FAILED:
+            assert outcome.error is not None
+            raise outcome.error
+        if ending is Ending.CANCELLED and outcome.reason == DELETED and outcome.error is None:
             log.warning("dbcancel: a task found no %s %r: nothing ran", jobs.model_name, job_id)
-            raise JobCancelled(jobs.model_name, job_id, "deleted") from None
-        if cp.cancelled:
-            # Cancelled while queued: run() wrote nothing; neither shall we.
-            run.__exit__(None, None, None)
-            raise JobCancelled(jobs.model_name, job_id, cp.reason)
-        try:
-            with self._shutdown_cancels(jobs, job_id):
-                try:
-                    value = body(cp, job_id, *args, **kwargs)
-                except BaseException as exc:
-                    if not run.__exit__(type(exc), exc, exc.__traceback__):
-                        raise
-                    value = None
-                else:
-                    run.__exit__(None, None, None)
-        except Exception as exc:
-            if cp.cancelled:
-                # An error raised because of the cancel (a socket closed by on_cancel,
-                # say): the cancel wins.
-                raise self._stopped(jobs, job_id, cp) from exc
-            raise
-        if cp.cancelled:
-            raise self._stopped(jobs, job_id, cp)
-        return value
-
-    def _stopped(self, jobs: DjangoJobs, job_id: Any, cp: Checkpoint) -> DbcancelError:
-        """The error of a run that stopped on its checkpoint, by what the row says now."""
-        try:
-            status = jobs.status(job_id)
-        except JobNotFound:  # cancelled, stopped, then deleted: the cancel-then-delete flow
-            return JobCancelled(jobs.model_name, job_id, cp.reason or "deleted")
-        if status is Status.CANCELLED:
-            return JobCancelled(jobs.model_name, job_id, cp.reason)
-        # Reaped or changed by hand while it ran: the row says failed.
-        return JobNotRunnable(jobs.model_name, job_id, status.value)
-
-    def _not_runnable(self, jobs: DjangoJobs, job_id: Any, status: str) -> DbcancelError:
-        if status == Status.CANCELLED.value:
-            return JobCancelled(jobs.model_name, job_id)
-        if status == Status.IN_PROGRESS.value:
+        if ending is Ending.BUSY:
             log.warning(
                 "dbcancel: a task for %s %r found it in_progress: the body did not run again",
                 jobs.model_name,
                 job_id,
             )
-        return JobNotRunnable(jobs.model_name, job_id, status)
+        exc = outcome.exception()
+        if ending is Ending.CANCELLED:
+            exc = JobCancelled(outcome.model, job_id, outcome.reason)
+        raise exc from outcome.error
 
     # -- warm shutdown ----------------------------------------------------------------
 
     @contextmanager
-    def _shutdown_cancels(self, jobs: DjangoJobs, job_id: Any) -> Iterator[None]:
+    def _shutdown_cancels(self, job_id: Any) -> Iterator[None]:
         """While the body runs, make the worker's first shutdown signal cancel the job.
 
         Only in the main thread (where Python runs signal handlers), and only over
         handlers that the worker installed itself: the worker's handler still runs, after
         the cancel is started, and it gets the signals back for a second one.
         """
-        if self._on_shutdown != "cancel" or threading.current_thread() is not (
+        if self.on_shutdown != "cancel" or threading.current_thread() is not (
             threading.main_thread()
         ):
             yield
@@ -413,9 +375,8 @@ class DjangoTaskJobs:
         def on_signal(signum: int, frame: Any) -> None:
             restore()
             # Not here: the main thread may be inside a query on its own connection.
-            threading.Thread(
-                target=self._cancel, args=(jobs, job_id), name="dbcancel-tasks-shutdown"
-            ).start()
+            # db_worker takes no task after this one, so nothing is left to defer.
+            self._delivery.begin_shutdown([job_id], defer=False, reason=SHUTDOWN_REASON)
             handler = previous[signum]
             if callable(handler):
                 handler(signum, frame)
@@ -428,18 +389,3 @@ class DjangoTaskJobs:
             yield
         finally:
             restore()
-
-    def _cancel(self, jobs: DjangoJobs, job_id: Any) -> None:
-        from django.db import connections
-
-        try:
-            jobs.cancel(job_id, reason=SHUTDOWN_REASON)
-        except Exception:
-            log.exception(
-                "dbcancel: could not cancel %s %r on shutdown; it runs on until it ends, or "
-                "reap() settles it",
-                jobs.model_name,
-                job_id,
-            )
-        finally:
-            connections.close_all()

@@ -14,7 +14,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import router
 
-from dbcancel import Checkpoint
+from dbcancel import Cancelled, Checkpoint
 from dbcancel.contrib.django import DjangoJobs
 
 from .models import Analysis
@@ -86,11 +86,16 @@ def analyse(analysis_id: int) -> None:
 
     ``jobs.run()`` moves the row to in_progress, and on the way out to completed, or
     failed with the error's text; a cancel makes ``cp()`` raise, which ``run()``
-    swallows. It also closes this thread's database connection when the run ends.
+    swallows. An analysis cancelled before this thread got to it raises ``Cancelled``
+    from the ``with`` statement, and its files are never read. It also closes this
+    thread's database connection when the run ends.
     """
     jobs = analysis_jobs()
-    with jobs.run(analysis_id) as cp:
-        analyse_files(cp, analysis_id)
+    try:
+        with jobs.run(analysis_id) as cp:
+            analyse_files(cp, analysis_id)
+    except Cancelled:
+        pass  # deleted before it started: nothing to do
 
 
 def start(analysis_id: int) -> threading.Thread | None:

@@ -37,6 +37,8 @@ ANALYSE = "dbcancel_test.analyse"
 ANALYSE_LATE = "dbcancel_test.analyse_late"
 FRAGILE = "dbcancel_test.fragile"
 BOUND = "dbcancel_test.bound"
+FLAKY = "dbcancel_test.flaky"
+RETRY_LATER = "dbcancel_test.retry_later"
 TIMEOUT = 60.0
 POSTGRESQL = pytest.mark.parametrize("database", ["postgresql"], indirect=True)
 
@@ -122,6 +124,11 @@ class Cluster:
             lambda: all(self.jobs.status(j) is Status.IN_PROGRESS for j in job_ids),
             what=f"jobs {job_ids} in progress",
         )
+
+    def ready(self, queue: str) -> int:
+        """How many messages of ``queue`` the broker has not handed to a consumer yet."""
+        with self.app.connection_for_write() as conn:
+            return int(conn.default_channel.queue_declare(queue, passive=True).message_count)
 
     def logs(self) -> str:
         """Every node's log so far."""
@@ -226,21 +233,48 @@ def test_cancel_before_pickup_never_runs_the_body(db: Database, cluster: Cluster
     assert row.started_at is None
 
 
-def test_retries_never_resurrect_a_finished_or_cancelled_job(
+def test_retries_run_the_body_again_and_never_resurrect_a_cancelled_job(
     db: Database, cluster: Cluster
 ) -> None:
-    failing, cancelled, done = db.add(), db.add(), db.add()
+    failing, cancelled, done, flaky, later, cancelled_later = (db.add() for _ in range(6))
 
-    # The body raises OSError: the job fails; the retry autoretry_for sends finds the
-    # row failed and records FAILURE without running the body again.
+    # A transient error (autoretry_for): the job goes back to pending and the retry runs
+    # the body again, which succeeds; the row counts the attempts and keeps the error.
+    r_flaky = cluster.send(FLAKY, flaky, 1)
+    assert cluster.state(r_flaky, celery_states.READY_STATES) == celery_states.SUCCESS
+    assert r_flaky.result == 2
+    row = db.row(flaky)
+    assert row is not None
+    assert (row.status, row.attempts, row.error) == (Status.COMPLETED, 2, "OSError: transient")
+    assert len(cluster.ran(flaky)) == 2
+
+    # The body fails every time: three retries, then the last error fails the job.
     r_failing = cluster.send(FRAGILE, failing, True)
     assert cluster.state(r_failing, celery_states.READY_STATES) == celery_states.FAILURE
-    assert type(r_failing.result).__name__ == "JobNotRunnable", repr(r_failing.result)
+    assert isinstance(r_failing.result, OSError), repr(r_failing.result)
     row = db.row(failing)
     assert row is not None
-    assert row.status is Status.FAILED
-    assert row.error == "OSError: disk full"
-    assert len(cluster.ran(failing)) == 1
+    assert (row.status, row.attempts, row.error) == (Status.FAILED, 4, "OSError: disk full")
+    assert len(cluster.ran(failing)) == 4
+
+    # task.retry() in a bound body: pending until the retry runs it again.
+    r_later = cluster.send(RETRY_LATER, later, 0.0)
+    assert cluster.state(r_later, celery_states.READY_STATES) == celery_states.SUCCESS
+    assert r_later.result == "attempt 2"
+    assert len(cluster.ran(later)) == 2
+
+    # Cancelled between two attempts: the retry never runs the body.
+    r_cancelled_later = cluster.send(RETRY_LATER, cancelled_later, 1.5)
+    until(lambda: cluster.ran(cancelled_later), what="the first attempt")
+    until(
+        lambda: cluster.jobs.status(cancelled_later) is Status.PENDING,
+        what="the job pending again for its retry",
+    )
+    assert cluster.jobs.cancel(cancelled_later, reason="user deleted it") is True
+    assert cluster.state(r_cancelled_later, celery_states.READY_STATES) == celery_states.REVOKED
+    assert "user deleted it" in str(r_cancelled_later.result)
+    assert len(cluster.ran(cancelled_later)) == 1
+    assert cluster.jobs.wait(cancelled_later, timeout=5) is Status.CANCELLED
 
     # Cancelled while it runs; the cancel makes the body raise OSError (its "socket" is
     # closed by on_cancel). The cancel wins: REVOKED, and no retry runs it again.
@@ -403,6 +437,39 @@ def test_warm_shutdown_cancels_the_running_jobs(
         assert row.cancel_observed_at is not None
         assert cluster.state(result, celery_states.READY_STATES) == celery_states.REVOKED
         assert SHUTDOWN_REASON in str(result.result)
+
+
+@POSTGRESQL
+@pytest.mark.parametrize(("pool", "concurrency"), [("threads", 2), ("solo", 1)])
+def test_warm_shutdown_sends_prefetched_messages_to_another_node(
+    db: Database, cluster: Cluster, pool: str, concurrency: int
+) -> None:
+    node = cluster.own_node(f"p{pool}", pool, concurrency)
+    running = [db.add() for _ in range(concurrency)]
+    prefetched = [db.add() for _ in range(concurrency)]
+    queue = cluster.queue_of(node.name)
+    results = [cluster.send(ANALYSE, job_id, 3000, 0.02, queue=queue) for job_id in running]
+    cluster.in_progress(*running)
+    later = [cluster.send(ANALYSE, job_id, 2, 0.01, queue=queue) for job_id in prefetched]
+    # The broker has handed them to the node (prefetch: concurrency x 1), which holds
+    # them without running them.
+    until(lambda: cluster.ready(queue) == 0, what="the messages prefetched by the node")
+    assert node.terminate(timeout=30) == 0, node.tail()
+    for job_id, result in zip(running, results, strict=True):
+        assert cluster.jobs.wait(job_id, timeout=5) is Status.CANCELLED
+        assert cluster.state(result, celery_states.READY_STATES) == celery_states.REVOKED
+    # The prefetched jobs never started there: they wait in the queue for another node.
+    assert [cluster.jobs.status(j) for j in prefetched] == [Status.PENDING] * concurrency
+    cluster.app.control.add_consumer(
+        queue, destination=[cluster.nodes["a"].hostname], reply=True, timeout=10
+    )
+    for job_id, result in zip(prefetched, later, strict=True):
+        assert cluster.state(result, celery_states.READY_STATES) == celery_states.SUCCESS
+        assert [line.split()[0] for line in cluster.ran(job_id)] == ["a"]
+        assert cluster.jobs.status(job_id) is Status.COMPLETED
+    cluster.app.control.cancel_consumer(
+        queue, destination=[cluster.nodes["a"].hostname], reply=True, timeout=10
+    )
 
 
 @POSTGRESQL

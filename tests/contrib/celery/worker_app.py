@@ -112,3 +112,34 @@ def bound(task: Any, cp: Checkpoint, job_id: int) -> str:
     mark(job_id)
     cp()
     return str(task.request.id)
+
+
+def runs(job_id: int) -> int:
+    """How many times the body of ``job_id`` ran, on any node."""
+    path = MARKS / f"ran-{job_id}"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@cancellable.task(
+    name="dbcancel_test.flaky",
+    autoretry_for=(OSError,),
+    max_retries=3,
+    default_retry_delay=0.05,
+)
+def flaky(cp: Checkpoint, job_id: int, failures: int) -> int:
+    """Fails with a transient OSError on its first ``failures`` runs, then succeeds."""
+    mark(job_id)
+    cp()
+    if runs(job_id) <= failures:
+        raise OSError("transient")
+    return runs(job_id)
+
+
+@cancellable.task(name="dbcancel_test.retry_later", bind=True, max_retries=3)
+def retry_later(task: Any, cp: Checkpoint, job_id: int, countdown: float) -> str:
+    """Asks for a retry in ``countdown`` seconds on its first run; succeeds on the next."""
+    mark(job_id)
+    if task.request.retries == 0:
+        raise task.retry(exc=OSError("try later"), countdown=countdown)
+    cp()
+    return f"attempt {task.request.retries + 1}"

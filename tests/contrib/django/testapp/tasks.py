@@ -13,7 +13,8 @@ from dbcancel.contrib.django.tasks import DjangoTaskJobs
 
 from .models import Result
 
-cancellable = DjangoTaskJobs("testapp.Analysis", interval=0.05)
+# A short heartbeat: a killed worker is reaped within a second (three periods).
+cancellable = DjangoTaskJobs("testapp.Analysis", interval=0.05, heartbeat=0.2)
 
 
 @cancellable.task()
