@@ -659,7 +659,7 @@ class Runtime:
             timeout = min(timeout, LISTEN_SLICE)
             for listener, db in blind:
                 self._receive(db, listener, 0.0 if fds else timeout)
-        if math.isinf(timeout) and not fds:
+        if math.isinf(timeout):  # select() takes no infinite timeout, listeners or not
             timeout = 3600.0
         try:
             ready, _, _ = select.select([self._wake_r, *fds], [], [], timeout)
