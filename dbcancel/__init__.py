@@ -32,12 +32,15 @@ from .runtime import SHUTDOWN_REASON, shutdown
 
 if TYPE_CHECKING:
     from ._mixin import CancellableMixin
+    from ._async import AsyncJobRun, AsyncJobs
 
 __all__ = [
     "SHUTDOWN_REASON",
     "TERMINAL",
     "TRANSITIONS",
     "ActiveJob",
+    "AsyncJobRun",
+    "AsyncJobs",
     "CallbackHandle",
     "CancellableMixin",
     "Cancelled",
@@ -71,6 +74,10 @@ def __getattr__(name: str) -> Any:
         from ._mixin import CancellableMixin
 
         return CancellableMixin
+    if name in ("AsyncJobs", "AsyncJobRun"):  # SQLAlchemy's asyncio extension, on demand
+        from . import _async
+
+        return getattr(_async, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
