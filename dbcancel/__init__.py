@@ -31,8 +31,8 @@ from .registry import ActiveJob
 from .runtime import SHUTDOWN_REASON, shutdown
 
 if TYPE_CHECKING:
-    from ._mixin import CancellableMixin
     from ._async import AsyncJobRun, AsyncJobs
+    from ._mixin import CancellableMixin
 
 __all__ = [
     "SHUTDOWN_REASON",

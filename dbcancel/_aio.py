@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,10 +30,21 @@ from .checkpoint import Checkpoint
 from .models import JobId, Status
 from .registry import registry
 
-__all__ = ["LoopEvent", "check_timeout", "ended", "wait_stopped", "watching"]
+__all__ = [
+    "MAX_WAIT_POLL",
+    "WAIT_READS",
+    "LoopEvent",
+    "check_timeout",
+    "ended",
+    "wait_reads",
+    "wait_stopped",
+    "watching",
+]
 
 MAX_WAIT_POLL = 1.0
-"""The longest pause between two reads of a job's row while waiting (as `wait()`'s)."""
+"""The longest pause between two reads of a job's row while waiting: `wait()` reads
+at most `min(interval, MAX_WAIT_POLL)` apart (the awaitable waits, the rows of all
+their jobs in one statement)."""
 
 
 @asynccontextmanager
@@ -51,6 +63,25 @@ async def watching(cp: Checkpoint) -> AsyncIterator[None]:
         yield
     finally:
         cp._unserve()
+
+
+WAIT_READS = 2
+"""How many reads of waited rows one event loop runs at once (the rest queue): a
+thousand `wait()` calls started together must neither take every connection of the
+application's pool nor, through as many threads, the GIL away from the loop."""
+
+_wait_reads: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def wait_reads() -> asyncio.Semaphore:
+    """The running loop's bound on the reads of waited rows (see `WAIT_READS`)."""
+    loop = asyncio.get_running_loop()
+    limit = _wait_reads.get(loop)
+    if limit is None:
+        limit = _wait_reads[loop] = asyncio.Semaphore(WAIT_READS)
+    return limit
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
@@ -77,8 +108,8 @@ class LoopEvent:
         """Clear the event (on its loop)."""
         self.event.clear()
 
-    async def wait(self, timeout: float) -> None:
-        """Wait until the event is set, at most `timeout` seconds."""
+    async def wait(self, timeout: float | None) -> None:
+        """Wait until the event is set, at most `timeout` seconds (None: no limit)."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self.event.wait()
@@ -122,22 +153,22 @@ async def wait_stopped(
     model_name: str,
     timeout: float | None,
     interval: float,
-    woken: LoopEvent | None,
+    woken: LoopEvent,
 ) -> Status:
     """`wait()` as a coroutine: until the job's row has `finished_at` and its run in
     this process (if any) has left; its final status.
 
-    `read()` reads the row (raising `JobNotFound`); `woken` is set by the notifications
-    that name the job (None where the database sends none: poll then, backing off to
-    `min(interval, 1 s)`).
+    `read()` reads the row (raising `JobNotFound`): once, then again each time `woken`
+    is set, which the loop's runtime does when a poll of the waited rows (one
+    statement per table) finds this one stopped, and on PostgreSQL when a
+    notification names the job. A job running in this process is awaited through its
+    run's end.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    ceiling = min(interval, MAX_WAIT_POLL)
-    delay = min(0.005, ceiling)
     while True:
-        if woken is not None:
-            woken.clear()
-        row = await read()
+        woken.clear()
+        async with wait_reads():
+            row = await read()
         remaining = math.inf if deadline is None else deadline - time.monotonic()
         if row.finished_at is not None:
             # The run of the job in this process may still be leaving run(): return
@@ -155,9 +186,5 @@ async def wait_stopped(
         local = registry.checkpoints(key, job_id)
         if local:
             await ended(local[:1], min(remaining, interval))
-        elif woken is not None:
-            await woken.wait(min(remaining, delay))
-            delay = min(delay * 2, ceiling)
         else:
-            await asyncio.sleep(min(remaining, delay))
-            delay = min(delay * 2, ceiling)
+            await woken.wait(None if math.isinf(remaining) else remaining)

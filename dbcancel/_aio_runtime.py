@@ -25,10 +25,8 @@ import math
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Collection, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any
-
-from sqlalchemy.util import greenlet_spawn
 
 from . import _timeouts
 from ._aio import LoopEvent
@@ -36,12 +34,24 @@ from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT, worker_id
 from ._random import rng
 from ._runtime import IDLE_GRACE, JITTER, _beat_worker, poll_delay
-from .backend import read_payload, row_text
-from .checkpoint import MAX_BACKOFF, Checkpoint, Rows, poll_step
+from .backend import JobRow, read_payload, row_text
+from .checkpoint import MAX_BACKOFF, Checkpoint, Rows, backoff, poll_step
 
-__all__ = ["LoopRuntime", "loop_runtime"]
+__all__ = ["LoopRuntime", "current_loop_runtime", "loop_runtime"]
+
+WAIT_FIRST = 0.05
+"""Seconds from a new waiter to the first poll of the waited rows (at most)."""
 
 log = logging.getLogger("dbcancel")
+
+
+async def greenlet_spawn(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` through SQLAlchemy's greenlet bridge (imported here, on
+    first use: the waits of a synchronous `Jobs` use this runtime without SQLAlchemy's
+    asyncio extension)."""
+    from sqlalchemy.util import greenlet_spawn as spawn
+
+    return await spawn(fn, *args, **kwargs)
 
 
 class _Table:
@@ -52,6 +62,14 @@ class _Table:
         self.health = health
         self.watched: dict[Checkpoint, int] = {}
         self.waiters: dict[str, set[LoopEvent]] = {}
+        # The rows that wait() calls of this loop wait for (by id, with their count),
+        # read together, one statement per table, every `wait_every` seconds.
+        self.waited: dict[Any, int] = {}
+        self.reader: Callable[[Collection[Any]], Awaitable[Mapping[Any, JobRow]]] | None = None
+        self.wait_every = math.inf
+        self.wait_due = math.inf
+        self.wait_failures = 0
+        self.listen = True  # False: another runtime (the thread's) listens for it
         self.due = math.inf
         self.failures = 0
         self.channel: str | None = None  # once resolved (PostgreSQL)
@@ -60,6 +78,9 @@ class _Table:
         return min((cp.interval for cp in self.watched), default=math.inf)
 
     def needs_listener(self) -> bool:
+        return bool(self.watched or (self.listen and self.waiters))
+
+    def busy(self) -> bool:
         return bool(self.watched or self.waiters)
 
 
@@ -68,6 +89,7 @@ class _Database:
 
     def __init__(self, backend: Any, counts: list[int]) -> None:
         self.backend = backend
+        self.key: Hashable = None  # (worker key, bridged): this database's in the runtime
         self.label: str = backend.label
         self.tables: dict[Hashable, _Table] = {}
         self.periods: Counter[float] = Counter()
@@ -85,10 +107,11 @@ class _Database:
         self.listen_failures = 0
         self.listen_failing = False
         self.reconnect_at = 0.0
-        self.postgresql = backend.engine.dialect.name == "postgresql"
+        dialect = getattr(getattr(backend, "engine", None), "dialect", None)
+        self.postgresql = getattr(dialect, "name", None) == "postgresql"
 
     def busy(self) -> bool:
-        return bool(self.periods) or any(t.needs_listener() for t in self.tables.values())
+        return bool(self.periods) or any(t.busy() for t in self.tables.values())
 
     def beat_due(self) -> float:
         if not self.periods:
@@ -243,7 +266,7 @@ class LoopRuntime:
         self._serve(db)
 
     def unwatch(self, backend: Any, cp: Checkpoint) -> None:
-        db = self._databases.get(backend.worker_key)
+        db = self._databases.get((backend.worker_key, True))
         table = None if db is None else db.tables.get(backend.key)
         if db is None or table is None:
             return
@@ -271,7 +294,7 @@ class LoopRuntime:
         return worker_id()
 
     def leave(self, backend: Any, period: float) -> None:
-        db = self._databases.get(backend.worker_key)
+        db = self._databases.get((backend.worker_key, True))
         if db is None:
             return
         db.periods[period] -= 1
@@ -280,16 +303,33 @@ class LoopRuntime:
         db.kick.set()
 
     @contextlib.asynccontextmanager
-    async def waiting(self, backend: Any, job_id: Any) -> AsyncIterator[LoopEvent | None]:
-        """An event set when a notification names `job_id` (its cancel or its end),
-        for the block; None when the database sends none (poll instead)."""
-        db = self._database(backend)
-        if not db.postgresql:
-            yield None
-            return
+    async def waiting(
+        self,
+        backend: Any,
+        job_id: Any,
+        *,
+        reader: Callable[[Collection[Any]], Awaitable[Mapping[Any, JobRow]]],
+        every: float,
+        event: LoopEvent | None = None,
+        listen: bool = True,
+        bridged: bool = True,
+    ) -> AsyncIterator[LoopEvent]:
+        """An event set when `job_id` may have stopped, for the block: when its row,
+        read with those of every other waiter of its table (`reader`, one statement
+        at most `every` seconds apart), has `finished_at` or is gone, and on PostgreSQL
+        when a notification names the job (`listen=False`: the caller's runtime
+        thread listens, and sets `event`). `bridged`: the backend runs on the loop
+        through the greenlet bridge (an `AsyncJobs`'); False for a synchronous one,
+        whose waiters this runtime serves apart (their reads run in threads)."""
+        db = self._database(backend, bridged=bridged)
         table = self._table(db, backend, None)
-        event = LoopEvent(self.loop)
+        table.listen = listen and db.postgresql
+        table.reader = reader
+        event = LoopEvent(self.loop) if event is None else event
         table.waiters.setdefault(str(job_id), set()).add(event)
+        table.waited[job_id] = table.waited.get(job_id, 0) + 1
+        table.wait_every = min(table.wait_every, every)
+        table.wait_due = min(table.wait_due, time.monotonic() + min(every, WAIT_FIRST))
         self._serve(db)
         try:
             yield event
@@ -299,11 +339,16 @@ class LoopRuntime:
                 events.discard(event)
                 if not events:
                     del table.waiters[str(job_id)]
+            count = table.waited.pop(job_id, 0) - 1
+            if count > 0:
+                table.waited[job_id] = count
+            elif not table.waited:
+                table.wait_every = table.wait_due = math.inf
 
     def table_stats(self, backend: Any) -> tuple[bool, bool, int, int]:
         """Served (its task running), listened to, beats and beat errors."""
         beats, errors = self._counts.get(backend.worker_key, (0, 0))
-        db = self._databases.get(backend.worker_key)
+        db = self._databases.get((backend.worker_key, True))
         if db is None:
             return False, False, beats, errors
         table = db.tables.get(backend.key)
@@ -319,12 +364,13 @@ class LoopRuntime:
 
     # -- internals --------------------------------------------------------------------
 
-    def _database(self, backend: Any) -> _Database:
-        key = backend.worker_key
+    def _database(self, backend: Any, *, bridged: bool = True) -> _Database:
+        key = (backend.worker_key, bridged)
         db = self._databases.get(key)
         if db is None:
-            counts = self._counts.setdefault(key, [0, 0])
+            counts = self._counts.setdefault(backend.worker_key, [0, 0])
             db = self._databases[key] = _Database(backend, counts)
+            db.key = key
         db.idle_since = None
         return db
 
@@ -372,8 +418,8 @@ class LoopRuntime:
             if db.idle_since is None:
                 db.idle_since = now
             if now - db.idle_since >= IDLE_GRACE:
-                if self._databases.get(db.backend.worker_key) is db:
-                    del self._databases[db.backend.worker_key]
+                if self._databases.get(db.key) is db:
+                    del self._databases[db.key]
                 return False
             await self._wait(db, db.idle_since + IDLE_GRACE)
             return True
@@ -391,6 +437,10 @@ class LoopRuntime:
                 if table.due <= time.monotonic():
                     await self._poll(table)
                 next_at = min(next_at, table.due)
+            if table.waited:
+                if table.wait_due <= time.monotonic():
+                    await self._poll_waited(table)
+                next_at = min(next_at, table.wait_due)
         if db.beat_due() <= time.monotonic():
             await db.beat_logged()
         next_at = min(next_at, db.beat_due())
@@ -476,6 +526,33 @@ class LoopRuntime:
                 events = list(table.waiters.get(job_id, ()))
             for event in events:
                 event.event.set()
+
+    async def _poll_waited(self, table: _Table) -> None:
+        """Read the rows waited for in one statement; wake the waiters of those that
+        stopped (or are gone), who then read their own row once."""
+        ids = list(table.waited)
+        reader = table.reader
+        assert reader is not None
+        try:
+            async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
+                rows = await reader(ids)
+        except Exception:
+            table.wait_failures += 1
+            table.wait_due = time.monotonic() + backoff(table.wait_every, table.wait_failures)
+            log.debug("dbcancel: reading the waited rows of %s failed", table.backend.label)
+            return
+        table.wait_failures = 0
+        for job_id in ids:
+            row = rows.get(job_id)
+            if row is None or row.finished_at is not None:
+                for event in table.waiters.get(str(job_id), ()):
+                    event.event.set()
+        every = table.wait_every
+        table.wait_due = (
+            time.monotonic() + every * rng.uniform(1 - JITTER, 1 + JITTER)
+            if table.waited
+            else math.inf
+        )
 
     async def _poll(self, table: _Table) -> None:
         """Poll every watched job of `table` in one statement; schedule the next."""

@@ -33,7 +33,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "async driver: pip install 'dbcancel[asyncio]'"
     ) from err
 
-from ._aio import _call_soon, check_timeout, wait_stopped
+from ._aio import MAX_WAIT_POLL, _call_soon, check_timeout, wait_stopped
 from ._aio_runtime import current_loop_runtime, loop_runtime
 from ._client import JobsClient, check_seconds
 from ._health import Health, health_for
@@ -269,9 +269,9 @@ class AsyncJobs:
         As [`Jobs.wait`][dbcancel.Jobs.wait]: `TimeoutError` after `timeout` seconds,
         [`JobNotFound`][dbcancel.JobNotFound] for a missing row, and a job running in
         this process is waited for until its worker has left `run()`. Every pause is an
-        `await`: on PostgreSQL the loop's listener wakes it when the job's end is
-        announced, elsewhere it reads the row at most `min(interval, 1 s)` apart. It
-        holds no thread.
+        `await`, and no thread is held: the loop's runtime reads the rows of every
+        waited job of the table in one statement, `min(interval, 1 s)` apart, and on
+        PostgreSQL its listener wakes the wait when the job's end is announced.
         """
         b = self._backend
         b.check_id(job_id)
@@ -282,7 +282,11 @@ class AsyncJobs:
         async def read() -> Any:
             return await greenlet_spawn(core._read, job_id)
 
-        async with loop_runtime().waiting(b, job_id) as woken:
+        async def read_many(job_ids: Any) -> Any:
+            return await greenlet_spawn(b.read_many, job_ids)
+
+        every = min(core._interval, MAX_WAIT_POLL)
+        async with loop_runtime().waiting(b, job_id, reader=read_many, every=every) as woken:
             return await wait_stopped(
                 read,
                 key=b.key,

@@ -195,12 +195,15 @@ class JobsClient:
         """[`wait`][dbcancel.Jobs.wait], awaitable: the `a`-prefixed name of `wait` is
         the keyword `await`, hence the trailing underscore.
 
-        No thread waits: each read of the row runs in an executor thread for its round
-        trip only, the pauses between reads are awaited on the loop, a job running in
-        this process is awaited through its run's end, and on PostgreSQL (psycopg 3)
-        the runtime thread's listener wakes this coroutine when the job's end is
-        announced, through the loop.
+        No thread waits: the pauses are awaited on the loop, a job running in this
+        process is awaited through its run's end, the rows of every job awaited on
+        the loop are read together (one statement per table, `min(interval, 1 s)`
+        apart, in an executor thread for its round trip only), and on PostgreSQL
+        (psycopg 3) the runtime thread's listener wakes this coroutine when the job's
+        end is announced.
         """
+        from ._aio_runtime import loop_runtime
+
         b = self._backend
         b.check_id(job_id)
         check_timeout(timeout)
@@ -209,17 +212,32 @@ class JobsClient:
         async def read() -> JobRow:
             return await self._offload(self._read, job_id)
 
+        async def read_many(job_ids: Any) -> Mapping[Any, JobRow]:
+            return await self._offload(b.read_many, job_ids)
+
         key = await self._offload(lambda: b.key)
-        with runtime().waiting(b, job_id, LoopEvent(loop)) as woken:
-            return await wait_stopped(
-                read,
-                key=key,
-                job_id=job_id,
-                model_name=b.model_name,
-                timeout=timeout,
-                interval=self._interval,
-                woken=woken,
-            )
+        every = min(self._interval, MAX_WAIT_POLL)
+        # Notifications arrive through the runtime thread's listener (PostgreSQL); the
+        # loop's runtime reads the waited rows of this table together, in a thread.
+        with runtime().waiting(b, job_id, LoopEvent(loop)) as pushed:
+            async with loop_runtime().waiting(
+                b,
+                job_id,
+                reader=read_many,
+                every=every,
+                event=pushed,
+                listen=False,
+                bridged=False,
+            ) as woken:
+                return await wait_stopped(
+                    read,
+                    key=key,
+                    job_id=job_id,
+                    model_name=b.model_name,
+                    timeout=timeout,
+                    interval=self._interval,
+                    woken=woken,
+                )
 
     # -- recovery and observability ---------------------------------------------------
 
