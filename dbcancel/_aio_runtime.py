@@ -192,10 +192,7 @@ class _Listener:
 
     async def _execute(self, sql: str) -> None:
         async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
-            if self.kind == "psycopg":
-                await self.conn.execute(sql)
-            else:
-                await self.conn.execute(sql)
+            await self.conn.execute(sql)  # asyncpg's and psycopg's take SQL alike
 
     async def listen(self, channel: str) -> None:
         if channel in self.channels:
@@ -250,8 +247,10 @@ class _Listener:
 class LoopRuntime:
     """The tasks that serve the jobs and waiters of one event loop; see the module."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
+        # No reference to the loop itself: the runtimes are kept by loop in a
+        # WeakKeyDictionary, and a value that referenced its key would keep every loop
+        # ever used (each asyncio.run()) alive. Everything here runs on the loop.
         self._databases: dict[Hashable, _Database] = {}
         self._counts: dict[Hashable, list[int]] = {}
 
@@ -325,7 +324,7 @@ class LoopRuntime:
         table = self._table(db, backend, None)
         table.listen = listen and db.postgresql
         table.reader = reader
-        event = LoopEvent(self.loop) if event is None else event
+        event = LoopEvent(asyncio.get_running_loop()) if event is None else event
         table.waiters.setdefault(str(job_id), set()).add(event)
         table.waited[job_id] = table.waited.get(job_id, 0) + 1
         table.wait_every = min(table.wait_every, every)
@@ -385,11 +384,11 @@ class LoopRuntime:
         return table
 
     def _serve(self, db: _Database) -> None:
-        """Make sure `db`'s task runs (started again if it ended or died), and wake it."""
+        """Make sure `db`'s task runs (started again if it ended), and wake it."""
         if db.task is None or db.task.done():
-            if db.task is not None and not db.task.cancelled() and db.task.exception():
-                log.error("dbcancel: the loop task of %s had died; starting it again", db.label)
-            db.task = self.loop.create_task(self._run(db), name=f"dbcancel-{db.label}")
+            db.task = asyncio.get_running_loop().create_task(
+                self._run(db), name=f"dbcancel-{db.label}"
+            )
         db.kick.set()
 
     async def _run(self, db: _Database) -> None:
@@ -404,6 +403,11 @@ class LoopRuntime:
                     log.exception("dbcancel: the loop task of %s failed; going on", db.label)
                     await asyncio.sleep(0.05)
         finally:
+            # Ended: idle, or cancelled (its loop shutting down). An idle database is
+            # forgotten; a busy one stays, and the next job or waiter starts a task again.
+            db.task = None
+            if self._databases.get(db.key) is db and not db.busy():
+                del self._databases[db.key]
             listener, db.listener = db.listener, None
             if listener is not None:
                 with contextlib.suppress(BaseException):
@@ -599,7 +603,7 @@ def loop_runtime() -> LoopRuntime:
     loop = asyncio.get_running_loop()
     rt = _runtimes.get(loop)
     if rt is None:
-        rt = _runtimes[loop] = LoopRuntime(loop)
+        rt = _runtimes[loop] = LoopRuntime()
     return rt
 
 
