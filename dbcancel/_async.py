@@ -521,6 +521,10 @@ class AsyncJobRun:
         # still has its end written, and wait() returns only after it.
         swallowed = await asyncio.shield(asyncio.get_running_loop().create_task(finish()))
         if outer:
+            # Someone else's cancellation as well: it goes on (the one under way, or
+            # the one whose delivery this block took in above).
+            if isinstance(exc, asyncio.CancelledError):
+                return False
             raise asyncio.CancelledError()
         return swallowed or ours
 
