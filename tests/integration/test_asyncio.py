@@ -441,9 +441,14 @@ def test_task_cancellation_is_told_apart_from_outer_cancellations(db, driver):
 
     async def body(jobs: AsyncJobs) -> None:
         # An outer timeout is not a dbcancel cancel: TimeoutError, the job failed.
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2), jobs.run(timed_out, cancel_task=True):
+        async def outer_timeout() -> None:
+            async with asyncio.timeout(None) as limit, jobs.run(timed_out, cancel_task=True):
+                # Due once the job runs: a start slower than the limit would never run it.
+                limit.reschedule(asyncio.get_running_loop().time() + 0.2)
                 await asyncio.sleep(3600)
+
+        with pytest.raises(TimeoutError):
+            await outer_timeout()
 
         # A dbcancel cancel inside an asyncio.timeout is not a timeout.
         async def under_timeout() -> str:
@@ -486,8 +491,8 @@ def test_task_cancellation_is_told_apart_from_outer_cancellations(db, driver):
 
         task = asyncio.create_task(both())
         await asyncio.sleep(0.1)
-        task.cancel()
-        await jobs.cancel(outer, reason="both")
+        await jobs.cancel(outer, reason="both")  # the task's cancel is requested...
+        task.cancel()  # ...and so is an outer one, before the task runs again
         with pytest.raises(asyncio.CancelledError):
             await task
 
