@@ -39,6 +39,7 @@ from .registry import ActiveJob
 from .runtime import SHUTDOWN_REASON, shutdown
 
 if TYPE_CHECKING:
+    from ._async import AsyncJobRun, AsyncJobs
     from ._mixin import CancellableMixin
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "TERMINAL",
     "TRANSITIONS",
     "ActiveJob",
+    "AsyncJobRun",
+    "AsyncJobs",
     "CallbackHandle",
     "CancellableMixin",
     "Cancelled",
@@ -81,6 +84,10 @@ def __getattr__(name: str) -> Any:
         from ._mixin import CancellableMixin
 
         return CancellableMixin
+    if name in ("AsyncJobs", "AsyncJobRun"):  # SQLAlchemy's asyncio extension, on demand
+        from . import _async
+
+        return getattr(_async, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -6,13 +6,15 @@ runs a job: a web process that only requests and cancels uses this side alone.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, TypeVar
 
+from ._aio import MAX_WAIT_POLL, LoopEvent, check_timeout, wait_stopped
 from ._runtime import runtime
 from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
 from .errors import JobNotFound
@@ -21,11 +23,10 @@ from .registry import registry
 
 __all__ = ["MAX_WAIT_POLL", "JobsClient", "check_seconds"]
 
-MAX_WAIT_POLL = 1.0
-"""The longest pause between two reads of a job's row in `wait()` (shorter when the
-`interval` is)."""
 
 log = logging.getLogger("dbcancel")
+
+_T = TypeVar("_T")
 
 
 def check_seconds(name: str, value: Any) -> float:
@@ -119,8 +120,7 @@ class JobsClient:
         """
         b = self._backend
         b.check_id(job_id)
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise ValueError(f"timeout must be None or a number of seconds >= 0, got {timeout!r}")
+        check_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         # Polling backs off to at most the interval, and at most a second: elsewhere
         # than on PostgreSQL nothing announces a job's end. On PostgreSQL the runtime
@@ -160,6 +160,84 @@ class JobsClient:
                 else:
                     time.sleep(min(remaining, delay))
                     delay = min(delay * 2, ceiling)
+
+    # -- awaitable, for asyncio code -------------------------------------------------
+
+    async def _offload(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """`fn(*args, **kwargs)` in a thread of the loop's executor, which then gives
+        back what the ORM keeps per thread (Django's connection)."""
+        backend = self._backend
+
+        def call() -> _T:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                backend.release()
+
+        return await asyncio.to_thread(call)
+
+    async def acancel(
+        self, job_id: JobId, *, reason: str | None = None, where: Mapping[str, Any] | None = None
+    ) -> bool:
+        """[`cancel`][dbcancel.Jobs.cancel], awaitable: its round trips run in a thread of
+        the loop's executor, so the loop goes on meanwhile."""
+        return await self._offload(self.cancel, job_id, reason=reason, where=where)
+
+    async def acancel_where(self, **filters: Any) -> int:
+        """[`cancel_where`][dbcancel.Jobs.cancel_where], awaitable (in an executor thread)."""
+        return await self._offload(self.cancel_where, **filters)
+
+    async def astatus(self, job_id: JobId) -> Status:
+        """[`status`][dbcancel.Jobs.status], awaitable (in an executor thread)."""
+        return await self._offload(self.status, job_id)
+
+    async def await_(self, job_id: JobId, timeout: float | None = None) -> Status:
+        """[`wait`][dbcancel.Jobs.wait], awaitable: the `a`-prefixed name of `wait` is
+        the keyword `await`, hence the trailing underscore.
+
+        No thread waits: the pauses are awaited on the loop, a job running in this
+        process is awaited through its run's end, the rows of every job awaited on
+        the loop are read together (one statement per table, `min(interval, 1 s)`
+        apart, in an executor thread for its round trip only), and on PostgreSQL
+        (psycopg 3) the runtime thread's listener wakes this coroutine when the job's
+        end is announced.
+        """
+        from ._aio_runtime import loop_runtime
+
+        b = self._backend
+        b.check_id(job_id)
+        check_timeout(timeout)
+        loop = asyncio.get_running_loop()
+
+        async def read() -> JobRow:
+            return await self._offload(self._read, job_id)
+
+        async def read_many(job_ids: Any) -> Mapping[Any, JobRow]:
+            return await self._offload(b.read_many, job_ids)
+
+        key = await self._offload(lambda: b.key)
+        every = min(self._interval, MAX_WAIT_POLL)
+        # Notifications arrive through the runtime thread's listener (PostgreSQL); the
+        # loop's runtime reads the waited rows of this table together, in a thread.
+        with runtime().waiting(b, job_id, LoopEvent(loop)) as pushed:
+            async with loop_runtime().waiting(
+                b,
+                job_id,
+                reader=read_many,
+                every=every,
+                event=pushed,
+                listen=False,
+                bridged=False,
+            ) as woken:
+                return await wait_stopped(
+                    read,
+                    key=key,
+                    job_id=job_id,
+                    model_name=b.model_name,
+                    timeout=timeout,
+                    interval=self._interval,
+                    woken=woken,
+                )
 
     # -- recovery and observability ---------------------------------------------------
 

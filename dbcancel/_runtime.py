@@ -81,7 +81,7 @@ class _Table:
         # asyncio block inside it, say): it is polled until the last one leaves.
         self.watched: dict[Checkpoint, int] = {}
         # wait() calls of this process, by the job id's text as notifications carry it.
-        self.waiters: dict[str, set[threading.Event]] = {}
+        self.waiters: dict[str, set[Any]] = {}  # threading.Events, or loop bridges
         self.due = math.inf  # monotonic time of the next poll
         self.failures = 0
         self.listener: Listener | None = _listener_of(backend)
@@ -308,9 +308,12 @@ class Runtime:
                 self._ensure_running()
 
     @contextlib.contextmanager
-    def waiting(self, backend: Backend, job_id: Any) -> Any:
+    def waiting(self, backend: Backend, job_id: Any, event: Any = None) -> Any:
         """A `threading.Event` set when a notification names `job_id` (its cancel, or its
-        end), for the block; None when the database sends none (poll instead)."""
+        end), for the block; None when the database sends none (poll instead).
+
+        `event`: any object with `set()` (and `clear()`) to use instead, such as a
+        bridge to an `asyncio.Event`; this thread calls its `set()`."""
         with self._cond:
             db = self._databases.get(backend.worker_key)
             table = None if db is None else db.tables.get(backend.key)
@@ -324,7 +327,7 @@ class Runtime:
             if table.listener is None:
                 event = None
             else:
-                event = threading.Event()
+                event = threading.Event() if event is None else event
                 table.waiters.setdefault(str(job_id), set()).add(event)
                 self._ensure_running()
         if event is None:

@@ -271,8 +271,12 @@ class JobsWorker(JobsClient):
             raise
         finally:
             if started:
-                runtime().leave(self._backend, self._heartbeat_period)
+                self._leave_heartbeat()
             self._backend.release()
+
+    def _leave_heartbeat(self) -> None:
+        """The job has stopped: it no longer keeps this process's worker row beating."""
+        runtime().leave(self._backend, self._heartbeat_period)
 
     def _finish_job(self, cp: Checkpoint, exc: BaseException | None, started: bool) -> bool:
         b = self._backend

@@ -185,6 +185,7 @@ class Checkpoint(functools.partial[None]):
         "_completed",
         "_completed_in",
         "_due",
+        "_enders",
         "_failures",
         "_fenced",
         "_flag",
@@ -216,6 +217,7 @@ class Checkpoint(functools.partial[None]):
     _completed: bool
     _completed_in: Any
     _due: float
+    _enders: list[Callable[[], object]]
     _failures: int
     _fenced: bool
     _flag: _Flag | None
@@ -296,6 +298,7 @@ class Checkpoint(functools.partial[None]):
         self._observed_at = None
         self._failures = 0
         self._stopped = threading.Event()
+        self._enders = []
         now = clock()
         self._ok_at = now
         # The clock reading at which the hot path must look closer; -inf once
@@ -526,6 +529,25 @@ class Checkpoint(functools.partial[None]):
             self._fence(status, text)
         raise self._exception()
 
+    async def acomplete(self, using: Any) -> None:
+        """[`complete`][dbcancel.Checkpoint.complete] for a job of
+        [`AsyncJobs`][dbcancel.AsyncJobs]: `using` is the `AsyncSession` or
+        `AsyncConnection` in which the worker wrote its results, inside its transaction.
+
+        ```python
+        async with jobs.run(job_id) as cp, sessions.begin() as session:
+            session.add(Result(analysis_id=job_id, value=value))
+            await cp.acomplete(session)
+        ```
+        """
+        complete = getattr(self._source, "_acomplete", None)
+        if complete is None:
+            raise TypeError(
+                f"cp.acomplete() completes a job of AsyncJobs; job {self.job_id!r} runs "
+                "under Jobs: call cp.complete(session). Nothing was changed"
+            )
+        await complete(self, using)
+
     def __repr__(self) -> str:
         state = f"cancelled, reason={self._reason!r}" if self._cancelled else "running"
         return f"<Checkpoint job_id={self.job_id!r} {state}>"
@@ -607,6 +629,20 @@ class Checkpoint(functools.partial[None]):
     def _ended(self) -> None:
         """The job's run() has recorded how it ended: wake those waiting for it."""
         self._stopped.set()
+        with self._lock:
+            enders, self._enders = self._enders, []
+        for fn in enders:
+            fn()
+
+    def _when_ended(self, fn: Callable[[], object]) -> None:
+        """Call `fn()` once the job's run() has recorded how it ended (at once if it
+        has), in the thread that ends it: how a coroutine waits for a local job without
+        holding a thread (`fn` must only schedule, as `loop.call_soon_threadsafe` does)."""
+        with self._lock:
+            if not self._stopped.is_set():
+                self._enders.append(fn)
+                return
+        fn()
 
     def _leaving(self) -> bool:
         """True while the run that started this job has not finished leaving run()."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
@@ -19,7 +19,20 @@ from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
 from .backend import Backend, check_backend
 
-__all__ = ["JobRun", "Jobs", "JobsStats"]
+if TYPE_CHECKING:
+    from ._async import AsyncJobRun, AsyncJobs
+
+__all__ = ["AsyncJobRun", "AsyncJobs", "JobRun", "Jobs", "JobsStats"]
+
+
+def __getattr__(name: str) -> Any:
+    # AsyncJobs runs on SQLAlchemy's asyncio extension: imported when asked for, so that
+    # the core imports no ORM.
+    if name in ("AsyncJobs", "AsyncJobRun"):
+        from . import _async
+
+        return getattr(_async, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)

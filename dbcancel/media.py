@@ -9,10 +9,12 @@ Built on the `websockets` package (its asyncio API). Two pieces:
 * [`MediaAnalysisService`][dbcancel.media.MediaAnalysisService] — streams video frames to an
   analysis server over one connection per analysis and collects one result per frame.
 
-Neither blocks the event loop on the database: the job's row is polled in a worker thread
-(one query per interval for all the streams of a loop), and a `jobs.cancel()` issued
-in this process — from any thread, such as a Flask request — reaches the loop at once
-through `loop.call_soon_threadsafe`.
+Neither blocks the event loop on the database. With [`AsyncJobs`][dbcancel.AsyncJobs]
+the job's row is polled by the loop's own runtime (a task: one query per interval for
+every job of the table, and on PostgreSQL its listener); with [`Jobs`][dbcancel.Jobs] by
+the runtime thread. A `jobs.cancel()` issued in this process — from the loop, or from
+any thread, such as a Flask request — reaches the stream at once through
+`loop.call_soon_threadsafe`.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,14 @@ def _engine(url: str) -> Engine:
 def database(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Database]:
-    name: str = request.param
+    with open_database(request.param, tmp_path_factory) as opened:
+        yield opened
+
+
+@contextmanager
+def open_database(name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Database]:
+    """A schema (PostgreSQL), a database (MariaDB) or a file (SQLite) of this process's
+    own, its tables made; dropped on exit."""
     scope = f"dbcancel_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     cleanup = None
     if name == "sqlite":

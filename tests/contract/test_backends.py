@@ -32,15 +32,16 @@ from dbcancel._liveness import worker_id
 from dbcancel.backend import MISSED_BEATS, WORKER_LOST
 from dbcancel.models import WORKER_TABLE, worker_table
 from dbcancel.testing import FakeClock
-from tests.contract import sqlite3_backend
+from tests.contract import asyncio_backend, sqlite3_backend
 from tests.contrib.django import settings as django_settings
 from tests.models import Analysis as SqlAnalysis
 from tests.models import Base
 from tests.models import Result as SqlResult
 
 DATABASES = ("sqlite", "postgresql", "mariadb")
-KINDS = ("sqlalchemy", "django")
-"""The backends dbcancel ships, each run on every database."""
+KINDS = ("sqlalchemy", "django", "asyncio")
+"""The backends dbcancel ships, each run on every database (`asyncio`: `AsyncJobs` on
+aiosqlite, asyncpg and aiomysql, and on psycopg's async mode as `asyncio-psycopg`)."""
 INTERVAL = 0.05
 SLACK = dt.timedelta(seconds=2)
 JOIN_TIMEOUT = 60
@@ -63,7 +64,10 @@ def case(kind: str, name: str) -> Any:
 
 
 # The sqlite3 backend of the tests speaks SQLite only.
-CASES = [case(kind, name) for kind in KINDS for name in DATABASES] + [case("sqlite3", "sqlite")]
+CASES = [case(kind, name) for kind in KINDS for name in DATABASES] + [
+    case("sqlite3", "sqlite"),
+    case("asyncio-psycopg", "postgresql"),
+]
 
 
 def check_reachable(name: str) -> None:
@@ -280,6 +284,39 @@ class SQLAlchemyBackend(Backend):
             conn.execute(delete(WORKERS).where(WORKERS.c.id.like(f"{OTHER}%")))
 
 
+class AsyncioBackend(SQLAlchemyBackend):
+    """`AsyncJobs` on an `AsyncEngine` of the same test database; rows are inserted and
+    looked at through the synchronous engine, as by another part of the application."""
+
+    def __init__(
+        self, name: str, driver: str, engines: dict[str, Any], loop: asyncio_backend.LoopThread
+    ) -> None:
+        super().__init__(name, engines)
+        self.loop = loop
+        key = f"async:{driver}"
+        if key not in engines:
+            engines[key] = asyncio_backend.async_engine(
+                sqlalchemy_url(django_settings.ALIASES[name]), driver
+            )
+        self.async_engine = engines[key]
+
+    def jobs(self, **kwargs: Any) -> Any:
+        if "clock" in kwargs:
+            pytest.skip("AsyncJobs always watches on real time: no custom clock")
+        if kwargs.pop("watch", True) is False:
+            pytest.skip("AsyncJobs has no threadless mode: its loop polls the running jobs")
+        kwargs.setdefault("interval", INTERVAL)
+        return asyncio_backend.make_jobs(self.async_engine, self.loop, **kwargs)
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Any, Callable[[Any, str], None]]]:
+        with asyncio_backend.transaction(self.async_engine, self.loop) as opened:
+            yield opened
+
+    def seam(self) -> Any:
+        pytest.skip("the seam under AsyncJobs is the SQLAlchemy backend, tested as such")
+
+
 class DjangoBackend(Backend):
     def __init__(self, name: str) -> None:
         from tests.contrib.django.testapp.models import Analysis, Result
@@ -492,6 +529,17 @@ def sqlite3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def event_loop_thread(sqlalchemy_engines: dict[str, Any]) -> Iterator[asyncio_backend.LoopThread]:
+    """The loop `AsyncJobs` runs on, in a thread; its async engines are disposed on it
+    (before the synchronous ones, which `sqlalchemy_engines` disposes)."""
+    loop = asyncio_backend.LoopThread()
+    yield loop
+    for key in [k for k in sqlalchemy_engines if k.startswith("async:")]:
+        loop.call(sqlalchemy_engines.pop(key).dispose())
+    loop.close()
+
+
 @pytest.fixture(params=CASES)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """One backend on one database; its rows are gone after the test."""
@@ -502,6 +550,14 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         b = SQLAlchemyBackend(name, request.getfixturevalue("sqlalchemy_engines"))
     elif kind == "sqlite3":
         b = Sqlite3Backend(request.getfixturevalue("sqlite3_path"))
+    elif kind.startswith("asyncio"):
+        driver = "psycopg" if kind == "asyncio-psycopg" else name
+        b = AsyncioBackend(
+            name,
+            driver,
+            request.getfixturevalue("sqlalchemy_engines"),
+            request.getfixturevalue("event_loop_thread"),
+        )
     else:
         b = DjangoBackend(name)
     try:

@@ -29,7 +29,10 @@ STRAY_LITERAL = re.compile(r"::\s*</p>")
 """A paragraph ending in a reST literal-block marker, which Markdown leaves as text."""
 HEADING = re.compile(r'<h[1-6] id="(dbcancel[^"]*)" class="doc doc-heading"')
 PRIVATE_BASES = ("JobsWorker", "JobsClient")
-NO_CONSTRUCTOR = {"dbcancel.JobRun": "Jobs.run() makes it; its constructor is not public"}
+NO_CONSTRUCTOR = {
+    "dbcancel.JobRun": "Jobs.run() makes it; its constructor is not public",
+    "dbcancel.AsyncJobRun": "AsyncJobs.run() makes it; its constructor is not public",
+}
 """Classes shown without a signature on purpose."""
 
 

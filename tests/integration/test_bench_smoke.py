@@ -67,6 +67,19 @@ CASES = [
         150,
         id="liveness",
     ),
+    pytest.param(
+        "bench_asyncio.py",
+        "asyncio",
+        (
+            "(k) `cp()` per call, `AsyncJobs` job (SQLite)",
+            "(l) cancel latency, same process, `cancel_task=True`",
+            "(m) cancel latency with PostgreSQL NOTIFY | not measured",
+            "(n) loop blocking, 200 jobs running, 20 cancels + waits awaited, SQLite",
+            "(o) threads used by 200 concurrent `await jobs.wait()`, SQLite",
+        ),
+        120,
+        id="asyncio",
+    ),
 ]
 
 

@@ -41,6 +41,10 @@ OPTIONAL_PACKAGES = [
     "kombu",
     "django_tasks",
     "django_tasks_db",
+    "greenlet",
+    "asyncpg",
+    "aiosqlite",
+    "aiomysql",
 ]
 ROOT = Path(dbcancel.__file__).resolve().parent
 

@@ -239,3 +239,54 @@ def test_usage_errors_are_dbcancel_errors(engine: Engine) -> None:
         ext.jobs  # noqa: B018
     assert issubclass(UsageError, DbcancelError)
     assert issubclass(UsageError, RuntimeError)  # what these errors were before
+
+
+# -- the asyncio client: the same options; only the watched mode on real time ------------
+
+
+def build_async(engine: Engine, **options: Any) -> Any:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from dbcancel import AsyncJobs
+
+    return AsyncJobs(
+        create_async_engine(f"sqlite+aiosqlite:///{engine.url.database}"), Analysis, **options
+    )
+
+
+def test_asyncjobs_takes_the_same_options_and_shows_them_the_same_way(engine: Engine) -> None:
+    assert shown(build_async(engine)) == (0.5, True, 10.0, None, None)
+    given = build_async(engine, interval=0.25, max_staleness=3, heartbeat=2, watch=True)
+    assert shown(given) == (0.25, True, 2.0, 3.0, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "text"),
+    BAD_OPTIONS,
+    ids=[
+        "interval-0",
+        "interval-str",
+        "clock-int",
+        "watch-str",
+        "watch-and-clock",
+        "max_staleness-negative",
+        "heartbeat-0",
+    ],
+)
+def test_asyncjobs_raises_the_same_errors_for_bad_options(
+    engine: Engine, options: dict[str, Any], error: type, text: str
+) -> None:
+    with pytest.raises(error) as info:
+        build_async(engine, **options)
+    assert type(info.value) is error
+    assert str(info.value).startswith(text), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options", [{"watch": False}, {"clock": fake_clock}], ids=["watch", "clock"]
+)
+def test_asyncjobs_refuses_a_mode_that_would_poll_on_the_loop(
+    engine: Engine, options: dict[str, Any]
+) -> None:
+    with pytest.raises(UsageError, match="watched mode, on real time"):
+        build_async(engine, **options)

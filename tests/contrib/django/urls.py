@@ -8,5 +8,6 @@ from .testapp import views
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("testapp/<int:pk>/cancel/", views.cancel),
+    path("testapp/<int:pk>/cancel-and-wait/", views.cancel_and_wait),
     path("", include("analyses.urls")),
 ]
