@@ -43,7 +43,7 @@ from ._sqla import SQLAlchemyBackend
 from ._worker import JobsWorker
 from .backend import start_change, utcnow
 from .checkpoint import CallbackHandle, Checkpoint, _pop, _push
-from .errors import DbcancelError, InvalidTransition, UsageError
+from .errors import Cancelled, DbcancelError, InvalidTransition, UsageError
 from .jobs import JobsStats
 from .models import JobId, Status
 from .registry import ActiveJob, registry
@@ -342,7 +342,8 @@ class AsyncJobs:
         """Run a job: `async with jobs.run(job_id) as cp:` yields its Checkpoint.
 
         Enter and exit as for [`Jobs.run`][dbcancel.Jobs.run]: pending → in_progress on
-        enter (a cancelled job yields a cancelled checkpoint, a missing row raises
+        enter (a job cancelled before it started raises `Cancelled` from the `async with`
+        statement itself and the block never runs; a missing row raises
         [`JobNotFound`][dbcancel.JobNotFound], any other state
         [`InvalidTransition`][dbcancel.InvalidTransition]); on exit completed, or still
         cancelled; a `Cancelled` of the job is swallowed, any other exception fails the
@@ -462,9 +463,17 @@ class AsyncJobRun:
                 row = await greenlet_spawn(core._read, self._job_id, self._where)
                 if row.status is not Status.CANCELLED:
                     raise InvalidTransition(
-                        b.model_name, self._job_id, row.status.value, Status.IN_PROGRESS.value
+                        b.model_name,
+                        self._job_id,
+                        row.status.value,
+                        Status.IN_PROGRESS.value,
+                        row.worker_id if row.status is Status.IN_PROGRESS else None,
                     )
-                reason = row.cancel_reason
+                # Cancelled before any worker started it: as with Jobs, the body must not
+                # run, and this run writes nothing.
+                cancelled = Cancelled(self._job_id, row.cancel_reason)
+                cancelled._dbcancel_key = b.key  # type: ignore[attr-defined]
+                raise cancelled
         finally:
             if not started:
                 rt.leave(b, period)

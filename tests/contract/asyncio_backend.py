@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from dbcancel import AsyncJobs
 from tests.models import Analysis, Result
@@ -107,6 +108,15 @@ class SyncAsyncJobs:
 
     def cancel(self, job_id: Any, **kwargs: Any) -> bool:
         return self._loop.call(self._jobs.cancel(job_id, **kwargs))
+
+    def _retry(self, cp: SyncCheckpoint, error: str) -> bool:
+        # The task-queue adapters retry through the worker core; AsyncJobs shares it.
+        core = self._jobs._core
+
+        async def retry() -> bool:
+            return await greenlet_spawn(core._retry, cp._cp, error)
+
+        return self._loop.call(retry())
 
     def cancel_where(self, **filters: Any) -> int:
         return self._loop.call(self._jobs.cancel_where(**filters))

@@ -113,8 +113,10 @@ def run_round(db, rng: random.Random, ctx: str, *, atomic: bool) -> None:
             assert go.wait(JOIN_TIMEOUT)
             if plan.start_delay:
                 time.sleep(plan.start_delay)  # a late worker; pacing, not synchronisation
+            entered = False
             try:
                 with jobs.run(plan.job_id) as cp:
+                    entered = True
                     try:
                         for _ in range(plan.items):
                             cp()
@@ -137,6 +139,11 @@ def run_round(db, rng: random.Random, ctx: str, *, atomic: bool) -> None:
                         raise
             except RuntimeError as exc:
                 if str(exc) != FAILURE:
+                    raise
+            except Cancelled:
+                # Cancelled before this worker got to it: the with statement raises, and
+                # the body never runs. A cancel inside the body never escapes the block.
+                if entered:
                     raise
         except BaseException as exc:
             out.errors.append((plan.job_id, exc))
