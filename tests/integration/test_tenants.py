@@ -483,7 +483,10 @@ def test_sqlite_files_are_told_apart_by_their_resolved_path(tmp_path, monkeypatc
         keys = [Jobs(engine, Analysis)._backend.key for engine in engines]
         assert keys[0] == keys[1] == keys[2] != keys[3]
         assert str(tmp_path / "jobs.db") in keys[0]
-        memory = [Jobs(create_engine("sqlite://"), Analysis)._backend.key for _ in range(2)]
+        memories = [create_engine("sqlite://") for _ in range(2)]
+        for engine in memories:
+            Base.metadata.create_all(engine)  # the key is resolved where the tables are
+        memory = [Jobs(engine, Analysis)._backend.key for engine in memories]
         assert memory[0] != memory[1]  # two in-memory databases
     finally:
         for engine in engines:
