@@ -77,25 +77,22 @@ def run_fleet(server: Server, processes: int) -> dict[str, object]:
             conn.execute(delete(model))
             conn.execute(insert(model), [{"id": i} for i in range(1, processes + 1)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.integration.budget_worker",
-                url.render_as_string(False),
-                str(i),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(1, processes + 1)
-    ]
+    fleet = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.budget_worker",
+            url.render_as_string(hide_password=False),
+            str(processes),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        # Each worker says once notifications reach it (it gives up after 30 s).
-        said = [w.stdout.readline().strip() for w in workers]  # type: ignore[union-attr]
+        # Each worker says once notifications reach it (it gives up after 60 s).
+        said = sorted(fleet.stdout.readline().split()[-1] for _ in range(processes))  # type: ignore[union-attr]
         assert said == ["listening"] * processes, said
         with admin.connect() as conn:
             in_progress = sum(
@@ -116,16 +113,14 @@ def run_fleet(server: Server, processes: int) -> dict[str, object]:
             jobs = Jobs(admin, model)
             for i in range(1, processes + 1):
                 jobs.cancel(i, reason="budget measured")
-        reported = []
-        for w in workers:
-            out, _ = w.communicate(timeout=START_TIMEOUT)
-            assert w.returncode == 0, out
-            reported.append(int(out.strip().rsplit(" ", 1)[-1]))
+        out, _ = fleet.communicate(timeout=START_TIMEOUT)
+        assert fleet.returncode == 0, out
+        reported = [int(line.split()[-1]) for line in out.splitlines() if " most " in line]
+        assert len(reported) == processes, out
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
+        if fleet.poll() is None:
+            fleet.kill()
+            fleet.wait()
         admin.dispose()
     return {"most": most, "listeners": listeners, "reported": max(reported)}
 
