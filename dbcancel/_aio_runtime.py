@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any
 
-from . import _timeouts
+from . import _runtime, _timeouts
 from ._aio import LoopEvent
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT, worker_id
@@ -112,6 +112,8 @@ class _Database:
         self.listen_failures = 0
         self.listen_failing = False
         self.reconnect_at = 0.0
+        self.probe_until = math.inf  # while the listener's probe is awaited
+        self.deaf = False  # its probe never arrived (warned once)
         dialect = getattr(getattr(backend, "engine", None), "dialect", None)
         self.postgresql = getattr(dialect, "name", None) == "postgresql"
 
@@ -182,15 +184,28 @@ class _Listener:
         self.deliver = deliver  # (channel, payload) -> None, on the loop
         self.channels: set[str] = set()
         self.broken = False
+        # Its own probe channel, and whether the probe sent through the engine arrived.
+        self.probe: str | None = None
+        self.heard = False
         self.reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, engine: Any, deliver: Any) -> _Listener:
-        """Take a connection out of `engine` (the sync face of the `AsyncEngine`)."""
-        from ._pg import connect_from_engine
+    async def open(cls, engine: Any, deliver: Any, dsn: str | None = None) -> _Listener:
+        """Open a connection of `engine` (the sync face of the `AsyncEngine`), or of
+        psycopg's async mode to `dsn` (`listen_url`); named as the listener at connect
+        time either way."""
+        from ._pg import connect_from_engine, listener_name
 
         async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
-            conn = await greenlet_spawn(connect_from_engine(engine))
+            if dsn is None:
+                conn = await greenlet_spawn(connect_from_engine(engine))
+            else:
+                import psycopg
+                from psycopg.conninfo import conninfo_to_dict
+
+                kwargs: dict[str, Any] = conninfo_to_dict(dsn)
+                kwargs["application_name"] = listener_name(kwargs.get("application_name"))
+                conn = await psycopg.AsyncConnection.connect(**kwargs)
         kind = "asyncpg" if type(conn).__module__.startswith("asyncpg") else "psycopg"
         self = cls(conn, kind, deliver)
         try:
@@ -198,6 +213,13 @@ class _Listener:
                 await conn.set_autocommit(True)
             else:
                 conn.add_termination_listener(self._terminated)
+            # A probe channel of its own (see LoopRuntime._probe), listened to before
+            # psycopg's reader takes the connection.
+            import uuid
+
+            probe = f"dbcancel:probe:{uuid.uuid4().hex}"
+            await self.listen(probe)
+            self.probe = probe
             # Named as the listener at connect time (connect_from_engine), never with a
             # SET on the session.
             if kind == "psycopg":
@@ -373,6 +395,7 @@ class LoopRuntime:
         listening = (
             db.listener is not None
             and db.listener.connected
+            and db.listener.heard
             and table is not None
             and table.channel in db.listener.channels
         )
@@ -460,6 +483,7 @@ class LoopRuntime:
                 await self._listen(db)
             if db.listener is None:
                 next_at = min(next_at, db.reconnect_at)
+            next_at = min(next_at, self._check_probe(db, time.monotonic()))
         for table in list(db.tables.values()):
             if table.watched:
                 if table.due <= time.monotonic():
@@ -489,9 +513,12 @@ class LoopRuntime:
         before LISTEN took effect was announced to nobody), and their waiters read
         their rows again."""
         try:
+            fresh = db.listener is None
             if db.listener is None:
                 db.listener = await _Listener.open(
-                    db.backend.engine, lambda ch, p: self._deliver(db, ch, p)
+                    db.backend.engine,
+                    lambda ch, p: self._deliver(db, ch, p),
+                    getattr(db.backend, "_listen_dsn", None),
                 )
             for table in list(db.tables.values()):
                 if not table.needs_listener():
@@ -506,6 +533,10 @@ class LoopRuntime:
                 for events in table.waiters.values():
                     for event in events:
                         event.set()
+            if fresh:
+                # After the tables' LISTENs: psycopg's reader holds the connection from
+                # its first await on.
+                await self._probe(db, db.listener)
         except Exception:
             await self._listen_failed(db, sys_exc=True)
             return
@@ -513,6 +544,43 @@ class LoopRuntime:
         if db.listen_failing:
             db.listen_failing = False
             log.warning("dbcancel: listening for cancels of %s again", db.label)
+
+    async def _probe(self, db: _Database, listener: _Listener) -> None:
+        """Send the new listener its probe through the engine (the way a cancel goes):
+        it counts as listening once the probe arrives (see
+        `dbcancel._runtime.PROBE_TIMEOUT`). Raises."""
+        notify = getattr(db.backend, "notify", None)
+        probe = listener.probe
+        if not callable(notify) or probe is None:
+            listener.heard = True  # a backend that cannot send it: trusted as before
+            return
+        db.probe_until = time.monotonic() + _runtime.PROBE_TIMEOUT
+        async with db.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            await greenlet_spawn(notify, probe, "probe")
+
+    def _check_probe(self, db: _Database, now: float) -> float:
+        """Warn once when the probe is late; when to look again."""
+        listener = db.listener
+        if listener is None or listener.heard or math.isinf(db.probe_until):
+            if listener is not None and listener.heard:
+                db.probe_until = math.inf
+                db.deaf = False
+            return math.inf
+        if now < db.probe_until:
+            return db.probe_until
+        db.probe_until = math.inf
+        if not db.deaf:
+            db.deaf = True
+            log.warning(
+                "dbcancel: the listener of %s has not received the probe notification sent "
+                "through the engine within %gs (does the engine reach the server through "
+                "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
+                "polling alone, within the interval. To have them pushed, pass "
+                "listen_url= a direct connection to the server (not through the pooler)",
+                db.label,
+                _runtime.PROBE_TIMEOUT,
+            )
+        return math.inf
 
     async def _listen_failed(self, db: _Database, sys_exc: bool | None = None) -> None:
         listener, db.listener = db.listener, None
@@ -535,6 +603,10 @@ class LoopRuntime:
         """A notification (or, with None, the listener's end), on the loop."""
         if channel is None or payload is None:
             db.kick.set()
+            return
+        listener = db.listener
+        if listener is not None and channel == listener.probe:
+            listener.heard = True
             return
         for table in db.tables.values():
             if table.channel != channel:

@@ -297,3 +297,63 @@ def test_bad_listen_url_values_are_refused_before_anything_is_opened(tmp_path: P
         pg.dispose()
         lite.dispose()
     assert not (tmp_path / "jobs.db").exists()  # nothing was opened
+
+
+@pytest.mark.serial  # a bound on how soon the cancel is seen
+@pytest.mark.parametrize("listen", [True, False], ids=["listen_url", "through-the-pooler"])
+def test_asyncjobs_listen_url_and_the_probe(
+    bouncer: PgBouncer, listen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AsyncJobs on an AsyncEngine through the pooler: with listen_url a cancel from
+    another process arrives by notification (interval 5 s); without, listening stays
+    False and a poll sees it (interval 1 s)."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from dbcancel import AsyncJobs
+
+    monkeypatch.setattr("dbcancel._runtime.PROBE_TIMEOUT", 1.0)
+    interval = 5.0 if listen else 1.0
+    job = add_job(bouncer)
+
+    async def main() -> tuple[float, bool, int]:
+        engine = create_async_engine(bouncer.pooler_url, connect_args=NO_PREPARE)
+        jobs = AsyncJobs(
+            engine, Analysis, interval=interval, listen_url=bouncer.direct_url if listen else None
+        )
+        try:
+            async with jobs.run(job) as cp:
+                deadline = time.monotonic() + 30
+                while not jobs.stats().listening and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+                listening = jobs.stats().listening
+                if not listen:
+                    await asyncio.sleep(1.5)  # past the probe's time: still not listening
+                    listening = jobs.stats().listening
+                seen: list[float] = []
+
+                async def loop() -> None:
+                    while True:
+                        try:
+                            cp()
+                        except Cancelled:
+                            seen.append(time.time())
+                            return
+                        await asyncio.sleep(0.005)
+
+                looping = asyncio.create_task(loop())
+                sent = await asyncio.to_thread(cancel_elsewhere, bouncer, job)
+                await asyncio.wait_for(looping, 60)
+                return seen[0] - sent, listening, jobs.stats().notifications
+        finally:
+            await engine.dispose()
+
+    took, listening, notifications = asyncio.run(main())
+    print(f"AsyncJobs listen_url={listen}: cancel seen after {took:.3f}s, listening={listening}")
+    assert listening is listen
+    if listen:
+        assert notifications >= 1
+        assert took < interval / 2
+    else:
+        assert took < interval * 1.1 + 2.0
