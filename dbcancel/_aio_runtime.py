@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any
 
-from . import _timeouts
+from . import _runtime, _timeouts
 from ._aio import LoopEvent
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT, worker_id
@@ -57,9 +57,10 @@ async def greenlet_spawn(fn: Any, *args: Any, **kwargs: Any) -> Any:
 class _Table:
     """One job table of one database, on this loop: its watched checkpoints and waiters."""
 
-    def __init__(self, backend: Any, health: Health) -> None:
+    def __init__(self, backend: Any, health: Health, db: _Database) -> None:
         self.backend = backend
         self.health = health
+        self.db = db
         self.watched: dict[Checkpoint, int] = {}
         self.waiters: dict[str, set[LoopEvent]] = {}
         # The rows that wait() calls of this loop wait for (by id, with their count),
@@ -94,6 +95,10 @@ class _Database:
         self.tables: dict[Hashable, _Table] = {}
         self.periods: Counter[float] = Counter()
         self.beating = asyncio.Lock()
+        # The lease: polls and beats of this database take turns, so that they hold
+        # one connection of it at a time; `out` is True while one is out.
+        self.lease = asyncio.Lock()
+        self.out = False
         self.beaten = -math.inf
         self.tried = -math.inf
         self.factor = rng.uniform(1.0, 1.0 + JITTER)
@@ -107,11 +112,28 @@ class _Database:
         self.listen_failures = 0
         self.listen_failing = False
         self.reconnect_at = 0.0
+        self.probe_until = math.inf  # while the listener's probe is awaited
+        self.deaf = False  # its probe never arrived (warned once)
         dialect = getattr(getattr(backend, "engine", None), "dialect", None)
         self.postgresql = getattr(dialect, "name", None) == "postgresql"
 
     def busy(self) -> bool:
         return bool(self.periods) or any(t.busy() for t in self.tables.values())
+
+    @contextlib.asynccontextmanager
+    async def borrow(self) -> Any:
+        """Hold the lease for one round trip (see `lease`)."""
+        async with self.lease:
+            self.out = True
+            try:
+                yield
+            finally:
+                self.out = False
+
+    def connections(self) -> int:
+        """Connections held open now for this database: listener and lease."""
+        listening = 1 if self.listener is not None and self.listener.connected else 0
+        return listening + (1 if self.out else 0)
 
     def beat_due(self) -> float:
         if not self.periods:
@@ -126,7 +148,7 @@ class _Database:
                 return False
             self.tried = started
             period = min(self.periods, default=fresh_within or DEFAULT_HEARTBEAT)
-            async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            async with self.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
                 await greenlet_spawn(_beat_worker, self.backend, period)
             self.recorded = period
             self.beaten = started
@@ -162,15 +184,28 @@ class _Listener:
         self.deliver = deliver  # (channel, payload) -> None, on the loop
         self.channels: set[str] = set()
         self.broken = False
+        # Its own probe channel, and whether the probe sent through the engine arrived.
+        self.probe: str | None = None
+        self.heard = False
         self.reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, engine: Any, deliver: Any) -> _Listener:
-        """Take a connection out of `engine` (the sync face of the `AsyncEngine`)."""
-        from ._pg import connect_from_engine
+    async def open(cls, engine: Any, deliver: Any, dsn: str | None = None) -> _Listener:
+        """Open a connection of `engine` (the sync face of the `AsyncEngine`), or of
+        psycopg's async mode to `dsn` (`listen_url`); named as the listener at connect
+        time either way."""
+        from ._pg import connect_from_engine, listener_name
 
         async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
-            conn = await greenlet_spawn(connect_from_engine(engine))
+            if dsn is None:
+                conn = await greenlet_spawn(connect_from_engine(engine))
+            else:
+                import psycopg
+                from psycopg.conninfo import conninfo_to_dict
+
+                kwargs: dict[str, Any] = conninfo_to_dict(dsn)
+                kwargs["application_name"] = listener_name(kwargs.get("application_name"))
+                conn = await psycopg.AsyncConnection.connect(**kwargs)
         kind = "asyncpg" if type(conn).__module__.startswith("asyncpg") else "psycopg"
         self = cls(conn, kind, deliver)
         try:
@@ -178,11 +213,15 @@ class _Listener:
                 await conn.set_autocommit(True)
             else:
                 conn.add_termination_listener(self._terminated)
-            await self._execute(
-                "SELECT set_config('application_name', "
-                "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
-                "false)"
-            )
+            # A probe channel of its own (see LoopRuntime._probe), listened to before
+            # psycopg's reader takes the connection.
+            import uuid
+
+            probe = f"dbcancel:probe:{uuid.uuid4().hex}"
+            await self.listen(probe)
+            self.probe = probe
+            # Named as the listener at connect time (connect_from_engine), never with a
+            # SET on the session.
             if kind == "psycopg":
                 self.reader = asyncio.get_running_loop().create_task(self._read())
         except BaseException:
@@ -356,10 +395,16 @@ class LoopRuntime:
         listening = (
             db.listener is not None
             and db.listener.connected
+            and db.listener.heard
             and table is not None
             and table.channel in db.listener.channels
         )
         return watching, listening, beats, errors
+
+    def connections(self, backend: Any) -> int:
+        """Connections this loop's runtime holds open now for `backend`'s database."""
+        db = self._databases.get((backend.worker_key, True))
+        return 0 if db is None else db.connections()
 
     # -- internals --------------------------------------------------------------------
 
@@ -377,7 +422,9 @@ class LoopRuntime:
         table = db.tables.get(backend.key)
         if table is None:
             table = db.tables[backend.key] = _Table(
-                backend, health if health is not None else health_for(backend.key, backend.label)
+                backend,
+                health if health is not None else health_for(backend.key, backend.label),
+                db,
             )
         else:
             table.backend = backend
@@ -436,6 +483,7 @@ class LoopRuntime:
                 await self._listen(db)
             if db.listener is None:
                 next_at = min(next_at, db.reconnect_at)
+            next_at = min(next_at, self._check_probe(db, time.monotonic()))
         for table in list(db.tables.values()):
             if table.watched:
                 if table.due <= time.monotonic():
@@ -465,9 +513,12 @@ class LoopRuntime:
         before LISTEN took effect was announced to nobody), and their waiters read
         their rows again."""
         try:
+            fresh = db.listener is None
             if db.listener is None:
                 db.listener = await _Listener.open(
-                    db.backend.engine, lambda ch, p: self._deliver(db, ch, p)
+                    db.backend.engine,
+                    lambda ch, p: self._deliver(db, ch, p),
+                    getattr(db.backend, "_listen_dsn", None),
                 )
             for table in list(db.tables.values()):
                 if not table.needs_listener():
@@ -482,6 +533,10 @@ class LoopRuntime:
                 for events in table.waiters.values():
                     for event in events:
                         event.set()
+            if fresh:
+                # After the tables' LISTENs: psycopg's reader holds the connection from
+                # its first await on.
+                await self._probe(db, db.listener)
         except Exception:
             await self._listen_failed(db, sys_exc=True)
             return
@@ -489,6 +544,43 @@ class LoopRuntime:
         if db.listen_failing:
             db.listen_failing = False
             log.warning("dbcancel: listening for cancels of %s again", db.label)
+
+    async def _probe(self, db: _Database, listener: _Listener) -> None:
+        """Send the new listener its probe through the engine (the way a cancel goes):
+        it counts as listening once the probe arrives (see
+        `dbcancel._runtime.PROBE_TIMEOUT`). Raises."""
+        notify = getattr(db.backend, "notify", None)
+        probe = listener.probe
+        if not callable(notify) or probe is None:
+            listener.heard = True  # a backend that cannot send it: trusted as before
+            return
+        db.probe_until = time.monotonic() + _runtime.PROBE_TIMEOUT
+        async with db.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            await greenlet_spawn(notify, probe, "probe")
+
+    def _check_probe(self, db: _Database, now: float) -> float:
+        """Warn once when the probe is late; when to look again."""
+        listener = db.listener
+        if listener is None or listener.heard or math.isinf(db.probe_until):
+            if listener is not None and listener.heard:
+                db.probe_until = math.inf
+                db.deaf = False
+            return math.inf
+        if now < db.probe_until:
+            return db.probe_until
+        db.probe_until = math.inf
+        if not db.deaf:
+            db.deaf = True
+            log.warning(
+                "dbcancel: the listener of %s has not received the probe notification sent "
+                "through the engine within %gs (does the engine reach the server through "
+                "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
+                "polling alone, within the interval. To have them pushed, pass "
+                "listen_url= a direct connection to the server (not through the pooler)",
+                db.label,
+                _runtime.PROBE_TIMEOUT,
+            )
+        return math.inf
 
     async def _listen_failed(self, db: _Database, sys_exc: bool | None = None) -> None:
         listener, db.listener = db.listener, None
@@ -511,6 +603,10 @@ class LoopRuntime:
         """A notification (or, with None, the listener's end), on the loop."""
         if channel is None or payload is None:
             db.kick.set()
+            return
+        listener = db.listener
+        if listener is not None and channel == listener.probe:
+            listener.heard = True
             return
         for table in db.tables.values():
             if table.channel != channel:
@@ -538,7 +634,7 @@ class LoopRuntime:
         reader = table.reader
         assert reader is not None
         try:
-            async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            async with table.db.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
                 rows = await reader(ids)
         except Exception:
             table.wait_failures += 1
@@ -567,7 +663,7 @@ class LoopRuntime:
         rows: Rows = {}
         error: Exception | None = None
         try:
-            async with asyncio.timeout(bound):
+            async with table.db.borrow(), asyncio.timeout(bound):
                 rows = await greenlet_spawn(_read_rows, table.backend, {cp.job_id for cp in cps})
         except Exception as err:
             error = err

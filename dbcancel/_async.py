@@ -154,8 +154,8 @@ class AsyncJobs:
     ```
 
     `bind` is an `AsyncEngine` or an `async_sessionmaker` bound to one; `model`, `interval`,
-    `max_staleness` and `heartbeat` are those of [`Jobs`][dbcancel.Jobs], and so are the
-    table, its states and transitions (one conditional UPDATE each) and every method's
+    `max_staleness`, `heartbeat` and `listen_url` are those of [`Jobs`][dbcancel.Jobs], and
+    so are the table, its states and transitions (one conditional UPDATE each) and every method's
     meaning, awaited. Drivers: asyncpg or psycopg (`postgresql+psycopg://`) on PostgreSQL,
     aiosqlite, and aiomysql on MySQL/MariaDB (`pip install 'dbcancel[asyncio]'`).
 
@@ -180,8 +180,14 @@ class AsyncJobs:
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
     ) -> None:
         engine = _async_engine(bind)
+        dsn = None
+        if listen_url is not None:
+            from ._pg import listen_dsn
+
+            dsn = listen_dsn(listen_url)  # raises on a bad value: nothing is opened
         options = Options.checked(
             interval=interval,
             clock=clock,
@@ -199,6 +205,8 @@ class AsyncJobs:
             )
         seconds, staleness = options.interval, options.max_staleness
         backend = SQLAlchemyBackend(engine.sync_engine, model)
+        if dsn is not None:
+            backend.listen_directly(dsn)  # raises for a database other than PostgreSQL
         self._engine = engine
         self._core = _Core(
             backend,
@@ -384,6 +392,7 @@ class AsyncJobs:
         watching, listening, beats, errors = (
             (False, False, 0, 0) if rt is None else rt.table_stats(self._backend)
         )
+        connections = 0 if rt is None else rt.connections(self._backend)
         polls, poll_errors, notifications, listener_errors, last_outage = h.snapshot()
         return JobsStats(
             active_jobs=len(self.active()),
@@ -397,6 +406,7 @@ class AsyncJobs:
             last_outage=last_outage,
             heartbeats=beats,
             heartbeat_errors=errors,
+            connections=connections,
         )
 
 
