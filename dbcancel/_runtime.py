@@ -657,7 +657,9 @@ class Runtime:
                 if lst.connected
             ]
         timeout = max(0.0, until - time.monotonic())
-        fds: dict[int, tuple[Listener, _Database]] = {}
+        # Several listeners may share one socket (Redis push: one connection per URL
+        # for every table); each of them takes its share when it is readable.
+        fds: dict[int, list[tuple[Listener, _Database]]] = {}
         blind: list[tuple[Listener, _Database]] = []
         for listener, db in listeners:
             fileno = getattr(listener, "fileno", None)
@@ -665,7 +667,7 @@ class Runtime:
             if fd is None:
                 blind.append((listener, db))
             else:
-                fds[fd] = (listener, db)
+                fds.setdefault(fd, []).append((listener, db))
         if blind:
             timeout = min(timeout, LISTEN_SLICE)
             for listener, db in blind:
@@ -681,8 +683,7 @@ class Runtime:
         if self._wake_r in ready:
             self._drain_kicks()
         for fd in ready:
-            if fd in fds:
-                listener, db = fds[fd]
+            for listener, db in fds.get(fd, ()):
                 self._receive(db, listener, 0.0)
 
     def _receive(self, db: _Database, listener: Listener, timeout: float) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Self
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
 from ._options import DEFAULT_INTERVAL, Options
+from ._push import with_push
 from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
 from .backend import Backend, check_backend
@@ -48,13 +49,14 @@ class JobsStats:
     watching: bool
     """True while a watcher thread serves the table in this process."""
     listening: bool
-    """True while the watcher's PostgreSQL LISTEN connection is open."""
+    """True while the watcher's PostgreSQL LISTEN connection is open; with `push`, while
+    the table's Redis channel is subscribed on the process's live Redis connection."""
     polls: int
     """Status queries made (by checkpoints and by the watcher; one per batch)."""
     poll_errors: int
     """Status queries that failed."""
     notifications: int
-    """PostgreSQL notifications the watcher received."""
+    """PostgreSQL notifications (with `push`, Redis messages) the watcher received."""
     listener_errors: int
     """Times the listener connection failed to connect or broke."""
     outage: float | None
@@ -99,7 +101,11 @@ class Jobs(JobsWorker):
     that forbid threads). `watch=True` insists on the watched mode: it refuses a custom
     clock, and a PostgreSQL engine it cannot listen through. `max_staleness`: seconds
     without a successful poll after which a running job is cancelled locally (fail
-    closed); by default a database outage never stops a job (fail open).
+    closed); by default a database outage never stops a job (fail open). `push`: a Redis
+    URL (`"redis://127.0.0.1:6379/0"`) to push cancels through instead of PostgreSQL's
+    LISTEN, so that a fleet of processes needs no listener connection to the database
+    each (see "Push past the connection limit" in the fleets guide); the row stays the
+    truth and polling the safety net.
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class Jobs(JobsWorker):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        push: str | None = None,
     ) -> None:
         from ._sqla import SQLAlchemyBackend  # raises naming the extra when it is missing
 
@@ -122,6 +129,7 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
 
     @classmethod
@@ -134,6 +142,7 @@ class Jobs(JobsWorker):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        push: str | None = None,
     ) -> Self:
         """A `Jobs` on `backend`, an implementation of
         [`dbcancel.backend.Backend`][dbcancel.backend.Backend].
@@ -156,6 +165,7 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
         return jobs
 
@@ -168,6 +178,7 @@ class Jobs(JobsWorker):
         watch: bool | None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        push: str | None = None,
     ) -> None:
         """What every way of building a `Jobs` shares: check the options, keep the backend."""
         check_backend(backend)
@@ -177,7 +188,10 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
+        self._push = options.push
+        backend = with_push(backend, options.push)
         self._interval, self._max_staleness = options.interval, options.max_staleness
         self._heartbeat_period = options.heartbeat
         self._given_clock = clock
@@ -231,6 +245,12 @@ class Jobs(JobsWorker):
         """Seconds without a successful poll after which running jobs are cancelled
         locally; None when they keep running through an outage."""
         return self._max_staleness
+
+    @property
+    def push(self) -> str | None:
+        """The Redis URL cancels are pushed through; None for PostgreSQL's LISTEN
+        (where the driver can) and polling."""
+        return self._push
 
     def __repr__(self) -> str:
         watch = "" if self._watch else " watch=False"

@@ -1,0 +1,314 @@
+"""Push through Redis pub/sub: a cancel from another process arrives by push, polling
+takes over while Redis is down, and no message (forged, duplicated, dropped) changes a
+result: the row decides.
+
+Latencies are read from the row (`cancel_requested_at` -> `cancel_observed_at`, both on
+this machine's clock). Bounds are generous; the benchmark measures the real figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from dbcancel import Cancelled, Jobs, Status
+from dbcancel._push import redis_channel
+from dbcancel._runtime import runtime
+from tests.models import Analysis
+
+from .redis_server import RedisServer, shared_url
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = Analysis.__table__
+
+# A process of its own that cancels (and publishes) on request, one line per command:
+# the test's own cancels would reach its checkpoints without any push.
+CANCELLER = """
+import json, sys
+from sqlalchemy import create_engine
+from dbcancel import Jobs
+from dbcancel._push import _publisher
+from tests.models import Analysis
+
+url, push = sys.argv[1], sys.argv[2]
+jobs = Jobs(create_engine(url), Analysis, push=push, watch=False)
+print("ready", flush=True)
+for line in sys.stdin:
+    command = json.loads(line)
+    if command[0] == "cancel":
+        answer = jobs.cancel(command[1], reason=command[2])
+    else:
+        _publisher(push).publish(command[1], command[2])
+        answer = None
+    print(json.dumps(answer), flush=True)
+"""
+
+
+class Canceller:
+    """The other process: `cancel(job, reason)`, `publish(channel, payload)`."""
+
+    def __init__(self, url: str, push: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CANCELLER, url, push],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._line() == "ready"
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, "the canceller process died"
+        return line.strip()
+
+    def _ask(self, *command: Any) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return json.loads(self._line())
+
+    def cancel(self, job: int, reason: str) -> bool:
+        return bool(self._ask("cancel", job, reason))
+
+    def publish(self, channel: str, payload: str) -> None:
+        self._ask("publish", channel, payload)
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class Worker:
+    """A thread running `job`: `cp()` in a loop until its cancel arrives."""
+
+    def __init__(self, jobs: Jobs, job: int) -> None:
+        self.jobs, self.job = jobs, job
+        self.entered = threading.Event()
+        self.cp: Any = None
+        self.cancelled: Cancelled | None = None
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.thread.start()
+        assert self.entered.wait(10), "the worker did not enter run()"
+
+    def _main(self) -> None:
+        try:
+            with self.jobs.run(self.job) as cp:
+                self.cp = cp
+                self.entered.set()
+                while True:
+                    try:
+                        cp()
+                    except Cancelled as exc:
+                        self.cancelled = exc
+                        raise
+                    time.sleep(0.001)
+        finally:
+            self.entered.set()
+
+    def join(self, timeout: float) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+def until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def latency(db: Any, job: int) -> float:
+    """Seconds from the cancel's request to its observation, as the row says."""
+    with db.engine.connect() as conn:
+        row = conn.execute(
+            select(TABLE.c.cancel_requested_at, TABLE.c.cancel_observed_at).where(TABLE.c.id == job)
+        ).one()
+    assert row[0] is not None, row
+    assert row[1] is not None, row
+    return float((row[1] - row[0]).total_seconds())
+
+
+def status(db: Any, job: int) -> Status:
+    with db.engine.connect() as conn:
+        return Status(conn.execute(select(TABLE.c.status).where(TABLE.c.id == job)).scalar_one())
+
+
+@pytest.fixture
+def started(db: Any) -> Iterator[list[Any]]:
+    """Workers and cancellers to stop at teardown, whatever the test did."""
+    things: list[Any] = []
+    yield things
+    for thing in things:
+        if isinstance(thing, Worker) and thing.thread.is_alive():
+            with db.engine.begin() as conn:
+                stop = update(TABLE).where(TABLE.c.id == thing.job).values(status="cancelled")
+                conn.execute(stop)
+            thing.join(15)
+        elif isinstance(thing, Canceller):
+            thing.close()
+    # The runtime keeps a table's listener while it serves the table: forget it, so that
+    # the next test's Jobs of the same table listens through its own push URL.
+    assert runtime().close_idle(10) == []
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, killed at teardown."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def listening(jobs: Jobs) -> bool:
+    return jobs.stats().listening
+
+
+def test_a_cancel_from_another_process_arrives_by_push(db: Any, started: list[Any]) -> None:
+    push = shared_url()
+    jobs = db.jobs(interval=5.0, push=push)
+    assert jobs.push == push
+    canceller = Canceller(db.url, push)
+    started.append(canceller)
+    for attempt in range(3):
+        job = db.add()
+        worker = Worker(jobs, job)
+        started.append(worker)
+        until(lambda: listening(jobs), 10, "the table's channel is subscribed")
+        assert canceller.cancel(job, f"stop {attempt}")
+        assert worker.join(4.0), "the pushed cancel did not arrive well under the interval"
+        assert worker.cancelled is not None
+        assert worker.cancelled.reason == f"stop {attempt}"
+        assert latency(db, job) < 2.0  # the interval is 5 s: this came by push
+    assert jobs.stats().notifications >= 3
+
+
+def test_polling_takes_over_while_redis_is_down_and_push_resumes(
+    db: Any, started: list[Any], redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    interval = 2.0
+    jobs = db.jobs(interval=interval, push=redis_server.url)
+    canceller = Canceller(db.url, redis_server.url)
+    started.append(canceller)
+
+    job = db.add()
+    worker = Worker(jobs, job)
+    started.append(worker)
+    until(lambda: listening(jobs), 10, "subscribed")
+
+    redis_server.kill()
+    until(lambda: not listening(jobs), 10, "the runtime saw Redis go")
+    with caplog.at_level(logging.WARNING, logger="dbcancel"):
+        assert canceller.cancel(job, "while down")  # the publish fails, the cancel stands
+    assert worker.join(interval * 1.1 + 5.0)
+    assert worker.cancelled is not None
+    assert worker.cancelled.reason == "while down"
+    assert latency(db, job) <= interval * 1.1 + 1.0
+    assert status(db, job) is Status.CANCELLED
+
+    redis_server.start()  # same port
+    job = db.add()
+    worker = Worker(jobs, job)
+    started.append(worker)
+    until(lambda: listening(jobs), 15, "the runtime subscribed again")
+    # The canceller's publisher backs off after its failures (at most 5 s) and tries
+    # again: cancel until one arrives by push (well under the interval).
+    assert canceller.cancel(job, "back")
+    assert worker.join(interval * 1.1 + 5.0)
+    pushed = [latency(db, job)]
+    for _ in range(5):
+        if pushed[-1] < interval / 4:
+            break
+        job = db.add()
+        worker = Worker(jobs, job)
+        started.append(worker)
+        time.sleep(1.0)  # lets the publisher's backoff run out
+        assert canceller.cancel(job, "back")
+        assert worker.join(interval * 1.1 + 5.0)
+        pushed.append(latency(db, job))
+    assert pushed[-1] < interval / 4, f"push did not resume: {pushed}"
+
+
+def test_forged_duplicated_and_dropped_pushes_never_change_a_result(
+    db: Any, started: list[Any]
+) -> None:
+    push = shared_url()
+    interval = 1.0
+    jobs = db.jobs(interval=interval, push=push)
+    canceller = Canceller(db.url, push)
+    started.append(canceller)
+    job, other = db.add(), db.add()
+    worker = Worker(jobs, job)
+    started.append(worker)
+    until(lambda: listening(jobs), 10, "subscribed")
+    channel = redis_channel(push, jobs._backend.key)
+    key = list(jobs._backend.key)
+    tenant = redis_channel(push, (*key[:-2], "another_schema", key[-1]))
+    assert tenant != channel
+
+    forged = [
+        (channel, json.dumps([str(job), "forged"])),  # a cancel the row never had
+        (channel, "*"),
+        (channel, str(job)),
+        (channel, "garbage \x00 {["),
+        (channel, json.dumps([str(other), "not running"])),
+        (channel, json.dumps([str(job), None, "stopped"])),  # an end that did not happen
+        (tenant, json.dumps([str(job), "another tenant's job 7"])),
+    ]
+    before = jobs.stats().notifications
+    for target, payload in forged * 3:  # duplicated too
+        canceller.publish(target, payload)
+    until(
+        lambda: jobs.stats().notifications >= before + 3 * (len(forged) - 1),
+        10,
+        "the forged messages arrived",
+    )
+    time.sleep(interval * 1.5)  # and a regular poll went by
+    assert worker.thread.is_alive()
+    assert worker.cancelled is None
+    assert not worker.cp.cancelled
+    assert status(db, job) is Status.IN_PROGRESS
+    assert status(db, other) is Status.PENDING
+
+    # A real cancel, its message duplicated with another reason: the row's reason wins.
+    assert canceller.cancel(job, "the real one")
+    canceller.publish(channel, json.dumps([str(job), "a duplicate that lies"]))
+    assert worker.join(5.0)
+    assert worker.cancelled is not None
+    assert worker.cancelled.reason == "the real one"
+    assert status(db, job) is Status.CANCELLED
+
+    # A dropped push (the row changed without a message): the next poll sees it.
+    job = db.add()
+    worker = Worker(jobs, job)
+    started.append(worker)
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(TABLE)
+            .where(TABLE.c.id == job)
+            .values(status="cancelled", cancel_reason="unannounced")
+        )
+    assert worker.join(interval * 1.1 + 5.0)
+    assert worker.cancelled is not None
+    assert worker.cancelled.reason == "unannounced"
