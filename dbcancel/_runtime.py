@@ -730,7 +730,10 @@ class Runtime:
                 # of the GIL to a CPU-bound worker).
                 for cp in by_id[id(table)].get(job_id, ()):
                     cp._observe(reason)
-            elif kind in ("poll", "cancel"):
+            elif kind == "cancel" or (kind == "poll" and job_id in by_id[id(table)]):
+                # Poll now: several jobs, or a job of this process named without its
+                # reason (a job running elsewhere needs no poll here: with a fleet on
+                # one channel, every process would poll for every cancel).
                 with self._cond:
                     if table.watched:
                         table.due = 0.0

@@ -4,12 +4,13 @@
 
 Importing SQLAlchemy, psycopg, redis-py and dbcancel costs a Python process a second or
 more of CPU; two hundred of them would spend minutes on imports alone on a small box.
-So this script imports once and forks one child per job id: each child builds its own
-engine (psycopg, `prepare_threshold=None` for PgBouncer's transaction pooling, a pool of
-one connection and one more for the runtime thread's poll) and its own `Jobs`, and runs
-its job: `cp()` in a loop with a short sleep (CPU-light) until the file `STOP` exists,
-then completes it. `PUSH` is a Redis URL or `-`. `MODE` is `listen` (the default
-runtime: PostgreSQL LISTEN through psycopg, unless `PUSH` is given) or `poll` (no
+So this script imports once, builds one engine (psycopg, `prepare_threshold=None` for
+PgBouncer's transaction pooling, a pool of one connection and one more for the runtime
+thread's poll) and one `Jobs`, warms them up (identity resolved, statements compiled,
+connections closed), and forks one child per job id: each child opens its own
+connections and runs its runtime, and runs its job: `cp()` in a loop with a 20 ms
+sleep (CPU-light) until the file `STOP` exists, then completes it. `PUSH` is a Redis URL
+or `-`. `MODE` is `listen` (the default runtime: PostgreSQL LISTEN through psycopg, unless `PUSH` is given) or `poll` (no
 listener: polls only). The launcher prints `forked N`, waits for its children and exits
 with the number of children that failed.
 
@@ -120,7 +121,10 @@ class PollOnly(SQLAlchemyBackend):
         return None
 
 
-def child(url: str, push: str | None, mode: str, interval: float, stop: str, job: int) -> int:
+def prepare(url: str, push: str | None, mode: str, interval: float, job: int) -> Jobs:
+    """The `Jobs` every child uses, warmed up before the fork: the table's identity
+    resolved and the statements compiled once, the engine's connections closed (each
+    child opens its own)."""
     engine = create_engine(
         url, connect_args={"prepare_threshold": None}, pool_size=1, max_overflow=1
     )
@@ -128,14 +132,20 @@ def child(url: str, push: str | None, mode: str, interval: float, stop: str, job
         jobs = Jobs.from_backend(PollOnly(engine, Analysis), interval=interval)
     else:
         jobs = Jobs(engine, Analysis, interval=interval, push=push)
+    jobs.status(job)
+    jobs._backend.read_many([job])
+    engine.dispose()
+    return jobs
+
+
+def child(jobs: Jobs, stop: str, job: int) -> int:
     try:
         with jobs.run(job) as cp:
             while not os.path.exists(stop):
                 cp()
-                time.sleep(0.01)
+                time.sleep(0.02)
     except Cancelled:
         pass
-    engine.dispose()
     return 0
 
 
@@ -145,13 +155,14 @@ def main(argv: list[str]) -> int:
     if push is not None:
         import redis  # noqa: F401  (imported once, before forking)
     ids = [int(i) for i in argv[5:]]
+    jobs = prepare(url, push, mode, float(interval), ids[0])
     pids = []
     for job in ids:
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                code = child(url, push, mode, float(interval), stop, job)
+                code = child(jobs, stop, job)
             except BaseException as err:
                 print(f"job {job}: {err!r}", file=sys.stderr, flush=True)
             finally:
