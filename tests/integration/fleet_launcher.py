@@ -10,8 +10,9 @@ thread's poll) and one `Jobs`, warms them up (identity resolved, statements comp
 connections closed), and forks one child per job id: each child opens its own
 connections and runs its runtime, and runs its job: `cp()` in a loop with a 20 ms
 sleep (CPU-light) until the file `STOP` exists, then completes it. `PUSH` is a Redis URL
-or `-`. `MODE` is `listen` (the default runtime: PostgreSQL LISTEN through psycopg, unless `PUSH` is given) or `poll` (no
-listener: polls only). The launcher prints `forked N`, waits for its children and exits
+or `-`. `MODE` is `listen` (the default runtime: PostgreSQL LISTEN through psycopg,
+unless `PUSH` is given) or `poll` (no listener: polls only). The launcher prints
+`forked N`, waits for its children and exits
 with the number of children that failed.
 
 `Fleet` starts a launcher from a test or a benchmark, over freshly inserted jobs.
