@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 
 from dbcancel import Cancelled, Jobs, Status
 from dbcancel._push import redis_channel
@@ -41,12 +42,15 @@ from dbcancel._push import _publisher
 from tests.models import Analysis
 
 url, push = sys.argv[1], sys.argv[2]
-jobs = Jobs(create_engine(url), Analysis, push=push, watch=False)
+jobs = {url: Jobs(create_engine(url), Analysis, push=push, watch=False)}
 print("ready", flush=True)
 for line in sys.stdin:
     command = json.loads(line)
     if command[0] == "cancel":
-        answer = jobs.cancel(command[1], reason=command[2])
+        where = command[3] if len(command) > 3 else url
+        if where not in jobs:
+            jobs[where] = Jobs(create_engine(where), Analysis, push=push, watch=False)
+        answer = jobs[where].cancel(command[1], reason=command[2])
     else:
         _publisher(push).publish(command[1], command[2])
         answer = None
@@ -79,8 +83,11 @@ class Canceller:
         self.process.stdin.flush()
         return json.loads(self._line())
 
-    def cancel(self, job: int, reason: str) -> bool:
-        return bool(self._ask("cancel", job, reason))
+    def cancel(self, job: int, reason: str, url: str | None = None) -> bool:
+        """Cancel `job` (in the database of `url`, by default the canceller's own)."""
+        if url is None:
+            return bool(self._ask("cancel", job, reason))
+        return bool(self._ask("cancel", job, reason, url))
 
     def publish(self, channel: str, payload: str) -> None:
         self._ask("publish", channel, payload)
@@ -247,6 +254,7 @@ def test_polling_takes_over_while_redis_is_down_and_push_resumes(
         assert canceller.cancel(job, "back")
         assert worker.join(interval * 1.1 + 5.0)
         pushed.append(latency(db, job))
+    print(f"latencies after the restart: {pushed}")
     assert pushed[-1] < interval / 4, f"push did not resume: {pushed}"
 
 
@@ -312,3 +320,105 @@ def test_forged_duplicated_and_dropped_pushes_never_change_a_result(
     assert worker.join(interval * 1.1 + 5.0)
     assert worker.cancelled is not None
     assert worker.cancelled.reason == "unannounced"
+
+
+def test_one_redis_connection_serves_every_table_of_the_process(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    import redis
+    from sqlalchemy import create_engine
+
+    from tests.models import Base
+
+    tables = []
+    for name in ("a", "b", "c"):  # three databases (SQLite files), one push URL
+        engine = create_engine(f"sqlite:///{tmp_path / name}.db")
+        Base.metadata.create_all(engine)
+        tables.append((engine, Jobs(engine, Analysis, interval=5.0, push=redis_server.url)))
+    workers = []
+    for engine, jobs in tables:
+        with engine.begin() as conn:
+            job = conn.execute(insert(TABLE).values(status="pending")).inserted_primary_key[0]
+        workers.append(Worker(jobs, job))
+    canceller = Canceller(str(tables[0][0].url), redis_server.url)
+    try:
+        until(lambda: all(listening(jobs) for _, jobs in tables), 10, "every table subscribed")
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            subscribers = client.client_list(_type="pubsub")
+            assert len(subscribers) == 1, subscribers
+            assert int(subscribers[0]["sub"]) == 3  # one channel per table
+        finally:
+            client.close()
+        # Each table's cancel, from another process, reaches its own worker by push.
+        for (engine, _), worker in zip(tables, workers, strict=True):
+            assert canceller.cancel(worker.job, "pushed", str(engine.url))
+            assert worker.join(3.0), "the pushed cancel did not arrive well under the interval"
+            assert worker.cancelled is not None
+        for _, jobs in tables:
+            assert jobs.stats().notifications >= 1
+    finally:
+        canceller.close()
+        for (engine, _), worker in zip(tables, workers, strict=True):
+            if worker.thread.is_alive():
+                with engine.begin() as conn:
+                    conn.execute(update(TABLE).values(status="cancelled"))
+                worker.join(15)
+        assert runtime().close_idle(10) == []
+        for engine, _ in tables:
+            engine.dispose()
+
+
+def test_random_interleavings_of_messages_and_cancels_leave_the_rows_in_charge(
+    db: Any, started: list[Any]
+) -> None:
+    """Forged cancels, garbage, ends that did not happen, "poll everything" and real
+    cancels that were never announced, in a random order: every job ends as its row
+    says, with the row's reason, and no other job stops."""
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")  # shown with a failure, to replay it
+    rng = random.Random(seed)
+    push = shared_url()
+    interval = 0.5
+    jobs = db.jobs(interval=interval, push=push)
+    canceller = Canceller(db.url, push)
+    started.append(canceller)
+    ids = [db.add() for _ in range(4)]
+    workers = {job: Worker(jobs, job) for job in ids}
+    started.extend(workers.values())
+    until(lambda: listening(jobs), 10, "subscribed")
+    channel = redis_channel(push, jobs._backend.key)
+    cancelled: dict[int, str] = {}
+    for step in range(30):
+        job = rng.choice(ids)
+        action = rng.choice(["forge", "forge", "end", "garbage", "all", "cancel", "silent"])
+        if action == "forge":
+            canceller.publish(channel, json.dumps([str(job), f"forged {step}"]))
+        elif action == "end":
+            canceller.publish(channel, json.dumps([str(job), None, "stopped"]))
+        elif action == "garbage":
+            canceller.publish(channel, rng.choice(["", "[", "null", "[1, 2]", "\u00e9" * 300]))
+        elif action == "all":
+            canceller.publish(channel, "*")
+        elif job not in cancelled and rng.random() < 0.5:
+            reason = f"{action} {step}"
+            if action == "cancel":
+                assert canceller.cancel(job, reason)
+            else:  # a cancel whose publish was dropped
+                with db.engine.begin() as conn:
+                    conn.execute(
+                        update(TABLE)
+                        .where(TABLE.c.id == job)
+                        .values(status="cancelled", cancel_reason=reason)
+                    )
+            cancelled[job] = reason
+    for job, reason in cancelled.items():
+        worker = workers[job]
+        assert worker.join(interval * 1.1 + 5.0), f"job {job} did not see its cancel"
+        assert worker.cancelled is not None
+        assert worker.cancelled.reason == reason
+    time.sleep(interval * 1.5)  # a regular poll went by for the others
+    for job, worker in workers.items():
+        if job not in cancelled:
+            assert worker.thread.is_alive(), f"job {job} stopped without a cancel"
+            assert status(db, job) is Status.IN_PROGRESS
