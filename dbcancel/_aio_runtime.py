@@ -57,9 +57,10 @@ async def greenlet_spawn(fn: Any, *args: Any, **kwargs: Any) -> Any:
 class _Table:
     """One job table of one database, on this loop: its watched checkpoints and waiters."""
 
-    def __init__(self, backend: Any, health: Health) -> None:
+    def __init__(self, backend: Any, health: Health, db: _Database) -> None:
         self.backend = backend
         self.health = health
+        self.db = db
         self.watched: dict[Checkpoint, int] = {}
         self.waiters: dict[str, set[LoopEvent]] = {}
         # The rows that wait() calls of this loop wait for (by id, with their count),
@@ -94,6 +95,10 @@ class _Database:
         self.tables: dict[Hashable, _Table] = {}
         self.periods: Counter[float] = Counter()
         self.beating = asyncio.Lock()
+        # The lease: polls and beats of this database take turns, so that they hold
+        # one connection of it at a time; `out` is True while one is out.
+        self.lease = asyncio.Lock()
+        self.out = False
         self.beaten = -math.inf
         self.tried = -math.inf
         self.factor = rng.uniform(1.0, 1.0 + JITTER)
@@ -113,6 +118,21 @@ class _Database:
     def busy(self) -> bool:
         return bool(self.periods) or any(t.busy() for t in self.tables.values())
 
+    @contextlib.asynccontextmanager
+    async def borrow(self) -> Any:
+        """Hold the lease for one round trip (see `lease`)."""
+        async with self.lease:
+            self.out = True
+            try:
+                yield
+            finally:
+                self.out = False
+
+    def connections(self) -> int:
+        """Connections held open now for this database: listener and lease."""
+        listening = 1 if self.listener is not None and self.listener.connected else 0
+        return listening + (1 if self.out else 0)
+
     def beat_due(self) -> float:
         if not self.periods:
             return math.inf
@@ -126,7 +146,7 @@ class _Database:
                 return False
             self.tried = started
             period = min(self.periods, default=fresh_within or DEFAULT_HEARTBEAT)
-            async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            async with self.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
                 await greenlet_spawn(_beat_worker, self.backend, period)
             self.recorded = period
             self.beaten = started
@@ -178,11 +198,8 @@ class _Listener:
                 await conn.set_autocommit(True)
             else:
                 conn.add_termination_listener(self._terminated)
-            await self._execute(
-                "SELECT set_config('application_name', "
-                "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
-                "false)"
-            )
+            # Named as the listener at connect time (connect_from_engine), never with a
+            # SET on the session.
             if kind == "psycopg":
                 self.reader = asyncio.get_running_loop().create_task(self._read())
         except BaseException:
@@ -361,6 +378,11 @@ class LoopRuntime:
         )
         return watching, listening, beats, errors
 
+    def connections(self, backend: Any) -> int:
+        """Connections this loop's runtime holds open now for `backend`'s database."""
+        db = self._databases.get((backend.worker_key, True))
+        return 0 if db is None else db.connections()
+
     # -- internals --------------------------------------------------------------------
 
     def _database(self, backend: Any, *, bridged: bool = True) -> _Database:
@@ -377,7 +399,9 @@ class LoopRuntime:
         table = db.tables.get(backend.key)
         if table is None:
             table = db.tables[backend.key] = _Table(
-                backend, health if health is not None else health_for(backend.key, backend.label)
+                backend,
+                health if health is not None else health_for(backend.key, backend.label),
+                db,
             )
         else:
             table.backend = backend
@@ -538,7 +562,7 @@ class LoopRuntime:
         reader = table.reader
         assert reader is not None
         try:
-            async with asyncio.timeout(_timeouts.POLL_TIMEOUT):
+            async with table.db.borrow(), asyncio.timeout(_timeouts.POLL_TIMEOUT):
                 rows = await reader(ids)
         except Exception:
             table.wait_failures += 1
@@ -567,7 +591,7 @@ class LoopRuntime:
         rows: Rows = {}
         error: Exception | None = None
         try:
-            async with asyncio.timeout(bound):
+            async with table.db.borrow(), asyncio.timeout(bound):
                 rows = await greenlet_spawn(_read_rows, table.backend, {cp.job_id for cp in cps})
         except Exception as err:
             error = err

@@ -383,6 +383,7 @@ class AsyncJobs:
         watching, listening, beats, errors = (
             (False, False, 0, 0) if rt is None else rt.table_stats(self._backend)
         )
+        connections = 0 if rt is None else rt.connections(self._backend)
         polls, poll_errors, notifications, listener_errors, last_outage = h.snapshot()
         return JobsStats(
             active_jobs=len(self.active()),
@@ -396,6 +397,7 @@ class AsyncJobs:
             last_outage=last_outage,
             heartbeats=beats,
             heartbeat_errors=errors,
+            connections=connections,
         )
 
 

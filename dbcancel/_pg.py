@@ -8,6 +8,17 @@ watcher waits on this connection between its polls and polls at once when a noti
 names one of its jobs. Polling stays the safety net: a notification lost while this
 connection was down costs at most one interval.
 
+Behind a pooler in transaction mode (PgBouncer) a LISTEN goes to whichever server
+connection the pooler picks for that one statement, and notifications never reach the
+listener. `listen_url` (see `listen_dsn`) gives the listener a direct connection to
+the server instead; and every listener proves it hears: right after its LISTEN the
+runtime sends it a probe notification through the backend (the path a cancel takes),
+and it counts as listening only once the probe arrives (`heard`).
+
+The listener's name in `pg_stat_activity` is given at connect time, as a startup
+parameter, never with a `SET` on the session: through a pooler a session setting would
+stay on a server connection that other clients get next.
+
 Nothing here imports SQLAlchemy or Django: each backend passes the step that opens its
 connection.
 """
@@ -16,13 +27,28 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable
+import os
+import threading
+import uuid
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["IDENTITY_SQL", "PgListener", "channel_name", "connect_from_engine"]
+__all__ = [
+    "IDENTITY_SQL",
+    "LISTENER_NAME",
+    "PgListener",
+    "channel_name",
+    "connect_direct",
+    "connect_from_engine",
+    "listen_dsn",
+    "listener_name",
+]
+
+LISTENER_NAME = "dbcancel-listener"
+"""What a listener connection's `application_name` ends with."""
 
 
 SCHEMA_OF = (
@@ -55,16 +81,112 @@ def channel_name(schema: str, table: str) -> str:
     return "dbcancel:" + hashlib.sha256(qualified.encode()).hexdigest()[:40]
 
 
+def listener_name(application_name: object = None) -> str:
+    """The `application_name` of a listener connection: the application's own
+    (`application_name`, else `PGAPPNAME`), followed by `dbcancel-listener`, cut to
+    PostgreSQL's 63 bytes."""
+    own = application_name if isinstance(application_name, str) and application_name else ""
+    own = own or os.environ.get("PGAPPNAME", "")
+    name = f"{own} {LISTENER_NAME}".strip()
+    while len(name.encode()) > 63:
+        name = name[1:]
+    return name
+
+
+_opening = threading.local()
+
+
+def _name_listener(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+    """`do_connect` hook of an engine: a listener's connection (opened by
+    `connect_from_engine` in this thread) gets its name as a startup parameter."""
+    if not getattr(_opening, "listener", False):
+        return
+    if getattr(dialect, "driver", "") == "asyncpg":  # server settings, not libpq's keywords
+        settings = dict(cparams.get("server_settings") or {})
+        settings["application_name"] = listener_name(settings.get("application_name"))
+        cparams["server_settings"] = settings
+    else:
+        cparams["application_name"] = listener_name(cparams.get("application_name"))
+
+
 def connect_from_engine(engine: Engine) -> Callable[[], Any]:
-    """The connect step of a listener over a connection taken out of `engine`'s pool
-    for good: it has the engine's connect arguments and events, and is detached."""
+    """The connect step of a listener over a new connection of `engine`: it has the
+    engine's connect arguments and events (opened by a twin of its pool, never one of
+    the pool's connections, which may carry session state), is named as a listener at
+    connect time, and belongs to the listener alone."""
+    from sqlalchemy import event
+
+    if not event.contains(engine, "do_connect", _name_listener):
+        event.listen(engine, "do_connect", _name_listener)
 
     def connect() -> Any:
-        raw = engine.raw_connection()
+        pool = engine.pool.recreate()
+        _opening.listener = True
+        try:
+            raw = pool.connect()
+        finally:
+            _opening.listener = False
         conn = raw.driver_connection  # read first: detach() forgets it
         assert conn is not None
         raw.detach()
+        pool.dispose()
         return conn
+
+    return connect
+
+
+def listen_dsn(listen_url: object) -> str:
+    """The libpq connection string of a `listen_url` option: a PostgreSQL URL
+    (`postgresql://`, `postgresql+psycopg://`, a SQLAlchemy `URL`) for the listener
+    connection, straight to the server when the engine goes through a pooler.
+
+    Raises `ValueError` (or `TypeError`) naming what is wrong; nothing is opened.
+    """
+    if hasattr(listen_url, "render_as_string") and hasattr(listen_url, "drivername"):
+        url: Any = listen_url
+    elif isinstance(listen_url, str):
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(listen_url)
+        except ArgumentError as err:
+            raise ValueError(
+                f"listen_url must be a PostgreSQL URL such as "
+                f"'postgresql://user@db-host:5432/app', got {listen_url!r}: {err}"
+            ) from None
+    else:
+        raise TypeError(
+            f"listen_url must be a str or a sqlalchemy URL, got {type(listen_url).__name__}"
+        )
+    backend = str(url.drivername).split("+", 1)[0]
+    if backend not in ("postgresql", "postgres"):
+        raise ValueError(
+            f"listen_url must be a PostgreSQL URL (postgresql://...), got one for "
+            f"{backend!r}: only PostgreSQL listens for cancels"
+        )
+    if not url.host and not url.query.get("host"):
+        raise ValueError(
+            "listen_url names no host: give the server's own address, the one that "
+            "bypasses the pooler (postgresql://user@db-host:5432/app)"
+        )
+    dsn: str = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return dsn
+
+
+def connect_direct(dsn: str, params: Mapping[str, Any] | None = None) -> Callable[[], Any]:
+    """The connect step of a listener over its own psycopg 3 connection to `dsn` (a
+    `listen_dsn`), named as a listener at connect time; `params` are more connection
+    parameters (from the application's own settings, overridden by the DSN's)."""
+
+    def connect() -> Any:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict
+
+        given = conninfo_to_dict(dsn)
+        kwargs: dict[str, Any] = {**dict(params or {}), **given}
+        kwargs["application_name"] = listener_name(kwargs.get("application_name"))
+        return psycopg.connect(**kwargs)
 
     return connect
 
@@ -90,6 +212,9 @@ class PgListener:
     followed by `dbcancel-listener`. One connection can listen for several tables of
     its database: `add_channel` takes over another listener's channel (the runtime
     keeps one listener per database).
+
+    Each connection also LISTENs on a probe channel of its own (`probe_channel`): a
+    notification on it, sent through the backend, sets `heard`, and is not passed on.
     """
 
     def __init__(self, connect: Callable[[], Any], channel: Callable[[], str]) -> None:
@@ -98,6 +223,8 @@ class PgListener:
         self._channels: list[_Channel] = [self._channel]
         self._listening: set[int] = set()  # ids of the channels LISTENed on this connection
         self._conn: Any = None
+        self.probe_channel: str | None = None
+        self.heard = False
 
     def connect(self) -> None:
         """Open the connection and LISTEN; raises when the database cannot be reached."""
@@ -107,15 +234,13 @@ class PgListener:
         conn = self._connect()
         try:
             conn.autocommit = True
-            # Named for pg_stat_activity: the application's own name, marked as the
-            # listener.
-            conn.execute(
-                "SELECT set_config('application_name', "
-                "left(trim(current_setting('application_name') || ' dbcancel-listener'), 63), "
-                "false)"
-            )
             self._conn = conn
             self.listen_pending()
+            from psycopg import sql
+
+            probe = f"dbcancel:probe:{uuid.uuid4().hex}"
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
+            self.probe_channel = probe
         except BaseException:
             self._conn = None
             self._listening.clear()
@@ -168,7 +293,11 @@ class PgListener:
         conn = self._conn
         if conn is None:
             return []
-        return [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
+        notes = [(n.channel, n.payload) for n in conn.notifies(timeout=timeout, stop_after=1)]
+        if any(channel == self.probe_channel for channel, _ in notes):
+            self.heard = True
+            notes = [note for note in notes if note[0] != self.probe_channel]
+        return notes
 
     @property
     def connected(self) -> bool:
@@ -179,6 +308,8 @@ class PgListener:
         """Close the connection; harmless when it is not open."""
         conn, self._conn = self._conn, None
         self._listening.clear()
+        self.probe_channel = None
+        self.heard = False
         if conn is not None:
             with contextlib.suppress(Exception):  # already broken: nothing to release
                 conn.close()

@@ -13,6 +13,11 @@ logged with the job and stays here); the thread catches whatever escapes a step,
 it and goes on; and should it die anyway, the next job, waiter or checkpoint that needs
 it starts a new one (`stats().restarts` counts them).
 
+Bounded connections: per database, the runtime uses at most ONE connection at a time for
+its polls, heartbeats and listener probes (they take turns through the database's
+lease; a heartbeat from a job's own thread waits for the poll under way), plus at most
+ONE listener connection for all the database's tables.
+
 Bounded resources: a database with nothing to serve gives back its connections at once
 and its listener after `IDLE_GRACE` seconds, and is then forgotten (so are its
 engines); the thread itself sleeps while nothing is served. `shutdown()` stops it. In
@@ -54,6 +59,14 @@ that processes started together do not poll in lockstep (beats: [1, 1 + J])."""
 LISTEN_SLICE = 0.5
 """Longest wait on a listener that offers no file descriptor to wait on with others."""
 
+PROBE_TIMEOUT = 10.0
+"""Seconds after which a listener whose probe has not arrived is reported (one
+warning). The probe is a notification the runtime sends a new listener through the
+engine (the path a cancel takes) right after its LISTEN; until it arrives the listener
+does not count as listening (`stats().listening` is False) and cancels are seen by
+polling alone. A probe that never arrives means the listener hears nothing the
+engine's connections send: a pooler in transaction mode sits between them."""
+
 _RESTART_PAUSE = 0.05
 
 
@@ -69,14 +82,20 @@ class RuntimeStats:
     """Databases the runtime serves now (jobs, beats or waiters)."""
     listeners: int
     """Listener connections open now (at most one per database)."""
+    connections: int = 0
+    """Connections the runtime holds open now, over every database it serves: its
+    listener connections plus the connections its polls, heartbeats and probes have
+    checked out (at most one per database at a time)."""
 
 
 class _Table:
     """What the runtime serves for one job table: its watched checkpoints and waiters."""
 
-    def __init__(self, backend: Backend, health: Health) -> None:
+    def __init__(self, backend: Backend, health: Health, db: _Database | None = None) -> None:
         self.backend = backend
         self.health = health
+        # Its database: whose lease its polls take (a table alone gets one of its own).
+        self.db = db if db is not None else _Database(backend, [0, 0])
         # Each checkpoint with the number of holders that asked for it (a run, and an
         # asyncio block inside it, say): it is polled until the last one leaves.
         self.watched: dict[Checkpoint, int] = {}
@@ -105,6 +124,14 @@ class _Database:
         self.tables: dict[Hashable, _Table] = {}
         self.periods: Counter[float] = Counter()
         self.beating = threading.Lock()
+        # The lease: the runtime's polls, beats and probes of this database take turns
+        # on it, so that they hold one connection at a time (see `borrow`).
+        self.lease = threading.Lock()
+        self.borrowed = False  # True while the lease's holder has a connection out
+        # Backends that keep their connection between uses (Django's per thread one)
+        # still hold it once the lease is given back, until released.
+        self.keeps = bool(getattr(backend, "keeps_connection", False))
+        self.kept = False
         self.beaten = -math.inf  # monotonic time of the last beat that worked
         self.tried = -math.inf  # ... and of the last one tried, for the schedule
         self.factor = rng.uniform(1.0, 1.0 + JITTER)
@@ -120,6 +147,24 @@ class _Database:
     def busy(self) -> bool:
         return bool(self.periods) or any(t.needs_listener() for t in self.tables.values())
 
+    @contextlib.contextmanager
+    def borrow(self) -> Any:
+        """Hold the database's lease: the block is the runtime's only use of a
+        connection of this database (others wait for it)."""
+        with self.lease:
+            self.borrowed = True
+            try:
+                yield
+            finally:
+                self.borrowed = False
+                if self.keeps and threading.current_thread().name == "dbcancel-runtime":
+                    self.kept = True
+
+    def connections(self) -> int:
+        """Connections the runtime holds open for this database now."""
+        listening = sum(1 for lst in self.listeners if lst.connected)
+        return listening + (1 if self.borrowed or self.kept else 0)
+
     def beat(self, *, fresh_within: float | None = None) -> bool:
         """Beat the worker row now (one beat at a time per database); True if it did.
 
@@ -132,7 +177,7 @@ class _Database:
                 return False
             self.tried = started
             period = min(self.periods, default=fresh_within or DEFAULT_HEARTBEAT)
-            with _timeouts.limit(_timeouts.POLL_TIMEOUT):
+            with _timeouts.limit(_timeouts.POLL_TIMEOUT), self.borrow():
                 _beat_worker(self.backend, period)
             # The row now promises a beat within MISSED_BEATS of this period: the next
             # one comes no later than this period, even once the job that asked for it
@@ -148,6 +193,8 @@ class _Database:
             if not self.beat(fresh_within=fresh_within):
                 return
             self.backend.release()
+            if threading.current_thread().name == "dbcancel-runtime":
+                self.kept = False
         except Exception:
             self.counts[1] += 1
             if not self.beat_failing:
@@ -193,13 +240,23 @@ def _takes_period(backend: Backend) -> bool:
 
 
 class _ListenerState:
-    __slots__ = ("failing", "failures", "reconnect_at", "tables")
+    __slots__ = ("deaf", "failing", "failures", "probe_until", "reconnect_at", "tables")
 
     def __init__(self) -> None:
         self.tables: list[_Table] = []
         self.failures = 0
         self.failing = False
         self.reconnect_at = 0.0
+        # While a probe is awaited: when to give up on it (inf otherwise).
+        self.probe_until = math.inf
+        self.deaf = False  # the last probe never arrived (warned once until one does)
+
+
+def _heard(listener: Listener) -> bool:
+    """True once `listener` has received its own probe (a listener that sends no
+    probe counts as hearing while connected)."""
+    heard = getattr(listener, "heard", None)
+    return listener.connected and (heard is None or bool(heard))
 
 
 def _listener_of(backend: Backend) -> Listener | None:
@@ -367,7 +424,15 @@ class Runtime:
                 restarts=self.restarts,
                 databases=len(self._databases),
                 listeners=listeners,
+                connections=sum(db.connections() for db in self._databases.values()),
             )
+
+    def connections(self, backend: Backend) -> int:
+        """Connections the runtime holds open now for `backend`'s database: its
+        listener, and the connection a poll, beat or probe has out (for `Jobs.stats`)."""
+        with self._cond:
+            db = self._databases.get(backend.worker_key)
+            return 0 if db is None else db.connections()
 
     def table_stats(self, backend: Backend) -> tuple[bool, bool, int, int]:
         """For `Jobs.stats`: whether the table is served (thread alive) and listened
@@ -381,7 +446,7 @@ class Runtime:
             alive = self._thread is not None and self._thread.is_alive()
             watching = alive and table is not None and bool(table.watched)
             via = None if table is None else table.via
-            listening = via is not None and via.connected
+            listening = via is not None and _heard(via)
             return watching, listening, beats, errors
 
     def database_of(self, backend: Backend) -> _Database | None:
@@ -441,7 +506,9 @@ class Runtime:
             from ._health import health_for
 
             table = db.tables[backend.key] = _Table(
-                backend, health if health is not None else health_for(backend.key, backend.label)
+                backend,
+                health if health is not None else health_for(backend.key, backend.label),
+                db,
             )
         else:
             table.backend = backend
@@ -517,6 +584,14 @@ class Runtime:
                 else:
                     next_at = min(next_at, due)
                 for listener, state in self._listeners_wanted(db):
+                    if listener.connected and state.probe_until < math.inf:
+                        if _heard(listener):
+                            state.probe_until = math.inf
+                            self._heard_again(db, state)
+                        elif state.probe_until <= now:
+                            self._deaf(db, state)
+                        else:
+                            next_at = min(next_at, state.probe_until)
                     if listener.connected and not getattr(listener, "pending", False):
                         continue
                     if state.reconnect_at <= now:
@@ -543,6 +618,7 @@ class Runtime:
         if db.idle_since is None:
             db.idle_since = now
             _release(db.backend)
+            db.kept = False
         if self._closing or now - db.idle_since >= IDLE_GRACE:
             for listener in db.listeners:
                 listener.close()
@@ -588,6 +664,7 @@ class Runtime:
                 listener.listen_pending()  # type: ignore[attr-defined]
             else:
                 listener.connect()
+                self._probe(db, listener, state)
         except Exception:
             self._listen_failed(db, listener, state)
             return
@@ -602,8 +679,46 @@ class Runtime:
         if state.failing:
             state.failing = False
             log.warning("dbcancel: listening for cancels of %s again", db.label)
+        # Notifications that arrived while a LISTEN ran wait in the driver, with nothing
+        # left on the socket to wake a select(): take them in now.
+        self._receive(db, listener, 0.0)
+
+    def _probe(self, db: _Database, listener: Listener, state: _ListenerState) -> None:
+        """Send the new listener its probe through the table's engine (the way a cancel
+        goes); it counts as listening once the probe arrives (see `PROBE_TIMEOUT`).
+        Raises what the backend raises."""
+        channel = getattr(listener, "probe_channel", None)
+        notify = getattr(db.backend, "notify", None)
+        if channel is None or not callable(notify):
+            return
+        state.probe_until = time.monotonic() + PROBE_TIMEOUT
+        with _timeouts.limit(_timeouts.POLL_TIMEOUT), db.borrow():
+            notify(channel, "probe")
+        self._kick()  # look at the listener's socket at once
+
+    def _heard_again(self, db: _Database, state: _ListenerState) -> None:
+        if state.deaf:
+            state.deaf = False
+            log.warning("dbcancel: the listener of %s receives notifications again", db.label)
+
+    def _deaf(self, db: _Database, state: _ListenerState) -> None:
+        """The probe has not arrived in time: say so once (the listener stays: should
+        the probe arrive late, it counts as listening then). With the condition held."""
+        state.probe_until = math.inf
+        if not state.deaf:
+            state.deaf = True
+            log.warning(
+                "dbcancel: the listener of %s has not received the probe notification sent "
+                "through the engine within %gs (does the engine reach the server through "
+                "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
+                "polling alone, within the interval. To have them pushed, pass "
+                "listen_url= a direct connection to the server (not through the pooler)",
+                db.label,
+                PROBE_TIMEOUT,
+            )
 
     def _listen_failed(self, db: _Database, listener: Listener, state: _ListenerState) -> None:
+        state.probe_until = math.inf
         listener.close()
         for table in state.tables:
             table.health.count(listener_errors=1)
@@ -628,7 +743,7 @@ class Runtime:
         bound = min(_timeouts.POLL_TIMEOUT, max(stale_in, 0.1))
 
         def read(job_ids: Collection[Any]) -> Rows:
-            with _timeouts.limit(bound):
+            with _timeouts.limit(bound), table.db.borrow():
                 rows = table.backend.read_many(job_ids)
             return {job_id: (row.status, row_text(row)) for job_id, row in rows.items()}
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import threading
-from collections.abc import Callable, Collection, Hashable, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping
 from typing import Any, NamedTuple, TypeVar
 
 try:
@@ -346,6 +347,12 @@ class SQLAlchemyBackend:
             if self._rules[col.key].python_type is str and not isinstance(col.type, Enum)
         )
         self._postgresql = dialect.name == "postgresql"
+        # psycopg prepares a statement run often (5 times by default) on the server
+        # session; behind a pooler in transaction mode the next transaction may run on
+        # another server session, where it is missing, or already there. dbcancel's own
+        # statements are never prepared (see _unprepared).
+        self._psycopg = self._postgresql and dialect.driver == "psycopg"
+        self._listen_dsn: str | None = None
         _bound_connects(self.engine)
         self._autocommit_reads = self._postgresql
         self.label = f"{self.model_name}@{self.engine.url.get_backend_name()}"
@@ -691,7 +698,11 @@ class SQLAlchemyBackend:
         """
 
         def read() -> _T:
-            with self.engine.connect() as conn, _timeouts.applied(_driver_connection(conn)):
+            with (
+                self.engine.connect() as conn,
+                _timeouts.applied(_driver_connection(conn)),
+                _unprepared(conn, self._psycopg),
+            ):
                 try:
                     if self._autocommit_reads:
                         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -797,10 +808,29 @@ class SQLAlchemyBackend:
     def release(self) -> None:
         """Nothing to give back: connections return to the engine's pool after each use."""
 
+    def listen_directly(self, dsn: str) -> None:
+        """Open the listener connection to `dsn` (a libpq URL, from `listen_url`)
+        instead of through the engine; polls and writes still use the engine."""
+        if not self._postgresql:
+            raise ValueError(
+                f"listen_url is for PostgreSQL, but {self.model_name}'s engine is "
+                f"{self.engine.url.get_backend_name()}; leave listen_url out"
+            )
+        self._listen_dsn = dsn
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send a notification on `channel` through the engine (the listener's probe)."""
+        self._read(lambda conn: conn.execute(select(func.pg_notify(channel, payload))).all())
+
     def listener(self) -> Listener | None:
         """A listener for this table's cancel notifications (PostgreSQL), else None."""
         if not self._postgresql:
             return None
+        if self._listen_dsn is not None:
+            from ._pg import PgListener, connect_direct
+
+            # The listener's own psycopg connection, whatever the engine's driver.
+            return PgListener(connect_direct(self._listen_dsn), lambda: self.channel)
         if self.engine.dialect.driver != "psycopg":
             raise TypeError(
                 f"Jobs(watch=True) on PostgreSQL listens for cancels through psycopg 3, "
@@ -843,7 +873,11 @@ class SQLAlchemyBackend:
         connection), once."""
 
         def transaction() -> _T:
-            with self.engine.connect() as conn, _timeouts.applied(_driver_connection(conn)):
+            with (
+                self.engine.connect() as conn,
+                _timeouts.applied(_driver_connection(conn)),
+                _unprepared(conn, self._psycopg),
+            ):
                 try:
                     with conn.begin():  # committed within the limit, and given back too
                         return work(conn)
@@ -863,6 +897,27 @@ def _bound_connects(engine: Engine) -> None:
 
 def _connect_within(dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:
     return _timeouts.connect_within(dialect, cargs, cparams)
+
+
+@contextlib.contextmanager
+def _unprepared(conn: Connection, psycopg: bool) -> Iterator[None]:
+    """Run dbcancel's statements on `conn` without server-side prepared statements
+    (psycopg 3 prepares a statement after a few runs): safe behind a pooler in
+    transaction mode. The connection's own setting is put back afterwards."""
+    if not psycopg:
+        yield
+        return
+    driver = conn.connection.dbapi_connection
+    before = getattr(driver, "prepare_threshold", None)
+    if before is None:
+        yield
+        return
+    driver.prepare_threshold = None  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # closed meanwhile: nothing to put back
+            driver.prepare_threshold = before  # type: ignore[union-attr]
 
 
 def _driver_connection(conn: Connection) -> Any:

@@ -49,8 +49,11 @@ class JobsStats:
     watching: bool
     """True while a watcher thread serves the table in this process."""
     listening: bool
-    """True while the watcher's PostgreSQL LISTEN connection is open; with `push`, while
-    the table's Redis channel is subscribed on the process's live Redis connection."""
+    """True while notifications really reach this process: the watcher's PostgreSQL
+    LISTEN connection is open and has received the probe it sent itself through the
+    engine after its LISTEN; with `push`, while the table's Redis channel is subscribed
+    on the process's live Redis connection. False while polling alone (no listener, one
+    that is reconnecting, or one behind a pooler in transaction mode: see `listen_url`)."""
     polls: int
     """Status queries made (by checkpoints and by the watcher; one per batch)."""
     poll_errors: int
@@ -71,6 +74,12 @@ class JobsStats:
     restarts: int = 0
     """Times this process's runtime thread was found dead and started again (it serves
     every table; see [`dbcancel.shutdown`][dbcancel.shutdown])."""
+    connections: int = 0
+    """Connections dbcancel's runtime holds open now in this process for the table's
+    database: its listener connection (one for all the database's tables) plus the
+    connection a poll, heartbeat or probe has checked out (at most one at a time). The
+    application's own connections (its transactions, and the job's start and end,
+    written from the job's thread through the engine) are not counted."""
 
 
 class Jobs(JobsWorker):
@@ -101,11 +110,18 @@ class Jobs(JobsWorker):
     that forbid threads). `watch=True` insists on the watched mode: it refuses a custom
     clock, and a PostgreSQL engine it cannot listen through. `max_staleness`: seconds
     without a successful poll after which a running job is cancelled locally (fail
-    closed); by default a database outage never stops a job (fail open). `push`: a Redis
-    URL (`"redis://127.0.0.1:6379/0"`) to push cancels through instead of PostgreSQL's
-    LISTEN, so that a fleet of processes needs no listener connection to the database
-    each (see "Push past the connection limit" in the fleets guide); the row stays the
-    truth and polling the safety net.
+    closed); by default a database outage never stops a job (fail open).
+
+    `listen_url` (PostgreSQL): a URL (str or SQLAlchemy `URL`) straight to the server
+    for the listener connection alone, when the engine reaches the server through a
+    pooler in transaction mode such as PgBouncer, where LISTEN does not work; polls,
+    heartbeats and status changes still go through the engine. See
+    [Fleets](fleets.md#pgbouncer).
+
+    `push`: a Redis URL (`"redis://127.0.0.1:6379/0"`) to push cancels through instead
+    of PostgreSQL's LISTEN, so that a fleet of processes needs no listener connection to
+    the database at all (see [Fleets](fleets.md#push-past-the-connection-limit)); the row
+    stays the truth and polling the safety net.
     """
 
     def __init__(
@@ -118,6 +134,7 @@ class Jobs(JobsWorker):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
     ) -> None:
         from ._sqla import SQLAlchemyBackend  # raises naming the extra when it is missing
@@ -129,6 +146,7 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            listen_url=listen_url,
             push=push,
         )
 
@@ -178,10 +196,22 @@ class Jobs(JobsWorker):
         watch: bool | None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
     ) -> None:
         """What every way of building a `Jobs` shares: check the options, keep the backend."""
         check_backend(backend)
+        dsn: str | None = None
+        direct: Any = getattr(backend, "listen_directly", None)
+        if listen_url is not None:
+            from ._pg import listen_dsn
+
+            dsn = listen_dsn(listen_url)  # raises on a bad value: nothing is opened
+            if not callable(direct):
+                raise TypeError(
+                    f"listen_url needs a backend that can listen through its own "
+                    f"connection; {type(backend).__name__} cannot"
+                )
         options = Options.checked(
             interval=interval,
             clock=clock,
@@ -195,6 +225,8 @@ class Jobs(JobsWorker):
         self._interval, self._max_staleness = options.interval, options.max_staleness
         self._heartbeat_period = options.heartbeat
         self._given_clock = clock
+        if dsn is not None:
+            direct(dsn)  # raises for a database other than PostgreSQL
         if watch:
             backend.listener()  # refuses a PostgreSQL engine it could not listen through
         self._watch = options.watched
@@ -275,4 +307,5 @@ class Jobs(JobsWorker):
             heartbeats=beats,
             heartbeat_errors=beat_errors,
             restarts=rt.restarts,
+            connections=rt.connections(self._backend),
         )

@@ -250,6 +250,7 @@ class DjangoBackend:
         self._fields = ", ".join(f.name for f in meta.concrete_fields)
         self._field_names = frozenset(f.name for f in meta.concrete_fields)
         self._postgresql = connection.vendor == "postgresql"
+        self._listen_dsn: str | None = None
         self._hint: Callable[..., Any] | None = None
         self._expiry = True  # until a statement finds the worker table without it
         if connections[using].vendor == "mysql":
@@ -686,14 +687,47 @@ class DjangoBackend:
                 "'psycopg[binary]' (Django prefers it to psycopg2), or leave watch out "
                 "to poll without listening"
             )
-        from dbcancel._pg import PgListener
+        from dbcancel._pg import PgListener, listener_name
+
+        if self._listen_dsn is not None:
+            from dbcancel._pg import connect_direct
+
+            return PgListener(
+                connect_direct(self._listen_dsn, _listener_params(connection)),
+                lambda: self.channel,
+            )
 
         def connect() -> Any:
             import psycopg
 
-            return psycopg.connect(**connection.get_connection_params())
+            params = connection.get_connection_params()
+            # Named at connect time, never with a SET on the session (see dbcancel._pg).
+            params["application_name"] = listener_name(params.get("application_name"))
+            return psycopg.connect(**params)
 
         return PgListener(connect, lambda: self.channel)
+
+    keeps_connection = True
+    """The runtime thread keeps its Django connection between polls (until idle)."""
+
+    def listen_directly(self, dsn: str) -> None:
+        """Open the listener connection to `dsn` (a libpq URL, from `listen_url`)
+        instead of with the alias's settings; polls and writes still use the alias."""
+        if not self._postgresql:
+            raise ValueError(
+                f"listen_url is for PostgreSQL, but database {self.alias!r} of "
+                f"{self.model_name} is {connections[self.alias].vendor}; leave listen_url out"
+            )
+        self._listen_dsn = dsn
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Send a notification on `channel` through the alias (the listener's probe)."""
+
+        def send() -> None:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
+
+        self._write(send)
 
     # -- connections ------------------------------------------------------------------
 
@@ -867,3 +901,12 @@ def _refuse_switching_schemas(connection: Any, model_name: str, alias: str) -> N
         "{'options': '-c search_path=<schema>'}) and build one DjangoJobs per alias "
         "(using=...); see the Tenants section of dbcancel's operations docs"
     )
+
+
+def _listener_params(connection: Any) -> dict[str, Any]:
+    """The alias's connection parameters a direct listener connection keeps (its
+    TLS and timeouts, say); `listen_url` gives the server, database and user."""
+    params = dict(connection.get_connection_params())
+    for key in ("host", "port", "dbname", "user", "password", "cursor_factory", "context"):
+        params.pop(key, None)
+    return params

@@ -58,6 +58,10 @@ class DjangoJobs(Jobs):
     cancel or wait, are the thread's to close (`django.db.connections.close_all()`).
     To join the status change to the results, call `cp.complete(alias)` inside
     `transaction.atomic(using=alias)`.
+
+    `listen_url`: as for [`Jobs`][dbcancel.Jobs], a PostgreSQL URL straight to the
+    server for the listener connection, when the alias reaches it through a pooler in
+    transaction mode (PgBouncer); see [Fleets](fleets.md#pgbouncer).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class DjangoJobs(Jobs):
         using: str = DEFAULT_DB_ALIAS,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
     ) -> None:
         self._setup(
@@ -79,6 +84,7 @@ class DjangoJobs(Jobs):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            listen_url=listen_url,
             push=push,
         )
 
