@@ -350,6 +350,9 @@ class RedisListener:
     `Jobs.stats().listening` reads it.
     """
 
+    shared = True
+    """Not a database connection of its own (the runtime does not count it as one)."""
+
     def __init__(self, url: str, key: Any) -> None:
         self._url = url
         self._key = key  # a callable giving the backend key (it may ask the database)

@@ -81,7 +81,8 @@ class RuntimeStats:
     databases: int
     """Databases the runtime serves now (jobs, beats or waiters)."""
     listeners: int
-    """Listener connections open now (at most one per database)."""
+    """Listener connections to databases open now (at most one per database; Redis push
+    uses none: one Redis connection per process and URL instead)."""
     connections: int = 0
     """Connections the runtime holds open now, over every database it serves: its
     listener connections plus the connections its polls, heartbeats and probes have
@@ -161,8 +162,11 @@ class _Database:
                     self.kept = True
 
     def connections(self) -> int:
-        """Connections the runtime holds open for this database now."""
-        listening = sum(1 for lst in self.listeners if lst.connected)
+        """Connections the runtime holds open for this database now (a Redis push
+        listener is none of them: it shares the process's Redis connection)."""
+        listening = sum(
+            1 for lst in self.listeners if lst.connected and not getattr(lst, "shared", False)
+        )
         return listening + (1 if self.borrowed or self.kept else 0)
 
     def beat(self, *, fresh_within: float | None = None) -> bool:
@@ -417,7 +421,10 @@ class Runtime:
         with self._cond:
             thread = self._thread
             listeners = sum(
-                1 for db in self._databases.values() for lst in db.listeners if lst.connected
+                1
+                for db in self._databases.values()
+                for lst in db.listeners
+                if lst.connected and not getattr(lst, "shared", False)
             )
             return RuntimeStats(
                 running=thread is not None and thread.is_alive(),

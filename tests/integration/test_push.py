@@ -343,6 +343,7 @@ def test_one_redis_connection_serves_every_table_of_the_process(
     canceller = Canceller(str(tables[0][0].url), redis_server.url)
     try:
         until(lambda: all(listening(jobs) for _, jobs in tables), 10, "every table subscribed")
+        assert runtime().stats().listeners == 0  # no listener connection to any database
         client = redis.Redis.from_url(redis_server.url)
         try:
             subscribers = client.client_list(_type="pubsub")
