@@ -54,8 +54,9 @@ SCHEMES = ("redis", "rediss", "unix")
 PUBLISH_TIMEOUT = 0.5
 """Seconds a publish may take (connect and reply) before it is given up, logged."""
 
-CONNECT_TIMEOUT = 2.0
-"""Seconds the subscriber's connect may take."""
+CONNECT_TIMEOUT = 0.5
+"""Seconds the subscriber's connect (and its subscription's confirmation) may take: the
+runtime thread waits that long at most, then polls on and tries again later."""
 
 _PUBLISH_BACKOFF = 5.0
 """Longest pause between publish tries while Redis is down (cancels go on unpushed)."""
@@ -428,6 +429,8 @@ class PushBackend:
         self._channel: str | None = None
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __repr__(self) -> str:
