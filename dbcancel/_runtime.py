@@ -852,10 +852,11 @@ class Runtime:
                 # of the GIL to a CPU-bound worker).
                 for cp in by_id[id(table)].get(job_id, ()):
                     cp._observe(reason)
-            elif kind == "cancel" or (kind == "poll" and job_id in by_id[id(table)]):
-                # Poll now: several jobs, or a job of this process named without its
-                # reason (a job running elsewhere needs no poll here: with a fleet on
-                # one channel, every process would poll for every cancel).
+            elif kind == "cancel" or (kind == "poll" and _may_run_here(job_id, by_id[id(table)])):
+                # Poll now: several jobs, a job of this process named without its
+                # reason, or a payload that cannot be read. A job plainly named that runs
+                # elsewhere needs no poll here: with a fleet on one channel (Redis push),
+                # every process would poll for every cancel.
                 with self._cond:
                     if table.watched:
                         table.due = 0.0
@@ -890,6 +891,14 @@ def poll_delay(interval: float, failures: int, stale_in: float = math.inf) -> fl
     if not failures:
         return interval * rng.uniform(1 - JITTER, 1 + JITTER)
     return max(0.0, min(backoff(interval, failures), stale_in))
+
+
+def _may_run_here(job_id: str | None, running: Collection[str]) -> bool:
+    """False only for a plain job id (not JSON that failed to parse) of no job in
+    `running`, the ids of the jobs a table runs in this process."""
+    if job_id is None or job_id in running:
+        return True
+    return not job_id or job_id[0] in '[{"' or job_id != job_id.strip()
 
 
 def _channel_of(table: _Table) -> str | None:

@@ -107,3 +107,14 @@ def test_ends_and_poll_everything_pass_as_they_are() -> None:
 def test_log_lines_hide_the_password() -> None:
     assert _safe("redis://:secret@h:6379/0") == "redis://:***@h:6379/0"
     assert "secret" not in _safe("redis://user:secret@h:6379/0")
+
+
+def test_a_plainly_named_job_that_runs_elsewhere_costs_no_poll() -> None:
+    from dbcancel._runtime import _may_run_here
+
+    running = {"5", "6"}
+    assert _may_run_here("5", running)
+    assert not _may_run_here("7", running)  # a fleet's other 199 processes stay quiet
+    assert _may_run_here(None, running)  # several jobs: poll
+    assert _may_run_here('["5"', running)  # unreadable: it may name one of ours
+    assert _may_run_here("", running)
