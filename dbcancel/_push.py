@@ -31,7 +31,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -129,6 +129,15 @@ def redis_channel(url: str, key: Hashable) -> str:
     digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
     table = str(parts[-1])[:40]
     return f"dbcancel:{_db_of(url)}:{table}:{digest}"
+
+
+def job_channel(table_channel: str, job_id: Any) -> str:
+    """The channel of one job of the table on `table_channel`: its cancels and its end
+    go there, so that only the process that runs (or waits for) the job hears them."""
+    text = str(job_id)
+    if len(text) > 64 or not text.isprintable():
+        text = "#" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    return f"{table_channel}:{text}"
 
 
 def _client(url: str, **kwargs: Any) -> Any:
@@ -230,6 +239,21 @@ class _Hub:
                 raise
             self.listeners.setdefault(channel, set()).add(listener)
             return self.generation
+
+    def follow(self, listener: RedisListener, channel: str) -> None:
+        """Subscribe `listener` to one more channel on the live connection, without
+        waiting for Redis to confirm (a message sent before that is missed: polling
+        sees its cancel). Raises when the connection broke (and closes it)."""
+        with self.lock:
+            if self.pubsub is None:
+                return
+            try:
+                if channel not in self.listeners:
+                    self.pubsub.subscribe(channel)
+            except BaseException:
+                self.close()
+                raise
+            self.listeners.setdefault(channel, set()).add(listener)
 
     def _confirm(self, channel: str) -> None:
         """Wait for Redis to confirm the subscription: a cancel published before that
@@ -360,6 +384,7 @@ class RedisListener:
         self._hub = _hub(url)
         self._channel: str | None = None
         self._generation: int | None = None
+        self._jobs: dict[str, str] = {}  # job id text -> its channel, subscribed
         self.inbox: list[tuple[str, str]] = []
 
     def connect(self) -> None:
@@ -368,6 +393,19 @@ class RedisListener:
         self.close()
         channel = self._channel = redis_channel(self._url, self._key())
         self._generation = self._hub.subscribe(self, channel)
+
+    def follow(self, job_ids: Collection[str]) -> None:
+        """Be subscribed to the channels of exactly these jobs (those the table runs or
+        waits for in this process); the runtime calls it as they change."""
+        if not self.connected or self._channel is None:
+            return
+        wanted = set(job_ids)
+        for job_id in [j for j in self._jobs if j not in wanted]:
+            self._hub.unsubscribe(self, self._jobs.pop(job_id))
+        for job_id in wanted - self._jobs.keys():
+            channel = job_channel(self._channel, job_id)
+            self._hub.follow(self, channel)
+            self._jobs[job_id] = channel
 
     @property
     def connected(self) -> bool:
@@ -409,7 +447,10 @@ class RedisListener:
         """Leave the channel (the shared connection closes with its last table)."""
         generation, self._generation = self._generation, None
         self.inbox = []
+        jobs, self._jobs = self._jobs, {}
         if generation is not None and generation == self._hub.generation and self._channel:
+            for channel in jobs.values():
+                self._hub.unsubscribe(self, channel)
             self._hub.unsubscribe(self, self._channel)
 
 
@@ -441,8 +482,9 @@ class PushBackend:
         inner = self.inner
         return RedisListener(self.push, lambda: inner.key)
 
-    def publish(self, payload: str) -> None:
-        """Publish `payload` on the table's channel; failures are logged, not raised."""
+    def publish(self, payload: str, job_id: Any = None) -> None:
+        """Publish `payload` on the channel of job `job_id`, or on the table's for None
+        (several jobs); failures are logged, not raised."""
         try:
             channel = self._channel
             if channel is None:
@@ -450,6 +492,8 @@ class PushBackend:
         except Exception:  # the key needs the database: it answered the write, so rare
             log.debug("dbcancel: no Redis channel for %s", self.inner.label, exc_info=True)
             return
+        if job_id is not None:
+            channel = job_channel(channel, job_id)
         self._publisher.publish(channel, payload)
 
     def apply(
@@ -467,15 +511,16 @@ class PushBackend:
                 from .backend import cancel_payload
 
                 reason = change.values.get("cancel_reason")
-                self.publish("*" if job_id is None else cancel_payload(job_id, reason))
+                payload = "*" if job_id is None else cancel_payload(job_id, reason)
+                self.publish(payload, job_id)
             elif "finished_at" in change.stamp:
-                self.publish(end_payload(job_id))
+                self.publish(end_payload(job_id), job_id)
         return count
 
     def mark_stopped(self, job_id: Any, observed_at: Any = None) -> None:
         """The wrapped `mark_stopped`, then a publish of the job's end."""
         self.inner.mark_stopped(job_id, observed_at)
-        self.publish(end_payload(job_id))
+        self.publish(end_payload(job_id), job_id)
 
     def reap(self, stale_after: float, error: str) -> int:
         """The wrapped `reap`, then a publish that wakes every waiter when it reaped."""

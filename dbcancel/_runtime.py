@@ -569,6 +569,8 @@ class Runtime:
         polls: list[_Table] = []
         beats: list[_Database] = []
         connects: list[tuple[_Database, Listener]] = []
+        # Listeners that subscribe per job (Redis push), with the jobs to follow.
+        follows: list[tuple[_Database, Listener, set[str]]] = []
         with self._cond:
             if self._stopping or self._thread is not me:
                 return False
@@ -599,6 +601,8 @@ class Runtime:
                             self._deaf(db, state)
                         else:
                             next_at = min(next_at, state.probe_until)
+                    if callable(getattr(listener, "follow", None)):
+                        follows.append((db, listener, _followed(state.tables)))
                     if listener.connected and not getattr(listener, "pending", False):
                         continue
                     if state.reconnect_at <= now:
@@ -610,6 +614,8 @@ class Runtime:
                 self._cond.notify_all()
         for db, listener in connects:
             self._connect(db, listener)
+        for db, listener, job_ids in follows:
+            self._follow(db, listener, job_ids)
         for table in polls:
             self._poll(table)
         for db in beats:
@@ -723,6 +729,16 @@ class Runtime:
                 db.label,
                 PROBE_TIMEOUT,
             )
+
+    def _follow(self, db: _Database, listener: Listener, job_ids: set[str]) -> None:
+        """Have a listener that subscribes per job follow exactly `job_ids`."""
+        try:
+            listener.follow(job_ids)  # type: ignore[attr-defined]
+        except Exception:
+            with self._cond:
+                state = db.listeners.get(listener)
+            if state is not None:
+                self._listen_failed(db, listener, state)
 
     def _listen_failed(self, db: _Database, listener: Listener, state: _ListenerState) -> None:
         state.probe_until = math.inf
@@ -891,6 +907,14 @@ def poll_delay(interval: float, failures: int, stale_in: float = math.inf) -> fl
     if not failures:
         return interval * rng.uniform(1 - JITTER, 1 + JITTER)
     return max(0.0, min(backoff(interval, failures), stale_in))
+
+
+def _followed(tables: Iterable[_Table]) -> set[str]:
+    """The ids (as notifications name them) of the jobs `tables` run or wait for here."""
+    ids = {str(cp.job_id) for table in tables for cp in table.watched}
+    for table in tables:
+        ids.update(table.waiters)
+    return ids
 
 
 def _may_run_here(job_id: str | None, running: Collection[str]) -> bool:
