@@ -14,11 +14,16 @@ message therefore never changes a result: a lost one costs at most one interval 
 poll that would have come anyway), a forged one a poll. A publish that fails is logged,
 not raised: the cancel is committed already, and polling will see it.
 
-Channels: `dbcancel:<Redis db>:<table>:<hash>`, the hash of the table's identity
-(vendor, server, database, schema, table, as the backends resolve it for their keys),
-so that two tenants' tables of one name never share a channel, and the SQLAlchemy and
-the Django side of one table do. Redis pub/sub ignores the database number; the
-channel carries it, so that URLs with different numbers stay apart.
+Channels: `dbcancel:<Redis db>:<table>:<hash>` per table, the hash of the table's
+identity (vendor, server, database, schema, table, as the backends resolve it for their
+keys), so that two tenants' tables of one name never share a channel, and the SQLAlchemy
+and the Django side of one table do; and that name followed by `:<job id>` per job. A
+cancel or the end of one job goes to the job's channel, which only the process that runs
+or waits for the job subscribes to (the runtime tells each listener which jobs to
+`follow`): with one channel per table, every cancel would wake every process of a
+fleet. What concerns several jobs (`cancel_where`, `reap`) goes to the table's channel.
+Redis pub/sub ignores the database number; the channel carries it, so that URLs with
+different numbers stay apart.
 """
 
 from __future__ import annotations
