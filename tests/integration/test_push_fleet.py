@@ -5,7 +5,7 @@ pooling mode, cancelled by push through Redis, then by polling alone.
 The workers are forked by one launcher process after it imported everything once
 (`tests.integration.fleet_launcher`): a fresh Python importing SQLAlchemy, psycopg,
 redis-py and dbcancel costs 1-2.5 s of CPU on a loaded two-core box, which 200 of them
-could not fit in a minute. Forked, 200 fit: each test takes 20-30 s on a shared two-core
+could not fit in a minute. Forked, 200 fit: each test takes 15-35 s on a shared two-core
 machine (`DBCANCEL_FLEET_WORKERS` sets another count). Latencies come from the rows
 (`cancel_requested_at` -> `cancel_observed_at`, one machine's clock).
 
