@@ -703,6 +703,9 @@ class Runtime:
         channel = getattr(listener, "probe_channel", None)
         notify = getattr(db.backend, "notify", None)
         if channel is None or not callable(notify):
+            if hasattr(listener, "heard"):
+                # A backend that cannot send the probe: the listener is trusted as before.
+                listener.heard = True
             return
         state.probe_until = time.monotonic() + PROBE_TIMEOUT
         with _timeouts.limit(_timeouts.POLL_TIMEOUT), db.borrow():

@@ -1,13 +1,16 @@
 """One worker process of the connection budget test (``test_connection_budget.py``).
 
-``python -m tests.integration.budget_worker URL JOB_ID``: runs job ``JOB_ID`` of each of
-three job tables at once (one ``Jobs`` per table, one thread per job, a CPU-light loop
-of checkpoints), prints ``listening`` once notifications reach the process, and when
-all three jobs have been cancelled prints the most connections ``stats()`` reported.
+``python -m tests.integration.budget_worker URL COUNT``: forks COUNT worker processes
+(the imports are paid once, in this parent). Worker ``i`` (1 to COUNT) runs job ``i``
+of each of three job tables at once (one ``Jobs`` per table, one thread per job, a
+CPU-light loop of checkpoints), prints ``i listening`` once notifications reach it,
+and once all three jobs have been cancelled ``i most N``: the most connections its
+``stats()`` reported. The parent exits non-zero if a worker failed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -66,19 +69,42 @@ def main(url: str, job_id: int) -> None:
     for thread in threads:
         thread.start()
     started.wait()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not all(j.stats().listening for j in all_jobs):  # poll-until: no event to wait on
         if time.monotonic() > deadline:
-            print("not listening", flush=True)
+            say(f"{job_id} not listening")
             break
         time.sleep(0.02)
     else:
-        print("listening", flush=True)
+        say(f"{job_id} listening")
     for thread in threads:
         thread.join()
-    print(f"most connections {most[0]}", flush=True)
+    say(f"{job_id} most {most[0]}")
     engine.dispose()
 
 
+def say(line: str) -> None:
+    os.write(1, (line + "\n").encode())  # one write: lines of the workers never mix
+
+
+def fleet(url: str, count: int) -> int:
+    children = []
+    for job_id in range(1, count + 1):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                main(url, job_id)
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    failed = 0
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        failed += status != 0
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    sys.exit(fleet(sys.argv[1], int(sys.argv[2])))

@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, delete, insert, text
@@ -25,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from dbcancel import Jobs, Status
+from dbcancel._runtime import runtime
 
 from .budget_worker import MODELS, Base
 from .servers import Server, throwaway
@@ -77,25 +80,22 @@ def run_fleet(server: Server, processes: int) -> dict[str, object]:
             conn.execute(delete(model))
             conn.execute(insert(model), [{"id": i} for i in range(1, processes + 1)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.integration.budget_worker",
-                url.render_as_string(False),
-                str(i),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(1, processes + 1)
-    ]
+    fleet = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.budget_worker",
+            url.render_as_string(hide_password=False),
+            str(processes),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        # Each worker says once notifications reach it (it gives up after 30 s).
-        said = [w.stdout.readline().strip() for w in workers]  # type: ignore[union-attr]
+        # Each worker says once notifications reach it (it gives up after 60 s).
+        said = sorted(fleet.stdout.readline().split()[-1] for _ in range(processes))  # type: ignore[union-attr]
         assert said == ["listening"] * processes, said
         with admin.connect() as conn:
             in_progress = sum(
@@ -116,16 +116,14 @@ def run_fleet(server: Server, processes: int) -> dict[str, object]:
             jobs = Jobs(admin, model)
             for i in range(1, processes + 1):
                 jobs.cancel(i, reason="budget measured")
-        reported = []
-        for w in workers:
-            out, _ = w.communicate(timeout=START_TIMEOUT)
-            assert w.returncode == 0, out
-            reported.append(int(out.strip().rsplit(" ", 1)[-1]))
+        out, _ = fleet.communicate(timeout=START_TIMEOUT)
+        assert fleet.returncode == 0, out
+        reported = [int(line.split()[-1]) for line in out.splitlines() if " most " in line]
+        assert len(reported) == processes, out
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
+        if fleet.poll() is None:
+            fleet.kill()
+            fleet.wait()
         admin.dispose()
     return {"most": most, "listeners": listeners, "reported": max(reported)}
 
@@ -153,3 +151,80 @@ def test_a_fleet_holds_at_most_the_stated_connections(
     assert measured["listeners"] == processes * DATABASES  # one for all three tables
     assert measured["most"] <= budget(processes)
     assert 1 <= measured["reported"] <= 1 + DATABASES
+
+
+class _Counting:
+    """Counts the runtime's round trips of one database in flight at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+        self.calls = 0
+
+    def around(self, call: Callable[[], object]) -> object:
+        with self.lock:
+            self.now += 1
+            self.calls += 1
+            self.most = max(self.most, self.now)
+        try:
+            time.sleep(0.005)  # widen the window in which a second one could overlap
+            return call()
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_polls_beats_and_probes_of_one_database_take_turns(server: Server) -> None:
+    """Three tables of one database, jobs starting from three threads while the runtime
+    polls every 10 ms: the first beat of each start (in the job's thread), the polls
+    and the probe never run at once."""
+    from dbcancel._sqla import SQLAlchemyBackend
+
+    counting = _Counting()
+
+    class Counted(SQLAlchemyBackend):
+        def read_many(self, job_ids: Any) -> Any:
+            return counting.around(lambda: super(Counted, self).read_many(job_ids))
+
+        def beat_worker(self, worker_id: str, period: float) -> None:
+            counting.around(lambda: super(Counted, self).beat_worker(worker_id, period))
+
+        def notify(self, channel: str, payload: str) -> None:
+            counting.around(lambda: super(Counted, self).notify(channel, payload))
+
+    engine = create_engine(server.url, pool_size=1, max_overflow=20)
+    admin = create_engine(server.url, poolclass=NullPool)
+    try:
+        with admin.begin() as conn:
+            for model in MODELS:
+                conn.execute(delete(model))
+                conn.execute(insert(model), [{"id": i} for i in range(1, 21)])
+        all_jobs = [
+            Jobs.from_backend(Counted(engine, model), interval=0.01, heartbeat=0.05)
+            for model in MODELS
+        ]
+        go = threading.Barrier(len(all_jobs))
+
+        def work(jobs: Jobs) -> None:
+            go.wait()
+            for job_id in range(1, 21):
+                with jobs.run(job_id) as cp:
+                    for _ in range(5):
+                        cp()
+                        time.sleep(0.01)
+                runtime().close_idle(0)  # idle now: the next start beats in this thread
+
+        threads = [threading.Thread(target=work, args=(jobs,)) for jobs in all_jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(thread.is_alive() for thread in threads)
+    finally:
+        runtime().close_idle(10)
+        engine.dispose()
+        admin.dispose()
+    print(f"{counting.calls} round trips of the runtime, at most {counting.most} at once")
+    assert counting.calls > 60
+    assert counting.most == 1

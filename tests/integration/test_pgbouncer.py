@@ -239,6 +239,7 @@ def test_the_listener_name_stays_on_the_listener(bouncer: PgBouncer, pooled: Eng
     assert not [name for name in seen if "dbcancel-listener" in name], seen
 
 
+@pytest.mark.serial  # a bound on how soon the cancel is seen
 def test_with_listen_url_a_cancel_arrives_by_notification(
     bouncer: PgBouncer, pooled: Engine
 ) -> None:
@@ -255,6 +256,7 @@ def test_with_listen_url_a_cancel_arrives_by_notification(
     assert took < interval / 2
 
 
+@pytest.mark.serial  # a bound on how soon the cancel is seen
 def test_without_listen_url_the_listener_is_not_listening_and_polls_see_cancels(
     bouncer: PgBouncer, pooled: Engine, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
