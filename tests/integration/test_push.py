@@ -51,6 +51,9 @@ for line in sys.stdin:
         if where not in jobs:
             jobs[where] = Jobs(create_engine(where), Analysis, push=push, watch=False)
         answer = jobs[where].cancel(command[1], reason=command[2])
+    elif command[0] == "stop":  # the end of a job that ran there, as run() writes it
+        jobs[url]._backend.mark_stopped(command[1])
+        answer = None
     else:
         _publisher(push).publish(command[1], command[2])
         answer = None
@@ -88,6 +91,10 @@ class Canceller:
         if url is None:
             return bool(self._ask("cancel", job, reason))
         return bool(self._ask("cancel", job, reason, url))
+
+    def stop(self, job: int) -> None:
+        """Write `job`'s end as its worker's run() does (and publish it)."""
+        self._ask("stop", job)
 
     def publish(self, channel: str, payload: str) -> None:
         self._ask("publish", channel, payload)
@@ -424,3 +431,40 @@ def test_random_interleavings_of_messages_and_cancels_leave_the_rows_in_charge(
         if job not in cancelled:
             assert worker.thread.is_alive(), f"job {job} stopped without a cancel"
             assert status(db, job) is Status.IN_PROGRESS
+
+
+def test_a_wait_in_another_process_is_woken_by_the_pushed_end(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    from sqlalchemy import create_engine
+
+    from tests.models import Base
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        job = conn.execute(insert(TABLE).values(status="in_progress")).inserted_primary_key[0]
+    jobs = Jobs(engine, Analysis, interval=5.0, push=redis_server.url)
+    canceller = Canceller(str(engine.url), redis_server.url)
+    ended: list[float] = []
+    waiter = threading.Thread(
+        target=lambda: (jobs.wait(job, timeout=30), ended.append(time.monotonic())), daemon=True
+    )
+    try:
+        waiter.start()
+        until(lambda: listening(jobs), 10, "the waiter's table subscribed")
+        time.sleep(3.0)  # the wait's own polls have backed off to once a second
+        before = jobs.stats().notifications
+        with engine.begin() as conn:
+            conn.execute(update(TABLE).where(TABLE.c.id == job).values(status="completed"))
+        stopped = time.monotonic()
+        canceller.stop(job)
+        waiter.join(10)
+        assert ended, "wait() did not return"
+        assert jobs.stats().notifications > before  # the end arrived by push
+        assert ended[0] - stopped < 0.9  # before the next of the wait's polls, at most 1 s
+    finally:
+        canceller.close()
+        waiter.join(10)
+        assert runtime().close_idle(10) == []
+        engine.dispose()
