@@ -1,7 +1,7 @@
 """The options every entry point takes, with one set of names, defaults and checks.
 
 [`Jobs`][dbcancel.Jobs], `DjangoJobs`, the Flask extension and the task-queue
-integrations take `interval`, `clock`, `watch`, `max_staleness` and `heartbeat`, and
+integrations take `interval`, `clock`, `watch`, `max_staleness`, `heartbeat` and `push`, and
 show them back the same way: [`OptionsView`][dbcancel._options.OptionsView] gives an
 entry point that builds its `Jobs` later (per app, per process) the same properties as
 `Jobs` itself, `watch` being the mode in effect.
@@ -31,6 +31,7 @@ class Options:
     watch: bool | None = None
     max_staleness: float | None = None
     heartbeat: float = DEFAULT_HEARTBEAT
+    push: str | None = None
 
     @classmethod
     def checked(
@@ -41,6 +42,7 @@ class Options:
         watch: Any = None,
         max_staleness: Any = None,
         heartbeat: Any = DEFAULT_HEARTBEAT,
+        push: Any = None,
     ) -> Options:
         """The options, checked as [`Jobs`][dbcancel.Jobs] checks them: `TypeError` or
         `ValueError` naming the option that is wrong."""
@@ -57,7 +59,9 @@ class Options:
             )
         staleness = None if max_staleness is None else check_seconds("max_staleness", max_staleness)
         beat = check_seconds("heartbeat", heartbeat)
-        return cls(seconds, clock, watch, staleness, beat)
+        from ._push import check_push
+
+        return cls(seconds, clock, watch, staleness, beat, check_push(push))
 
     @property
     def watched(self) -> bool:
@@ -73,6 +77,7 @@ class Options:
             "watch": self.watch,
             "max_staleness": self.max_staleness,
             "heartbeat": self.heartbeat,
+            "push": self.push,
         }
 
 
@@ -107,3 +112,9 @@ class OptionsView:
     def clock(self) -> Callable[[], float] | None:
         """The clock the checkpoints read; None for `time.monotonic`."""
         return self._options.clock
+
+    @property
+    def push(self) -> str | None:
+        """The Redis URL cancels are pushed through; None for PostgreSQL's LISTEN
+        (where the driver can) and polling."""
+        return self._options.push

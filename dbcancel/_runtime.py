@@ -81,7 +81,8 @@ class RuntimeStats:
     databases: int
     """Databases the runtime serves now (jobs, beats or waiters)."""
     listeners: int
-    """Listener connections open now (at most one per database)."""
+    """Listener connections to databases open now (at most one per database; Redis push
+    uses none: one Redis connection per process and URL instead)."""
     connections: int = 0
     """Connections the runtime holds open now, over every database it serves: its
     listener connections plus the connections its polls, heartbeats and probes have
@@ -161,8 +162,11 @@ class _Database:
                     self.kept = True
 
     def connections(self) -> int:
-        """Connections the runtime holds open for this database now."""
-        listening = sum(1 for lst in self.listeners if lst.connected)
+        """Connections the runtime holds open for this database now (a Redis push
+        listener is none of them: it shares the process's Redis connection)."""
+        listening = sum(
+            1 for lst in self.listeners if lst.connected and not getattr(lst, "shared", False)
+        )
         return listening + (1 if self.borrowed or self.kept else 0)
 
     def beat(self, *, fresh_within: float | None = None) -> bool:
@@ -417,7 +421,10 @@ class Runtime:
         with self._cond:
             thread = self._thread
             listeners = sum(
-                1 for db in self._databases.values() for lst in db.listeners if lst.connected
+                1
+                for db in self._databases.values()
+                for lst in db.listeners
+                if lst.connected and not getattr(lst, "shared", False)
             )
             return RuntimeStats(
                 running=thread is not None and thread.is_alive(),
@@ -562,6 +569,8 @@ class Runtime:
         polls: list[_Table] = []
         beats: list[_Database] = []
         connects: list[tuple[_Database, Listener]] = []
+        # Listeners that subscribe per job (Redis push), with the jobs to follow.
+        follows: list[tuple[_Database, Listener, set[str]]] = []
         with self._cond:
             if self._stopping or self._thread is not me:
                 return False
@@ -592,6 +601,8 @@ class Runtime:
                             self._deaf(db, state)
                         else:
                             next_at = min(next_at, state.probe_until)
+                    if callable(getattr(listener, "follow", None)):
+                        follows.append((db, listener, _followed(state.tables)))
                     if listener.connected and not getattr(listener, "pending", False):
                         continue
                     if state.reconnect_at <= now:
@@ -603,6 +614,8 @@ class Runtime:
                 self._cond.notify_all()
         for db, listener in connects:
             self._connect(db, listener)
+        for db, listener, job_ids in follows:
+            self._follow(db, listener, job_ids)
         for table in polls:
             self._poll(table)
         for db in beats:
@@ -720,6 +733,16 @@ class Runtime:
                 PROBE_TIMEOUT,
             )
 
+    def _follow(self, db: _Database, listener: Listener, job_ids: set[str]) -> None:
+        """Have a listener that subscribes per job follow exactly `job_ids`."""
+        try:
+            listener.follow(job_ids)  # type: ignore[attr-defined]
+        except Exception:
+            with self._cond:
+                state = db.listeners.get(listener)
+            if state is not None:
+                self._listen_failed(db, listener, state)
+
     def _listen_failed(self, db: _Database, listener: Listener, state: _ListenerState) -> None:
         state.probe_until = math.inf
         listener.close()
@@ -775,7 +798,9 @@ class Runtime:
                 if lst.connected
             ]
         timeout = max(0.0, until - time.monotonic())
-        fds: dict[int, tuple[Listener, _Database]] = {}
+        # Several listeners may share one socket (Redis push: one connection per URL
+        # for every table); each of them takes its share when it is readable.
+        fds: dict[int, list[tuple[Listener, _Database]]] = {}
         blind: list[tuple[Listener, _Database]] = []
         for listener, db in listeners:
             fileno = getattr(listener, "fileno", None)
@@ -783,7 +808,7 @@ class Runtime:
             if fd is None:
                 blind.append((listener, db))
             else:
-                fds[fd] = (listener, db)
+                fds.setdefault(fd, []).append((listener, db))
         if blind:
             timeout = min(timeout, LISTEN_SLICE)
             for listener, db in blind:
@@ -799,8 +824,7 @@ class Runtime:
         if self._wake_r in ready:
             self._drain_kicks()
         for fd in ready:
-            if fd in fds:
-                listener, db = fds[fd]
+            for listener, db in fds.get(fd, ()):
                 self._receive(db, listener, 0.0)
 
     def _receive(self, db: _Database, listener: Listener, timeout: float) -> None:
@@ -847,7 +871,11 @@ class Runtime:
                 # of the GIL to a CPU-bound worker).
                 for cp in by_id[id(table)].get(job_id, ()):
                     cp._observe(reason)
-            elif kind in ("poll", "cancel"):
+            elif kind == "cancel" or (kind == "poll" and _may_run_here(job_id, by_id[id(table)])):
+                # Poll now: several jobs, a job of this process named without its
+                # reason, or a payload that cannot be read. A job plainly named that runs
+                # elsewhere needs no poll here: with a fleet on one channel (Redis push),
+                # every process would poll for every cancel.
                 with self._cond:
                     if table.watched:
                         table.due = 0.0
@@ -882,6 +910,22 @@ def poll_delay(interval: float, failures: int, stale_in: float = math.inf) -> fl
     if not failures:
         return interval * rng.uniform(1 - JITTER, 1 + JITTER)
     return max(0.0, min(backoff(interval, failures), stale_in))
+
+
+def _followed(tables: Iterable[_Table]) -> set[str]:
+    """The ids (as notifications name them) of the jobs `tables` run or wait for here."""
+    ids = {str(cp.job_id) for table in tables for cp in table.watched}
+    for table in tables:
+        ids.update(table.waiters)
+    return ids
+
+
+def _may_run_here(job_id: str | None, running: Collection[str]) -> bool:
+    """False only for a plain job id (not JSON that failed to parse) of no job in
+    `running`, the ids of the jobs a table runs in this process."""
+    if job_id is None or job_id in running:
+        return True
+    return not job_id or job_id[0] in '[{"' or job_id != job_id.strip()
 
 
 def _channel_of(table: _Table) -> str | None:

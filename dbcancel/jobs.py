@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Self
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
 from ._options import DEFAULT_INTERVAL, Options
+from ._push import with_push
 from ._runtime import runtime
 from ._worker import JobRun, JobsWorker
 from .backend import Backend, check_backend
@@ -50,14 +51,15 @@ class JobsStats:
     listening: bool
     """True while notifications really reach this process: the watcher's PostgreSQL
     LISTEN connection is open and has received the probe it sent itself through the
-    engine after its LISTEN. False while polling alone (no listener, one that is
-    reconnecting, or one behind a pooler in transaction mode: see `listen_url`)."""
+    engine after its LISTEN; with `push`, while the table's Redis channel is subscribed
+    on the process's live Redis connection. False while polling alone (no listener, one
+    that is reconnecting, or one behind a pooler in transaction mode: see `listen_url`)."""
     polls: int
     """Status queries made (by checkpoints and by the watcher; one per batch)."""
     poll_errors: int
     """Status queries that failed."""
     notifications: int
-    """PostgreSQL notifications the watcher received."""
+    """PostgreSQL notifications (with `push`, Redis messages) the watcher received."""
     listener_errors: int
     """Times the listener connection failed to connect or broke."""
     outage: float | None
@@ -115,6 +117,11 @@ class Jobs(JobsWorker):
     pooler in transaction mode such as PgBouncer, where LISTEN does not work; polls,
     heartbeats and status changes still go through the engine. See
     [Fleets](fleets.md#pgbouncer).
+
+    `push`: a Redis URL (`"redis://127.0.0.1:6379/0"`) to push cancels through instead
+    of PostgreSQL's LISTEN, so that a fleet of processes needs no listener connection to
+    the database at all (see [Fleets](fleets.md#push-past-the-connection-limit)); the row
+    stays the truth and polling the safety net.
     """
 
     def __init__(
@@ -128,6 +135,7 @@ class Jobs(JobsWorker):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         listen_url: Any = None,
+        push: str | None = None,
     ) -> None:
         from ._sqla import SQLAlchemyBackend  # raises naming the extra when it is missing
 
@@ -139,6 +147,7 @@ class Jobs(JobsWorker):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             listen_url=listen_url,
+            push=push,
         )
 
     @classmethod
@@ -151,6 +160,7 @@ class Jobs(JobsWorker):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        push: str | None = None,
     ) -> Self:
         """A `Jobs` on `backend`, an implementation of
         [`dbcancel.backend.Backend`][dbcancel.backend.Backend].
@@ -173,6 +183,7 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
         return jobs
 
@@ -186,6 +197,7 @@ class Jobs(JobsWorker):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         listen_url: Any = None,
+        push: str | None = None,
     ) -> None:
         """What every way of building a `Jobs` shares: check the options, keep the backend."""
         check_backend(backend)
@@ -206,7 +218,10 @@ class Jobs(JobsWorker):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
+        self._push = options.push
+        backend = with_push(backend, options.push)
         self._interval, self._max_staleness = options.interval, options.max_staleness
         self._heartbeat_period = options.heartbeat
         self._given_clock = clock
@@ -262,6 +277,12 @@ class Jobs(JobsWorker):
         """Seconds without a successful poll after which running jobs are cancelled
         locally; None when they keep running through an outage."""
         return self._max_staleness
+
+    @property
+    def push(self) -> str | None:
+        """The Redis URL cancels are pushed through; None for PostgreSQL's LISTEN
+        (where the driver can) and polling."""
+        return self._push
 
     def __repr__(self) -> str:
         watch = "" if self._watch else " watch=False"

@@ -38,7 +38,9 @@ class DjangoJobs(Jobs):
     interval, through one Django connection of its own that it keeps (a dead one is
     replaced at the next poll), and on PostgreSQL with psycopg 3 it LISTENs for cancels,
     which are announced on the same channel as [`Jobs`][dbcancel.Jobs]' (a cancel through either
-    wakes the watchers of both). `watch=False`: each checkpoint polls its own row, in
+    wakes the watchers of both). `push`: a Redis URL to push cancels through instead, as
+    for [`Jobs`][dbcancel.Jobs] (same channels: a push from either side wakes both).
+    `watch=False`: each checkpoint polls its own row, in
     the worker's thread. `reap()` and `stats()` work as for [`Jobs`][dbcancel.Jobs]. Every status
     change is one conditional `filter(...).update(...)` committed in its own
     transaction before the method returns, so it refuses to run inside the caller's
@@ -73,6 +75,7 @@ class DjangoJobs(Jobs):
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
         listen_url: Any = None,
+        push: str | None = None,
     ) -> None:
         self._setup(
             DjangoBackend(model, using),
@@ -82,11 +85,14 @@ class DjangoJobs(Jobs):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             listen_url=listen_url,
+            push=push,
         )
 
     @property
     def _django(self) -> DjangoBackend:
-        backend = self._backend
+        from dbcancel._push import unwrap
+
+        backend = unwrap(self._backend)
         if not isinstance(backend, DjangoBackend):
             raise TypeError(
                 f"this DjangoJobs was built on {type(backend).__name__}, not on a Django "

@@ -188,8 +188,8 @@ class CancellableTask(Protocol, Generic[P, R]):
 class DjangoTaskJobs(OptionsView):
     """Cancellable Django Tasks for the jobs of one model.
 
-    `model`, `using`, `interval`, `clock`, `watch`, `max_staleness` and `heartbeat` are
-    those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process
+    `model`, `using`, `interval`, `clock`, `watch`, `max_staleness`, `heartbeat` and
+    `push` are those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process
     builds for itself on first use
     ([`jobs`][dbcancel.contrib.django.tasks.DjangoTaskJobs.jobs]), so a module can declare
     its tasks while Django loads its apps; they read back as `Jobs` shows them (`watch`
@@ -215,6 +215,7 @@ class DjangoTaskJobs(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        push: str | None = None,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
         self._options = Options.checked(
@@ -223,6 +224,7 @@ class DjangoTaskJobs(OptionsView):
             watch=watch,
             max_staleness=max_staleness,
             heartbeat=heartbeat,
+            push=push,
         )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')

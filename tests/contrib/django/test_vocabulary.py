@@ -95,6 +95,8 @@ def test_the_same_options_with_the_same_defaults(name: str, engine: Engine) -> N
     assert shown(given) == (0.25, False, 2.0, 3.0, fake_clock)
     assert build(name, engine, watch=False).watch is False
     assert build(name, engine, watch=None).watch is True
+    assert build(name, engine).push is None
+    assert build(name, engine, push="redis://127.0.0.1:6379/3").push == "redis://127.0.0.1:6379/3"
 
 
 BAD_OPTIONS = [
@@ -105,6 +107,8 @@ BAD_OPTIONS = [
     ({"watch": True, "clock": fake_clock}, ValueError, "watch=True polls from a background"),
     ({"max_staleness": -1}, ValueError, "max_staleness must be a finite number of seconds"),
     ({"heartbeat": 0}, ValueError, "heartbeat must be a finite number of seconds > 0, got 0"),
+    ({"push": 6379}, TypeError, "push must be None or a Redis URL"),
+    ({"push": "127.0.0.1:6379"}, ValueError, "push='127.0.0.1:6379' is not a Redis URL"),
 ]
 
 
@@ -121,6 +125,8 @@ BAD_OPTIONS = [
         "watch-and-clock",
         "max_staleness-negative",
         "heartbeat-0",
+        "push-int",
+        "push-no-scheme",
     ],
 )
 def test_the_same_errors_for_the_same_bad_options(
@@ -262,7 +268,7 @@ def test_asyncjobs_takes_the_same_options_and_shows_them_the_same_way(engine: En
 
 @pytest.mark.parametrize(
     ("options", "error", "text"),
-    BAD_OPTIONS,
+    BAD_OPTIONS[:-2],  # AsyncJobs does not take push
     ids=[
         "interval-0",
         "interval-str",
