@@ -202,3 +202,26 @@ def test_workers_before_any_job_ran(tmp_path, db):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "no worker table beside analysis: no job has run yet\n"
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_flask_dbcancel_has_the_same_commands(db, worker):
+    from flask import Flask
+
+    from dbcancel.contrib.flask import DBCancel
+    from tests.models import Analysis
+
+    job = db.add()
+    proc = worker(job)
+    app = Flask(__name__)
+    DBCancel(app, engine=db.engine, model=Analysis)
+    runner = app.test_cli_runner()
+    top = runner.invoke(args=["dbcancel", "top", "--once"])
+    assert top.exit_code == 0, top.output
+    assert top.output.startswith("analysis: 1 in progress, 0 cancelled and stopping, at ")
+    (row,) = top.output.splitlines()[3:]
+    assert row.split()[:2] == [str(job), "in_progress"]
+    listed = runner.invoke(args=["dbcancel", "workers"])
+    assert listed.exit_code == 0, listed.output
+    assert re.search(rf"\s{proc.pid}\s+1\s", listed.output)
+    proc.communicate("", timeout=60)
