@@ -273,3 +273,34 @@ def test_a_missing_extra_says_what_to_install(module, library, extra):
     )
     assert proc.returncode == 0, proc.stderr
     assert f"pip install 'dbcancel[{extra}]'" in proc.stdout
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_asyncjobs_runs_get_spans_and_latencies_too(db, telemetry):
+    import asyncio
+
+    from dbcancel import AsyncJobs
+    from tests.aio import async_engine
+
+    spans, reader, _ = telemetry
+    done, cancelled = db.add(), db.add()
+
+    async def main():
+        engine = async_engine(db.url, "sqlite")
+        jobs = AsyncJobs(engine, Analysis, interval=0.05)
+        try:
+            async with jobs.run(done) as cp:
+                cp()
+            async with jobs.run(cancelled, cancel_task=True) as cp:
+                await jobs.cancel(cancelled, reason="async stop")
+                await asyncio.sleep(30)  # cancelled by the cancel, at once
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+    by_id = {s.attributes["dbcancel.job_id"]: s for s in spans.get_finished_spans()}
+    assert by_id[done].attributes["dbcancel.status"] == "completed"
+    assert by_id[cancelled].attributes["dbcancel.status"] == "cancelled"
+    assert by_id[cancelled].attributes["dbcancel.cancel_reason"] == "async stop"
+    (observe,) = _points(reader)["dbcancel.cancel.observe.duration"]
+    assert observe.count == 1
