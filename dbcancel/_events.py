@@ -120,7 +120,11 @@ def job_ended(backend: Any, cp: Any, exc: BaseException | None) -> None:
         if status == "cancelled" and not cp._fenced and not cp._decided_here:
             read = getattr(backend, "cancel_times", None)
             if callable(read):
-                times = read(cp.job_id)
+                from . import _timeouts
+
+                # Bounded like a poll: a database that hangs must not hold the stop.
+                with _timeouts.limit(_timeouts.POLL_TIMEOUT):
+                    times = read(cp.job_id)
         requested, observed, finished = times if times else (None, None, None)
         emit(
             "end",

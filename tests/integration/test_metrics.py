@@ -304,3 +304,25 @@ def test_asyncjobs_runs_get_spans_and_latencies_too(db, telemetry):
     assert by_id[cancelled].attributes["dbcancel.cancel_reason"] == "async stop"
     (observe,) = _points(reader)["dbcancel.cancel.observe.duration"]
     assert observe.count == 1
+
+
+@pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+def test_a_failing_subscriber_is_logged_and_the_job_goes_on(db, caplog):
+    from dbcancel import _events
+
+    def broken(event, table, fields):
+        raise RuntimeError("exporter down")
+
+    _events.subscribe(broken)
+    try:
+        jobs = db.jobs()
+        job_id = db.add()
+        with jobs.run(job_id) as cp:
+            cp()
+        assert jobs.cancel(db.add())
+    finally:
+        _events.unsubscribe(broken)
+    assert _events.on == ()
+    assert jobs.status(job_id) is Status.COMPLETED
+    failures = [r for r in caplog.records if "metrics subscriber failed" in r.getMessage()]
+    assert {r.getMessage().split()[-1] for r in failures} >= {"'start'", "'end'", "'cancel'"}
