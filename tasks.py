@@ -229,12 +229,12 @@ def build(args: list[str]) -> int:
     return _run(py, "-m", "build", "--sdist", "--wheel", "--outdir", out, *args, ROOT)
 
 
-BENCHMARKS = ("core", "media", "watch", "liveness", "celery", "asyncio", "fleet")
+BENCHMARKS = ("core", "media", "watch", "liveness", "celery", "asyncio", "fleet", "statements")
 
 
 def bench(args: list[str]) -> int:
     """Install .[dev] and print a benchmark table: core (default), media, watch, liveness,
-    celery, asyncio, fleet"""
+    celery, asyncio, fleet, statements"""
     name = args[0] if args and args[0] in BENCHMARKS else "core"
     rest = args[1:] if args and args[0] in BENCHMARKS else args
     _install("dev")

@@ -28,8 +28,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Hashable, Mapping
 from typing import Any
 
-from . import _runtime, _timeouts
+from . import _events, _runtime, _timeouts
 from ._aio import LoopEvent
+from ._events import table_of
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT, worker_id
 from ._random import rng
@@ -153,6 +154,8 @@ class _Database:
             self.recorded = period
             self.beaten = started
             self.counts[0] += 1
+            if _events.on:
+                _events.emit("beat", self.label)
             return True
 
     async def beat_logged(self) -> None:
@@ -423,7 +426,9 @@ class LoopRuntime:
         if table is None:
             table = db.tables[backend.key] = _Table(
                 backend,
-                health if health is not None else health_for(backend.key, backend.label),
+                health
+                if health is not None
+                else health_for(backend.key, backend.label, table_of(backend)),
                 db,
             )
         else:

@@ -33,9 +33,11 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess
         "async driver: pip install 'dbcancel[asyncio]'"
     ) from err
 
+from . import _events
 from ._aio import MAX_WAIT_POLL, _call_soon, check_timeout, wait_stopped
 from ._aio_runtime import current_loop_runtime, loop_runtime
 from ._client import JobsClient, check_seconds
+from ._events import table_of
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
 from ._options import Options
@@ -92,7 +94,9 @@ class _Core(JobsWorker):
     def _health(self) -> Health:
         health = self._table_health
         if health is None:
-            health = self._table_health = health_for(self._backend.key, self._backend.label)
+            health = self._table_health = health_for(
+                self._backend.key, self._backend.label, table_of(self._backend)
+            )
         return health
 
     @_health.setter
@@ -503,6 +507,8 @@ class AsyncJobRun:
         self._started = started
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(b.key, self._entry)
+        if started and _events.on:
+            _events.job_started(b, cp)
         if started:
             rt.watch(b, core._health, cp)
         _push(cp)

@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping
 from numbers import Real
 from typing import Any, TypeVar
 
+from . import _events
 from ._aio import MAX_WAIT_POLL, LoopEvent, check_timeout, wait_stopped
+from ._events import table_of
 from ._runtime import runtime
 from .backend import WORKER_LOST, Backend, JobRow, cancel_change, cut_reason
 from .errors import JobNotFound
@@ -71,7 +73,10 @@ class JobsClient:
         if reason is not None and not isinstance(reason, str):
             raise TypeError(f"reason must be a string or None, got {reason!r}")
         reason = cut_reason(reason)
-        if not b.apply(cancel_change(reason), job_id=job_id, filters=where):
+        applied = b.apply(cancel_change(reason), job_id=job_id, filters=where)
+        if applied and _events.on:
+            _events.emit("cancel", table_of(b), count=1)
+        if not applied:
             row = b.read(job_id, where)
             if row is None:
                 raise JobNotFound(b.model_name, job_id, dict(where) if where else None)
@@ -96,6 +101,8 @@ class JobsClient:
             )
         b.check_filters(filters)
         count = b.apply(cancel_change(None), filters=filters)
+        if count and _events.on:
+            _events.emit("cancel", table_of(b), count=count)
         local = registry.active(b.key)
         if count and local:
             rows = b.read_many({e.job_id for e in local})
@@ -268,6 +275,8 @@ class JobsClient:
         """
         seconds = check_seconds("stale_after", stale_after)
         count = self._backend.reap(seconds, WORKER_LOST)
+        if count and _events.on:
+            _events.emit("reap", table_of(self._backend), count=count)
         if count:
             log.warning(
                 "dbcancel: reaped %d %s job(s) whose worker stopped beating "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 import uuid
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TextIO
@@ -33,6 +34,7 @@ __all__ = [
     "ALL_HELP",
     "CANCEL_HELP",
     "CANCEL_SUMMARY",
+    "EVERY_HELP",
     "EXIT_ERROR",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -40,6 +42,7 @@ __all__ = [
     "LIST_HEADERS",
     "LIST_HELP",
     "LIST_SUMMARY",
+    "ONCE_HELP",
     "REAP_HELP",
     "REAP_SUMMARY",
     "REASON_HELP",
@@ -47,12 +50,21 @@ __all__ = [
     "STATUS_HELP",
     "STATUS_OPTION_HELP",
     "STATUS_SUMMARY",
+    "TOP_HEADERS",
+    "TOP_HELP",
+    "TOP_SUMMARY",
+    "WORKERS_HEADERS",
+    "WORKERS_HELP",
+    "WORKERS_SUMMARY",
     "WORKER_COLUMN",
+    "ActiveDetail",
+    "FleetRows",
     "JobDetail",
     "JobsLike",
     "Outcome",
     "Rows",
     "SQLAlchemyRows",
+    "WorkerDetail",
     "add_stale_after",
     "cancel",
     "db_reason",
@@ -67,6 +79,9 @@ __all__ = [
     "sqlalchemy_id",
     "status",
     "status_lines",
+    "top",
+    "top_frame",
+    "workers",
 ]
 
 EXIT_OK = 0
@@ -104,6 +119,50 @@ class JobDetail(NamedTuple):
     cancel_reason: str | None
     error: str | None
     worker: str | None
+
+
+class WorkerDetail(NamedTuple):
+    """One row of the worker table as `workers` shows it.
+
+    `running` counts the jobs of the command's table that name this worker and have
+    not stopped (None when the table has no `worker_id` column).
+    """
+
+    id: str
+    heartbeat_at: dt.datetime
+    expires_at: dt.datetime | None
+    running: int | None
+
+
+class ActiveDetail(NamedTuple):
+    """A job that has started and not stopped, as `top` shows it: in progress, or
+    cancelled while its worker has not stopped yet."""
+
+    id: Any
+    status: str
+    started_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    cancel_requested_at: dt.datetime | None
+    cancel_reason: str | None
+    worker: str | None
+
+
+class FleetRows(Protocol):
+    """What `workers` and `top` read: a `Rows` that also sees the worker table."""
+
+    label: str
+    """The table's name, as every message shows it."""
+    errors: tuple[type[BaseException], ...]
+    """The ORM's database errors: a command reports them as one line, exit status 2."""
+
+    def workers(self) -> tuple[dt.datetime, list[WorkerDetail]] | None:
+        """The database's clock and every worker row, by id; None without a worker table."""
+
+    def active(self) -> tuple[dt.datetime, list[ActiveDetail]]:
+        """The database's clock and the jobs started and not stopped, by id."""
+
+    def describe(self, exc: BaseException) -> str:
+        """One line for a database error of `errors`, with no password in it."""
 
 
 class Outcome(NamedTuple):
@@ -213,6 +272,38 @@ STALE_AFTER_HELP = (
 """The help of `reap --stale-after`, on every command line."""
 
 
+WORKERS_HEADERS = ("host", "pid", "jobs", "beat age", "period", "state")
+"""The columns of `workers`, in every command line."""
+WORKERS_SUMMARY = "list the worker processes and their heartbeats"
+"""One line on `workers`."""
+WORKERS_HELP = (
+    f"List the rows of the worker table (one per process that ran jobs), with the "
+    f"columns {', '.join(WORKERS_HEADERS)}: 'jobs' counts the jobs of this table the "
+    "worker runs now (not stopped), 'beat age' the time since its last heartbeat on the "
+    "database's clock, 'period' its heartbeat period (from the expiry its last beat "
+    "recorded), 'state' 'alive' until that expiry, then 'expired' (reap() may take its "
+    "jobs). Read-only."
+)
+"""The help of `workers`."""
+TOP_HEADERS = ("id", "status", "age", "beat age", "worker", "cancel")
+"""The columns of `top`, in every command line."""
+TOP_SUMMARY = "show the jobs running now, refreshed (--once: print once)"
+"""One line on `top`."""
+TOP_HELP = (
+    f"Show the jobs that have started and not stopped, with the columns "
+    f"{', '.join(TOP_HEADERS)}: 'age' since the job started, 'beat age' since its "
+    "worker's last heartbeat, 'cancel' '-' or how long ago a cancel was requested (and "
+    "why) while its worker has not stopped yet. Ages are on the database's clock. "
+    "Refreshed every --every seconds until Ctrl-C; --once prints once and exits. "
+    "Read-only."
+)
+"""The help of `top`."""
+EVERY_HELP = "seconds between two refreshes of top (2)"
+"""The help of `top --every`."""
+ONCE_HELP = "print once and exit (for scripts)"
+"""The help of `top --once`."""
+
+
 # -- the commands -----------------------------------------------------------------------
 
 
@@ -315,6 +406,59 @@ def list_jobs(rows: Rows, *, every: bool = False, status: str | None = None) -> 
     return _guarded(rows, run)
 
 
+def workers(rows: FleetRows) -> Outcome:
+    """`workers`: a table of the worker rows (see `WORKERS_HELP`). Read-only."""
+
+    def run() -> Outcome:
+        found = rows.workers()
+        if found is None:
+            return Outcome(EXIT_OK, f"no worker table beside {rows.label}: no job has run yet")
+        now, listed = found
+        if not listed:
+            return Outcome(EXIT_OK, f"no workers beside {rows.label}")
+        return Outcome(
+            EXIT_OK, format_table(WORKERS_HEADERS, [_worker_cells(now, w) for w in listed], "1234")
+        )
+
+    return _fleet_guarded(rows, run)
+
+
+def top_frame(rows: FleetRows) -> str:
+    """One screen of `top`: a title line, then the table of running jobs."""
+    now, active = rows.active()
+    stopping = sum(1 for a in active if a.status == Status.CANCELLED.value)
+    title = (
+        f"{rows.label}: {len(active) - stopping} in progress, {stopping} cancelled and "
+        f"stopping, at {_when(now)}"
+    )
+    if not active:
+        return title
+    cells = [_active_cells(now, a) for a in active]
+    return title + "\n" + format_table(TOP_HEADERS, cells, right="023")
+
+
+def top(
+    rows: FleetRows,
+    *,
+    every: float = 2.0,
+    once: bool = False,
+    show: Callable[[str], object] | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+) -> Outcome:
+    """`top [--every S] [--once]`: with `once`, the frame as the outcome; else each
+    frame to `show` every `every` seconds until Ctrl-C (exit status 130)."""
+
+    def run() -> Outcome:
+        if once:
+            return Outcome(EXIT_OK, top_frame(rows))
+        out = show or _writer(sys.stdout)
+        while True:
+            out(top_frame(rows))
+            sleep(every)
+
+    return _fleet_guarded(rows, run)
+
+
 def reap(jobs: JobsLike, rows: Rows, stale_after: float) -> Outcome:
     """`reap --stale-after SECONDS`: one summary line (`stale_after` already checked)."""
 
@@ -358,6 +502,15 @@ def _writer(stream: TextIO) -> Callable[[str], object]:
 
 def _error(message: str) -> Outcome:
     return Outcome(EXIT_ERROR, err=f"error: {message}")
+
+
+def _fleet_guarded(rows: FleetRows, run: Callable[[], Outcome]) -> Outcome:
+    try:
+        return run()
+    except rows.errors as exc:
+        return _error(rows.describe(exc))
+    except KeyboardInterrupt:
+        return interrupted()
 
 
 def _guarded(rows: Rows, run: Callable[[], Outcome]) -> Outcome:
@@ -409,6 +562,67 @@ def _cells(row: JobDetail) -> list[str]:
         _text(row.worker, _WORKER_WIDTH),
         _text(note, _REASON_WIDTH),
     ]
+
+
+def _worker_cells(now: dt.datetime, w: WorkerDetail) -> list[str]:
+    host, _, rest = w.id.partition(":")
+    pid = rest.partition(":")[0] or "-"
+    period = "-"
+    state = "-"
+    if w.expires_at is not None:
+        lifetime = _seconds(w.heartbeat_at, w.expires_at)
+        if lifetime is not None:
+            from .backend import MISSED_BEATS
+
+            period = _age(lifetime / MISSED_BEATS)
+        expired = _seconds(w.expires_at, now)
+        state = "expired" if expired is not None and expired > 0 else "alive"
+    running = "-" if w.running is None else str(w.running)
+    return [host or "-", pid, running, _age(_seconds(w.heartbeat_at, now)), period, state]
+
+
+def _active_cells(now: dt.datetime, a: ActiveDetail) -> list[str]:
+    cancel = "-"
+    if a.status == Status.CANCELLED.value:
+        ago = _age(_seconds(a.cancel_requested_at, now))
+        cancel = f"requested {ago} ago" + (f": {a.cancel_reason}" if a.cancel_reason else "")
+    return [
+        str(a.id),
+        a.status,
+        _age(_seconds(a.started_at, now)),
+        _age(_seconds(a.heartbeat_at, now)),
+        _text(a.worker, _WORKER_WIDTH),
+        _text(cancel, _REASON_WIDTH + 20),
+    ]
+
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _seconds(start: Any, end: Any) -> float | None:
+    """`end - start` in seconds, naive timestamps taken as UTC; None when one is missing."""
+    if not isinstance(start, dt.datetime) or not isinstance(end, dt.datetime):
+        return None
+    return (_utc(end) - _utc(start)).total_seconds()
+
+
+def _age(seconds: float | None) -> str:
+    """`0.4s`, `12s`, `3m05s`, `2h07m`, `3d04h`; `-` for None. A negative age (a clock
+    a little behind another) shows as 0."""
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
 def _when(value: Any) -> str:
@@ -536,6 +750,86 @@ class SQLAlchemyRows:
             stmt = stmt.where(self.table.c.status.in_(sorted(statuses)))
         with self.engine.connect() as conn:
             return [_detail(r) for r in conn.execute(stmt.order_by(self._pk)).all()]
+
+    def _worker_table(self) -> Any:
+        """The worker table beside the job table, or None when it does not exist."""
+        from sqlalchemy import MetaData, inspect
+
+        from ._mixin import worker_table
+        from .models import WORKER_TABLE
+
+        if not inspect(self.engine).has_table(WORKER_TABLE, schema=self.table.schema):
+            return None
+        return worker_table(MetaData(), self.table.schema)
+
+    def workers(self) -> tuple[dt.datetime, list[WorkerDetail]] | None:
+        """The database's clock and the worker rows, each with the number of this
+        table's jobs it runs (not stopped), by id."""
+        from sqlalchemy import func, literal, select
+
+        from ._sqla import server_now
+
+        w = self._worker_table()
+        if w is None:
+            return None
+        c = self.table.c
+        running: Any = literal(None)
+        if WORKER_COLUMN in c:
+            running = (
+                select(func.count())
+                .where(c[WORKER_COLUMN] == w.c.id, c.finished_at.is_(None))
+                .where(c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]))
+                .scalar_subquery()
+            )
+        stmt = select(w.c.id, w.c.heartbeat_at, w.c.expires_at, running).order_by(w.c.id)
+        with self.engine.connect() as conn:
+            now = conn.execute(select(server_now())).scalar_one()
+            rows = conn.execute(stmt).all()
+        return now, [WorkerDetail(str(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def active(self) -> tuple[dt.datetime, list[ActiveDetail]]:
+        """The database's clock and the jobs started and not stopped, by id, each
+        with its worker's last heartbeat where the worker table has it."""
+        from sqlalchemy import func, literal, select
+
+        from ._sqla import server_now
+
+        c = self.table.c
+        worker = c[WORKER_COLUMN] if WORKER_COLUMN in c else literal(None)
+        beat: Any = c.heartbeat_at
+        w = self._worker_table() if WORKER_COLUMN in c else None
+        if w is not None:
+            latest = select(w.c.heartbeat_at).where(w.c.id == c[WORKER_COLUMN]).scalar_subquery()
+            beat = func.coalesce(latest, c.heartbeat_at)
+        stmt = (
+            select(
+                self._pk,
+                c.status,
+                c.started_at,
+                beat,
+                c.cancel_requested_at,
+                c.cancel_reason,
+                worker,
+            )
+            .where(c.finished_at.is_(None), c.started_at.is_not(None))
+            .where(c.status.in_([Status.IN_PROGRESS.value, Status.CANCELLED.value]))
+            .order_by(self._pk)
+        )
+        with self.engine.connect() as conn:
+            now = conn.execute(select(server_now())).scalar_one()
+            rows = conn.execute(stmt).all()
+        return now, [
+            ActiveDetail(
+                r[0],
+                str(getattr(r[1], "value", r[1])),
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                None if r[6] is None else str(r[6]),
+            )
+            for r in rows
+        ]
 
     def describe(self, exc: BaseException) -> str:
         """`database error on URL: first line of the driver's message`."""

@@ -15,6 +15,8 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 
+from . import _events
+
 __all__ = ["Health", "health_for"]
 
 log = logging.getLogger("dbcancel")
@@ -23,7 +25,8 @@ log = logging.getLogger("dbcancel")
 class Health:
     """Poll counters and the current outage of one table in this process."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, table: str | None = None) -> None:
+        self.table = label if table is None else table  # what metrics label it with
         self._reset(label)
         _every.add(self)
 
@@ -46,6 +49,10 @@ class Health:
             errors, self._outage_errors = self._outage_errors, 0
             if since is not None:
                 self.last_outage = time.monotonic() - since
+        if _events.on:
+            _events.emit(
+                "poll", self.table, ok=True, outage=None if since is None else self.last_outage
+            )
         if since is not None:
             log.warning(
                 "dbcancel: polling %s works again after %.1fs (%d failed polls)",
@@ -66,6 +73,8 @@ class Health:
             first = self._outage_since is None
             if first:
                 self._outage_since = time.monotonic()
+        if _events.on:
+            _events.emit("poll", self.table, ok=False, outage=None)
         if first:
             which = "" if job_id is None else f" (job {job_id!r})"
             log.warning(
@@ -98,6 +107,8 @@ class Health:
         with self._lock:
             self.notifications += notifications
             self.listener_errors += listener_errors
+        if notifications and _events.on:
+            _events.emit("notification", self.table, count=notifications)
 
 
 _lock = threading.Lock()
@@ -105,12 +116,13 @@ _by_key: dict[Hashable, Health] = {}
 _every: weakref.WeakSet[Health] = weakref.WeakSet()
 
 
-def health_for(key: Hashable, label: str) -> Health:
-    """The `Health` of the table identified by `key` in this process."""
+def health_for(key: Hashable, label: str, table: str | None = None) -> Health:
+    """The `Health` of the table identified by `key` in this process (`table`: its
+    name, for metrics)."""
     with _lock:
         health = _by_key.get(key)
         if health is None:
-            health = _by_key[key] = Health(label)
+            health = _by_key[key] = Health(label, table)
         return health
 
 

@@ -38,7 +38,8 @@ from collections.abc import Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import _timeouts
+from . import _events, _timeouts
+from ._events import table_of
 from ._health import Health
 from ._liveness import DEFAULT_HEARTBEAT, worker_id
 from ._random import rng
@@ -189,6 +190,8 @@ class _Database:
             self.recorded = period
             self.beaten = started
             self.counts[0] += 1
+            if _events.on:
+                _events.emit("beat", self.label)
             return True
 
     def beat_logged(self, *, fresh_within: float | None = None) -> None:
@@ -514,7 +517,9 @@ class Runtime:
 
             table = db.tables[backend.key] = _Table(
                 backend,
-                health if health is not None else health_for(backend.key, backend.label),
+                health
+                if health is not None
+                else health_for(backend.key, backend.label, table_of(backend)),
                 db,
             )
         else:

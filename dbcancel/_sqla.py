@@ -713,6 +713,20 @@ class SQLAlchemyBackend:
 
         return run_retried(read, _FAULTS, label=self.model_name, write=False)
 
+    def cancel_times(
+        self, job_id: Any
+    ) -> tuple[dt.datetime | None, dt.datetime | None, dt.datetime | None] | None:
+        """The job's `cancel_requested_at`, `cancel_observed_at` and `finished_at`; None
+        when there is no such row. Read for metrics only, when a cancelled job stops."""
+        if self._identity is None:
+            self._identify()
+        c = self.table.c
+        stmt = select(c.cancel_requested_at, c.cancel_observed_at, c.finished_at).where(
+            self.pk == job_id
+        )
+        row = self._read(lambda conn: conn.execute(stmt).first())
+        return None if row is None else (row[0], row[1], row[2])
+
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp `finished_at` where it is still null (and `cancel_observed_at`)."""
         ident = self._identity or self._identify()

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
-from . import _timeouts
+from . import _events, _timeouts
 from ._client import JobsClient
 from ._health import Health
 from ._runtime import runtime
@@ -249,7 +249,10 @@ class JobsWorker(JobsClient):
         """
         try:
             try:
-                return self._finish_job(cp, exc, started)
+                swallow = self._finish_job(cp, exc, started)
+                if started and _events.on:
+                    _events.job_ended(self._backend, cp, exc)
+                return swallow
             except BaseException as interrupt:
                 if isinstance(interrupt, Exception) or not started:
                     raise
@@ -378,6 +381,8 @@ class JobRun:
         self._started = started
         self._entry = ActiveJob(cp.job_id, cp, threading.current_thread(), utcnow())
         registry.add(self._jobs._backend.key, self._entry)
+        if started and _events.on:
+            _events.job_started(self._jobs._backend, cp)
         if cp.watched and started:
             self._jobs._runtime_add(cp)
             self._watched = True

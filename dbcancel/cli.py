@@ -1,7 +1,7 @@
-"""The command line: `python -m dbcancel demo|cancel|status|list|reap` (or `dbcancel ...`).
+"""The command line: `python -m dbcancel COMMAND` (or `dbcancel COMMAND`).
 
-`demo` runs `dbcancel.demo.run_demo`. `cancel`, `status`, `list` and `reap`
-work on an existing job table of any app: the table is reflected from the database, so
+`demo` runs `dbcancel.demo.run_demo`. `cancel`, `status`, `list`, `reap`, `workers`
+and `top` work on an existing job table of any app: the table is reflected from the database, so
 they need nothing but its URL and name (`--url`/`$DBCANCEL_URL`,
 `--table`/`$DBCANCEL_TABLE`).
 Only the standard library and SQLAlchemy are used. Passwords in URLs are never printed.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,18 +43,24 @@ from ._commands import (
     ALL_HELP,
     CANCEL_HELP,
     CANCEL_SUMMARY,
+    EVERY_HELP,
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_REFUSED,
     LIST_HELP,
     LIST_SUMMARY,
+    ONCE_HELP,
     REAP_HELP,
     REAP_SUMMARY,
     REASON_HELP,
     STATUS_HELP,
     STATUS_OPTION_HELP,
     STATUS_SUMMARY,
+    TOP_HELP,
+    TOP_SUMMARY,
+    WORKERS_HELP,
+    WORKERS_SUMMARY,
     Outcome,
     SQLAlchemyRows,
     db_reason,
@@ -105,6 +112,8 @@ examples:
   %(prog)s cancel 42 --reason "session deleted"
   %(prog)s status 42
   %(prog)s reap --stale-after 60
+  %(prog)s workers
+  %(prog)s top --every 1
 
 The table commands work on any table with dbcancel's columns (those of
 CancellableMixin) and a one-column primary key. Times are UTC.
@@ -223,6 +232,16 @@ def build_parser(prog: str = "dbcancel") -> argparse.ArgumentParser:
     _table_arguments(reap, with_id=False)
     add_stale_after(reap)
     reap.set_defaults(handler=_reap)
+
+    fleet = command("workers", WORKERS_SUMMARY, WORKERS_HELP)
+    _table_arguments(fleet, with_id=False)
+    fleet.set_defaults(handler=_workers)
+
+    top = command("top", TOP_SUMMARY, TOP_HELP)
+    _table_arguments(top, with_id=False)
+    top.add_argument("--every", type=positive_seconds, default=2.0, metavar="S", help=EVERY_HELP)
+    top.add_argument("--once", action="store_true", help=ONCE_HELP)
+    top.set_defaults(handler=_top)
     return parser
 
 
@@ -299,6 +318,23 @@ def _reap(args: argparse.Namespace) -> Outcome:
     # --stale-after was checked by argparse, so reap() has nothing left to refuse.
     with _open(args) as (jobs, rows):
         return commands.reap(jobs, rows, args.stale_after)
+
+
+def _workers(args: argparse.Namespace) -> Outcome:
+    with _open(args) as (_, rows):
+        return commands.workers(rows)
+
+
+def _top(args: argparse.Namespace) -> Outcome:
+    with _open(args) as (_, rows):
+        return commands.top(rows, every=args.every, once=args.once, show=_screen())
+
+
+def _screen() -> Any:
+    """How `top` shows a frame: over the last one on a terminal, else after it."""
+    if sys.stdout.isatty():
+        return lambda text: print("\x1b[H\x1b[2J" + text, flush=True)
+    return lambda text: print(text + "\n", flush=True)
 
 
 # -- database access --------------------------------------------------------------------

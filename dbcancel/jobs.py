@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
+from ._events import table_of
 from ._health import Health, health_for
 from ._liveness import DEFAULT_HEARTBEAT
 from ._options import DEFAULT_INTERVAL, Options
@@ -244,7 +245,9 @@ class Jobs(JobsWorker):
         `Jobs` of the table (found by its key on first use)."""
         health = self._table_health
         if health is None:
-            health = self._table_health = health_for(self._backend.key, self._backend.label)
+            health = self._table_health = health_for(
+                self._backend.key, self._backend.label, table_of(self._backend)
+            )
         return health
 
     @_health.setter

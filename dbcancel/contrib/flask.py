@@ -66,8 +66,10 @@ from dbcancel._commands import (
     ALL_HELP,
     CANCEL_HELP,
     CANCEL_SUMMARY,
+    EVERY_HELP,
     LIST_HELP,
     LIST_SUMMARY,
+    ONCE_HELP,
     REAP_HELP,
     REAP_SUMMARY,
     REASON_HELP,
@@ -75,6 +77,10 @@ from dbcancel._commands import (
     STATUS_HELP,
     STATUS_OPTION_HELP,
     STATUS_SUMMARY,
+    TOP_HELP,
+    TOP_SUMMARY,
+    WORKERS_HELP,
+    WORKERS_SUMMARY,
     Outcome,
     SQLAlchemyRows,
     positive_seconds,
@@ -451,3 +457,21 @@ def reap_command(stale_after: float) -> None:
     """`flask dbcancel reap --stale-after SECONDS`."""
     # --stale-after was checked by its callback: reap() has nothing left to refuse.
     _run(lambda jobs, rows: commands.reap(jobs, rows, stale_after))
+
+
+@cli.command("workers", short_help=WORKERS_SUMMARY, help=WORKERS_HELP)
+def workers_command() -> None:
+    """`flask dbcancel workers`."""
+    _run(lambda jobs, rows: commands.workers(rows))
+
+
+@cli.command("top", short_help=TOP_SUMMARY, help=TOP_HELP)
+@click.option("--every", default="2", callback=_seconds, metavar="S", help=EVERY_HELP)
+@click.option("--once", is_flag=True, help=ONCE_HELP)
+def top_command(every: float, once: bool) -> None:
+    """`flask dbcancel top [--every S] [--once]`."""
+    _run(
+        lambda jobs, rows: commands.top(
+            rows, every=every, once=once, show=lambda text: click.echo(text + "\n")
+        )
+    )

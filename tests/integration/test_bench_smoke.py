@@ -106,3 +106,35 @@ def test_quick_benchmark_prints_its_table(
         assert row in out, row
     # Every close frame the media server saw after a cancel was 1001 "cancelled".
     assert "bad closes" not in out, out
+
+
+@pytest.mark.postgresql
+@pytest.mark.slow
+def test_the_statements_benchmark_runs_a_small_fleet() -> None:
+    """`bench_statements.py` on 2 processes for 2 s: its throwaway server, both fleets
+    and its table (scaled to 100 processes)."""
+    from tests.integration.servers import PG_BIN, unavailable
+
+    if not (PG_BIN / "initdb").exists():
+        unavailable(f"no PostgreSQL binaries in {PG_BIN}")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_statements.py"),
+            "--processes",
+            "2",
+            "--window",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=False,
+    )
+    out = result.stdout
+    missed = [ln for ln in out.splitlines() if ln.startswith("| ") and "MISSED" in ln]
+    assert result.returncode == (1 if missed else 0), result.stderr[-4000:]
+    assert "2 processes x 10 jobs = 20 jobs" in out
+    assert "| default (watched) |" in out
+    assert "| per job (watch=False) |" in out
+    assert "(100 processes, scaled x 50)" in out

@@ -491,6 +491,16 @@ class DjangoBackend:
             )
         }
 
+    def cancel_times(
+        self, job_id: Any
+    ) -> tuple[dt.datetime | None, dt.datetime | None, dt.datetime | None] | None:
+        """The job's `cancel_requested_at`, `cancel_observed_at` and `finished_at`; None
+        when there is no such row. Read for metrics only, when a cancelled job stops."""
+        qs = self._manager.using(self.alias).filter(pk=job_id)
+        fields = ("cancel_requested_at", "cancel_observed_at", "finished_at")
+        rows = self._read(lambda: list(qs.values_list(*fields)[:1]))
+        return tuple(rows[0]) if rows else None
+
     def mark_stopped(self, job_id: Any, observed_at: dt.datetime | None = None) -> None:
         """Stamp `finished_at` where it is still null, in one committed UPDATE.
 

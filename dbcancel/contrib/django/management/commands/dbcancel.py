@@ -1,10 +1,13 @@
-"""`manage.py dbcancel list|status|cancel|reap`: look at, cancel and reap jobs from a shell.
+"""`manage.py dbcancel list|status|cancel|reap|workers|top`: look at, cancel and reap jobs
+from a shell, and watch the fleet.
 
 ```text
 manage.py dbcancel list [--all | --status S]
 manage.py dbcancel status 42
 manage.py dbcancel cancel 42 --reason "session deleted"
 manage.py dbcancel reap --stale-after 60
+manage.py dbcancel workers
+manage.py dbcancel top [--every 2] [--once]
 ```
 
 `--model app_label.ModelName` names the job model (default: the setting
@@ -23,6 +26,7 @@ installed.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import sys
 import uuid
@@ -40,18 +44,26 @@ from dbcancel._commands import (
     ALL_HELP,
     CANCEL_HELP,
     CANCEL_SUMMARY,
+    EVERY_HELP,
     EXIT_ERROR,
     LIST_HELP,
     LIST_SUMMARY,
+    ONCE_HELP,
     REAP_HELP,
     REAP_SUMMARY,
     REASON_HELP,
     STATUS_HELP,
     STATUS_OPTION_HELP,
     STATUS_SUMMARY,
+    TOP_HELP,
+    TOP_SUMMARY,
     WORKER_COLUMN,
+    WORKERS_HELP,
+    WORKERS_SUMMARY,
+    ActiveDetail,
     JobDetail,
     Outcome,
+    WorkerDetail,
     add_stale_after,
     id_kind_error,
 )
@@ -72,6 +84,7 @@ class DjangoRows:
     """
 
     def __init__(self, jobs: DjangoJobs) -> None:
+        self._backend: Any = jobs._backend
         self.model: Any = jobs.model
         """The job model."""
         self.using = jobs.using
@@ -149,6 +162,72 @@ class DjangoRows:
             qs = qs.filter(status__in=sorted(statuses))
         return [_detail(r) for r in qs.order_by("pk").values_list(*self._fields)]
 
+    def _has_worker_table(self) -> bool:
+        from django.db import connections
+
+        from dbcancel.models import WORKER_TABLE
+
+        return WORKER_TABLE in connections[self.using].introspection.table_names()
+
+    def workers(self) -> tuple[dt.datetime, list[WorkerDetail]] | None:
+        """The database's clock and the worker rows, each with the number of this
+        model's jobs it runs (not stopped), by id; None without a worker table."""
+        from django.db.models import Count, OuterRef, Q, Subquery
+
+        from dbcancel.contrib.django.models import Worker
+
+        if not self._has_worker_table():
+            return None
+        now: dt.datetime = self._backend._server_now()
+        qs = Worker.objects.using(self.using).order_by("pk")
+        fields = ["pk", "heartbeat_at", "expires_at"]
+        if self._worker_field is not None:
+            live = Q(finished_at__isnull=True) & Q(
+                status__in=[Status.IN_PROGRESS.value, Status.CANCELLED.value]
+            )
+            jobs = (
+                self.model._base_manager.using(self.using)
+                .filter(live, **{self._worker_field: OuterRef("pk")})
+                .order_by()
+                .values(self._worker_field)
+                .annotate(n=Count("pk"))
+                .values("n")
+            )
+            qs = qs.annotate(running=Subquery(jobs[:1]))
+            fields.append("running")
+        listed = []
+        for row in qs.values_list(*fields):
+            running = (row[3] or 0) if self._worker_field is not None else None
+            listed.append(WorkerDetail(str(row[0]), row[1], row[2], running))
+        return now, listed
+
+    def active(self) -> tuple[dt.datetime, list[ActiveDetail]]:
+        """The database's clock and the jobs started and not stopped, by id."""
+        now: dt.datetime = self._backend._server_now()
+        qs = self._rows().filter(
+            finished_at__isnull=True,
+            started_at__isnull=False,
+            status__in=[Status.IN_PROGRESS.value, Status.CANCELLED.value],
+        )
+        fields = ["pk", "status", "started_at", "beat", "cancel_requested_at", "cancel_reason"]
+        if self._worker_field is not None:
+            fields.append(self._worker_field)
+        listed = []
+        for row in qs.order_by("pk").values_list(*fields):
+            worker = row[6] if len(row) > 6 else None
+            listed.append(
+                ActiveDetail(
+                    row[0],
+                    str(getattr(row[1], "value", row[1])),
+                    row[2],
+                    row[3],
+                    row[4],
+                    row[5],
+                    None if worker is None else str(worker),
+                )
+            )
+        return now, listed
+
     def describe(self, exc: BaseException) -> str:
         """`database error on database 'alias': first line of the driver's message`."""
         from django.db import connections
@@ -174,10 +253,12 @@ def _detail(row: tuple[Any, ...]) -> JobDetail:
 
 class Command(BaseCommand):  # type: ignore[misc]
     """`dbcancel list [--all | --status S]`, `dbcancel status ID`,
-    `dbcancel cancel ID [--reason TEXT]`, `dbcancel reap --stale-after SECONDS`."""
+    `dbcancel cancel ID [--reason TEXT]`, `dbcancel reap --stale-after SECONDS`,
+    `dbcancel workers`, `dbcancel top [--every S] [--once]`."""
 
     help = (
-        "List, inspect, cancel and reap dbcancel jobs. Exit status: 0 success, 1 cancel "
+        "List, inspect, cancel and reap dbcancel jobs; list its workers, watch running "
+        "jobs (top). Exit status: 0 success, 1 cancel "
         "refused (the job had already completed or failed), 2 usage error, unknown job or "
         "model, or database error, 130 interrupted. Times are UTC."
     )
@@ -185,10 +266,10 @@ class Command(BaseCommand):  # type: ignore[misc]
     """The program name of error lines; `run_from_argv` sets it from the command line."""
 
     def add_arguments(self, parser: Any) -> None:
-        """The four subcommands; `--model` and `--database` go before or after them."""
+        """The subcommands; `--model` and `--database` go before or after them."""
         self._common(parser, argparse_default=True)
         sub = parser.add_subparsers(
-            dest="action", metavar="{list,status,cancel,reap}", required=True
+            dest="action", metavar="{list,status,cancel,reap,workers,top}", required=True
         )
         listing = sub.add_parser("list", help=LIST_SUMMARY, description=LIST_HELP)
         which = listing.add_mutually_exclusive_group()
@@ -203,7 +284,13 @@ class Command(BaseCommand):  # type: ignore[misc]
         cancel.add_argument("--reason", default=None, metavar="TEXT", help=REASON_HELP)
         reap = sub.add_parser("reap", help=REAP_SUMMARY, description=REAP_HELP)
         add_stale_after(reap)
-        for subparser in (listing, status, cancel, reap):
+        fleet = sub.add_parser("workers", help=WORKERS_SUMMARY, description=WORKERS_HELP)
+        top = sub.add_parser("top", help=TOP_SUMMARY, description=TOP_HELP)
+        top.add_argument(
+            "--every", type=commands.positive_seconds, default=2.0, metavar="S", help=EVERY_HELP
+        )
+        top.add_argument("--once", action="store_true", help=ONCE_HELP)
+        for subparser in (listing, status, cancel, reap, fleet, top):
             self._common(subparser, argparse_default=False)
 
     @staticmethod
@@ -251,6 +338,15 @@ class Command(BaseCommand):  # type: ignore[misc]
             return commands.list_jobs(rows, every=every, status=options.get("status"))
         if action == "status":
             return commands.status(jobs, rows, options["job_id"])
+        if action == "workers":
+            return commands.workers(rows)
+        if action == "top":
+            return commands.top(
+                rows,
+                every=options.get("every") or 2.0,
+                once=bool(options.get("once")),
+                show=lambda text: (self.stdout.write(text + "\n"), self.stdout.flush()),
+            )
         if action == "reap":
             # --stale-after was checked by argparse, so reap() has nothing left to refuse.
             return commands.reap(jobs, rows, options["stale_after"])
