@@ -33,13 +33,7 @@ class FreezingProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        async def close() -> None:
-            for writer in list(self._writers):
-                writer.close()
-            await asyncio.sleep(0.05)  # the transports close on the next turns
-            self._loop.stop()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop)
+        self._loop.call_soon_threadsafe(self._loop.stop)  # the thread closes everything
         self._thread.join(10)
 
     def freeze(self) -> None:
@@ -69,8 +63,19 @@ class FreezingProxy:
         try:
             self._loop.run_forever()
         finally:
+            # Stop accepting, end every connection's task (one may be opening its server
+            # side right now), then close every socket before the loop: a transport left
+            # to the garbage collector warns in whichever test runs then.
             self._server.close()
+            tasks = asyncio.all_tasks(self._loop)
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(asyncio.sleep(0.05))  # closes on next turns
                 self._loop.run_until_complete(self._server.wait_closed())
             self._loop.close()
 
