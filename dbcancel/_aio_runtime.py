@@ -576,15 +576,7 @@ class LoopRuntime:
         db.probe_until = math.inf
         if not db.deaf:
             db.deaf = True
-            log.warning(
-                "dbcancel: the listener of %s has not received the probe notification sent "
-                "through the engine within %gs (does the engine reach the server through "
-                "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
-                "polling alone, within the interval. To have them pushed, pass "
-                "listen_url= a direct connection to the server (not through the pooler)",
-                db.label,
-                _runtime.PROBE_TIMEOUT,
-            )
+            log.warning(_runtime.DEAF_WARNING, db.label, _runtime.PROBE_TIMEOUT)
         return math.inf
 
     async def _listen_failed(self, db: _Database, sys_exc: bool | None = None) -> None:

@@ -68,6 +68,15 @@ does not count as listening (`stats().listening` is False) and cancels are seen 
 polling alone. A probe that never arrives means the listener hears nothing the
 engine's connections send: a pooler in transaction mode sits between them."""
 
+DEAF_WARNING = (
+    "dbcancel: the listener of %s has not received the probe notification sent "
+    "through the engine within %gs (does the engine reach the server through "
+    "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
+    "polling alone, within the interval. To have them pushed, pass "
+    "listen_url= a direct connection to the server (not through the pooler)"
+)
+"""What a listener whose probe never arrived logs, once (both runtimes)."""
+
 _RESTART_PAUSE = 0.05
 
 
@@ -728,15 +737,7 @@ class Runtime:
         state.probe_until = math.inf
         if not state.deaf:
             state.deaf = True
-            log.warning(
-                "dbcancel: the listener of %s has not received the probe notification sent "
-                "through the engine within %gs (does the engine reach the server through "
-                "a pooler in transaction mode, such as PgBouncer?); cancels are seen by "
-                "polling alone, within the interval. To have them pushed, pass "
-                "listen_url= a direct connection to the server (not through the pooler)",
-                db.label,
-                PROBE_TIMEOUT,
-            )
+            log.warning(DEAF_WARNING, db.label, PROBE_TIMEOUT)
 
     def _follow(self, db: _Database, listener: Listener, job_ids: set[str]) -> None:
         """Have a listener that subscribes per job follow exactly `job_ids`."""
