@@ -32,7 +32,9 @@ from dbcancel._runtime import runtime
 from .budget_worker import MODELS, Base
 from .servers import Server, throwaway
 
-pytestmark = pytest.mark.postgresql
+# Throwaway servers and pooler processes: what they test does not change with the
+# Python version, so they run on the first Python of test-all only.
+pytestmark = [pytest.mark.postgresql, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 DATABASES = 1

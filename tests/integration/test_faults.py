@@ -132,10 +132,11 @@ class Killer:
                     ended = conn.execute(
                         text("SELECT pg_terminate_backend(:pid, 60000)"), {"pid": session}
                     ).scalar_one()
-                    # False too when it had exited by itself since the list was read.
-                    assert ended or not self._alive(conn, [session]), (
-                        f"backend {session} did not exit"
-                    )
+                    if not ended:
+                        # False too when it had exited by itself since the list was read;
+                        # pg_stat_activity is a snapshot per transaction: read a new one.
+                        conn.commit()
+                        assert not self._alive(conn, [session]), f"backend {session} did not exit"
                 else:
                     conn.execute(text(f"KILL CONNECTION {int(session)}"))
             conn.commit()

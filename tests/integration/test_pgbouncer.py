@@ -29,7 +29,9 @@ from tests.models import Analysis, Base
 
 from .servers import PgBouncer, throwaway_pgbouncer
 
-pytestmark = pytest.mark.postgresql
+# Throwaway servers and pooler processes: what they test does not change with the
+# Python version, so they run on the first Python of test-all only.
+pytestmark = [pytest.mark.postgresql, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 NO_PREPARE = {"prepare_threshold": None}

@@ -29,6 +29,10 @@ from tests.models import Analysis
 
 from .redis_server import RedisServer, shared_url
 
+# Redis servers of the tests' own and worker processes: what they test does not change
+# with the Python version, so they run on the first Python of test-all only.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = Analysis.__table__
 

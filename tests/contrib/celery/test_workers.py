@@ -542,6 +542,7 @@ def test_the_example_app(services: None, tmp_path: Path) -> None:
 
 
 @POSTGRESQL
+@pytest.mark.slow
 def test_the_benchmark_runs(services: None, database: Database) -> None:
     """A smoke run of benchmarks/bench_celery.py; it asserts nothing about speed."""
     done = subprocess.run(
