@@ -61,9 +61,16 @@ def make_stale(db: Any, worker: str, seconds: float = 3600) -> None:
     its last beat and the expiry that beat promised both ``seconds`` in the past."""
     old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
     with db.engine.begin() as conn:
-        conn.execute(
+        done = conn.execute(
             update(WORKERS).where(WORKERS.c.id == worker).values(heartbeat_at=old, expires_at=old)
         )
+        if done.rowcount == 0:
+            # No row: this process beat the database less than a period ago, in an
+            # earlier test whose rows the fixture removed, so its job joined without a
+            # beat. Write the row its last beat would have left, gone quiet.
+            conn.execute(
+                WORKERS.insert().values(id=worker, started_at=old, heartbeat_at=old, expires_at=old)
+            )
 
 
 class Reaper:
