@@ -226,14 +226,8 @@ class MariaDBServer(Server):
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()  # SIGTERM: a normal shutdown that closes every session
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        if process is not None:
+            _terminate(process, 60)
 
     def remove(self) -> None:
         try:
@@ -335,14 +329,8 @@ class PgBouncer:
     def stop(self) -> None:
         """Stop the pooler: SIGTERM, a shutdown that closes every client."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        if process is not None:
+            _terminate(process, 30)
 
     def remove(self) -> None:
         """Stop the pooler and its PostgreSQL; remove both directories."""
@@ -351,6 +339,17 @@ class PgBouncer:
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.postgres.remove()
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM `process` (a normal shutdown that closes every session), SIGKILL it if it
+    has not exited within `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 def binaries_missing(name: str) -> str | None:
