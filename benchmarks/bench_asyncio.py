@@ -63,6 +63,7 @@ from bench_core import (
     parse_args,
     progress,
     python_command,
+    report_head,
     table,
     verdict,
 )
@@ -605,12 +606,7 @@ def summary_rows(report: Report) -> list[list[str]]:
 
 def render(report: Report) -> str:
     s = report.settings
-    out = ["# dbcancel asyncio benchmark", ""]
-    out.append(" · ".join(f"{k} {v}" for k, v in report.header.items()))
-    out.append("")
-    out += [f"> **Warning:** {w}" for w in report.warnings]
-    if report.warnings:
-        out.append("")
+    out = report_head("asyncio", report.header, report.warnings)
     out += table(["row", "measured", "target", "verdict"], summary_rows(report))
     out += ["", "## (k) per-call cost in a coroutine", ""]
     out.append(

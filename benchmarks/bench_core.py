@@ -677,14 +677,20 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def report_head(title: str, header: dict[str, str], warnings: list[str]) -> list[str]:
+    """The opening lines of every benchmark's report: its title, the line describing
+    the run (versions, machine, load) and its warnings."""
+    out = [f"# dbcancel {title} benchmark", "", " · ".join(f"{k} {v}" for k, v in header.items())]
+    out.append("")
+    out += [f"> **Warning:** {w}" for w in warnings]
+    if warnings:
+        out.append("")
+    return out
+
+
 def render(report: Report) -> str:
     """The whole report as Markdown."""
-    out = ["# dbcancel core benchmark", ""]
-    out.append(" · ".join(f"{k} {v}" for k, v in report.header.items()))
-    out.append("")
-    out += [f"> **Warning:** {w}" for w in report.warnings]
-    if report.warnings:
-        out.append("")
+    out = report_head("core", report.header, report.warnings)
     cp = report.loops[CP].best
     mono = report.loops[MONO].best
     default = report.loops[DEFAULT_CP].best

@@ -71,6 +71,7 @@ from bench_core import (
     parse_args,
     progress,
     python_command,
+    report_head,
     source_fingerprint,
     table,
     verdict,
@@ -791,12 +792,7 @@ def fmt_polls(runs: Runs) -> str:
 def render(report: Report) -> str:
     """The whole report as Markdown."""
     s = report.settings
-    out = ["# dbcancel media benchmark", ""]
-    out.append(" · ".join(f"{k} {v}" for k, v in report.header.items()))
-    out.append("")
-    out += [f"> **Warning:** {w}" for w in report.warnings]
-    if report.warnings:
-        out.append("")
+    out = report_head("media", report.header, report.warnings)
 
     rows: list[list[str]] = []
     bare = report.throughput[BARE]

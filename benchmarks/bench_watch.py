@@ -65,6 +65,7 @@ from bench_core import (
     parse_args,
     progress,
     python_command,
+    report_head,
     source_fingerprint,
     table,
     time_round_robin,
@@ -681,12 +682,7 @@ def summary_rows(report: Report) -> list[list[str]]:
 def render(report: Report) -> str:
     """The whole report as Markdown."""
     s = report.settings
-    out = ["# dbcancel watcher benchmark", ""]
-    out.append(" · ".join(f"{k} {v}" for k, v in report.header.items()))
-    out.append("")
-    out += [f"> **Warning:** {w}" for w in report.warnings]
-    if report.warnings:
-        out.append("")
+    out = report_head("watcher", report.header, report.warnings)
     out += table(["row", "measured", "target", "verdict"], summary_rows(report))
 
     out += ["", "## (g) statements sent while N jobs run, per mode", ""]
