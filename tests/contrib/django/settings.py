@@ -247,6 +247,18 @@ def child_env(alias: str, **overrides: Any) -> dict[str, str]:
     return env
 
 
+WORKER_LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        name: {"handlers": ["console"], "level": "INFO", "propagate": False}
+        for name in ("django.tasks", "django_tasks")
+    },
+}
+"""Task lines of a child's db_worker on its stderr, with Django 6 and with the backport."""
+
+
 def configure_child() -> None:
     """In a child process: configure Django with the one database passed by :func:`child_env`."""
     import django
@@ -256,6 +268,11 @@ def configure_child() -> None:
     entry = json.loads(os.environ[CHILD_ENV])
     options = settings_dict()
     options.update(json.loads(os.environ.get(CHILD_SETTINGS_ENV, "{}")))
+    # Django 6's task logger, "django.tasks", sits under "django", whose default console
+    # handler prints only with DEBUG=True: db_worker then adds no handler of its own and
+    # its task lines go nowhere. The tests read a worker's log, so it gets a console
+    # handler, as a deployed worker's LOGGING would give it.
+    options.setdefault("LOGGING", WORKER_LOGGING)
     settings.configure(DATABASES={"default": entry}, **options)
     django.setup()
 
