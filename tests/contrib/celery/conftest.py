@@ -18,7 +18,8 @@ def services() -> None:
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=5)
-        redis.Redis.from_url(BACKEND, socket_timeout=5).ping()
+        with redis.Redis.from_url(BACKEND, socket_timeout=5) as client:
+            client.ping()
     except Exception as err:
         message = f"RabbitMQ or Redis is not reachable: {err}"
         if IN_CI:

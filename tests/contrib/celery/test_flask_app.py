@@ -35,7 +35,7 @@ from tests.contrib.test_flask_app import (
     running_server,
 )
 
-from .workers import BROKER, Node
+from .workers import BROKER, Node, close_app
 
 DELAY = 0.05  # the analysis server's seconds per reply
 FRAMES = 200  # frames per file: 10 s of analysis each, far longer than any test
@@ -133,7 +133,7 @@ def deployment(
             client: Celery = app.extensions[flask_app.CELERY_KEY]
             with client.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
-            client.close()
+            close_app(client)
             engine.dispose()
             with app.app_context():
                 flask_app.db.engine.dispose()

@@ -16,12 +16,32 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[3]
 BROKER = os.environ.get("DBCANCEL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND = os.environ.get("DBCANCEL_TEST_REDIS", "redis://127.0.0.1:6379/0")
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
+
+
+def close_app(app: Any) -> None:
+    """``app.close()``, and the sockets of its Redis result backend if it made one.
+
+    Celery's own close forgets the broker pool only: the backend's pub/sub and pooled
+    connections are left to the garbage collector, whose ResourceWarning then fails
+    whichever later test of the same pytest worker happens to collect them.
+    """
+    backend = getattr(app, "_backend", None)
+    if backend is not None:
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None:
+            consumer.stop()
+        client = getattr(backend, "client", None)
+        if client is not None:
+            client.close()
+            client.connection_pool.disconnect()
+    app.close()
 
 
 @dataclass
