@@ -31,7 +31,7 @@ from tests.conftest import Database
 from tests.models import Analysis
 
 from .worker_app import client
-from .workers import BACKEND, BROKER, ROOT, Node
+from .workers import BACKEND, BROKER, ROOT, Node, close_app
 
 ANALYSE = "dbcancel_test.analyse"
 ANALYSE_LATE = "dbcancel_test.analyse_late"
@@ -179,7 +179,7 @@ def nodes(
                     channel.queue_delete(queue)
                 except Exception:
                     channel = conn.channel()
-        app.close()
+        close_app(app)
 
 
 @pytest.fixture
@@ -380,6 +380,8 @@ def test_sigkill_of_a_node_is_reaped_and_others_keep_working(
     r_late = cluster.send(ANALYSE_LATE, lost[1], 3000, 0.02, queue=cluster.queue_of("k"))
     r_survivor = cluster.send(ANALYSE, survivor, 150, 0.02, queue=cluster.queue_of("a"))
     cluster.in_progress(*lost, survivor)
+    # A row is in_progress just before its body starts: the kill must come after both ran.
+    until(lambda: all(cluster.ran(job_id) for job_id in lost), what="both bodies on node k")
 
     killed.kill()  # the main process and its pool children, as the OOM killer would
     reaped = 0
@@ -535,7 +537,7 @@ def test_the_example_app(services: None, tmp_path: Path) -> None:
         app = client(BROKER, BACKEND)
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
-        app.close()
+        close_app(app)
     first, *rest = out.splitlines()
     assert first.startswith("cancelling "), out
     assert rest == ["stopped: cancelled", "celery: REVOKED", "kept: completed 5"]
