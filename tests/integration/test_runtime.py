@@ -244,15 +244,15 @@ def test_a_task_cancelled_while_its_end_is_written_still_writes_it(db):
     job = db.add()
 
     async def main() -> None:
+        body_ran = asyncio.Event()
+
         async def work() -> None:
             async with jobs.run(job):
-                pass
+                body_ran.set()  # no await after it: the task goes on into __aexit__
 
         task = asyncio.create_task(work())
-        await asyncio.sleep(0)
-        while not jobs.active():  # the body has run once the job is active and gone
-            await asyncio.sleep(0.001)
-        task.cancel()  # lands in __aexit__'s await (or just after the body)
+        await body_ran.wait()  # wakes once the task is suspended in __aexit__ (or done)
+        task.cancel()  # lands in __aexit__'s await
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
