@@ -11,7 +11,8 @@ Fixtures:
 * `dbcancel_url` — the database URL to test against: `--dbcancel-url`, else the
   `DBCANCEL_TEST_URL` environment variable, else a SQLite file in the test's temporary
   folder.
-* `dbcancel_engine` — a SQLAlchemy Engine on `dbcancel_url`, disposed after the test.
+* `dbcancel_engine` — a SQLAlchemy Engine on `dbcancel_url`, disposed after the test
+  (once dbcancel's runtime has given back the connections it keeps to it).
 
 Marker: `@pytest.mark.dbcancel_clock(start=0.0)` sets the fake clock's first reading.
 """
@@ -92,4 +93,13 @@ def dbcancel_engine(dbcancel_url: str) -> Iterator[Engine]:
     try:
         yield engine
     finally:
+        # The runtime gives back what it holds of this database first: a connection
+        # checked out by a poll in flight when the pool is disposed would be orphaned
+        # and reported as a ResourceWarning in a later test. Jobs the test left running
+        # keep theirs (they are the test's own business).
+        from ._runtime import current_runtime
+
+        rt = current_runtime()
+        if rt is not None:
+            rt.close_idle(10.0)
         engine.dispose()

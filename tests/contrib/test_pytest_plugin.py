@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import Database
+
 pytest_plugins = ["pytester"]
 
 USER_TEST = """
@@ -107,3 +109,45 @@ def test_loading_the_plugin_imports_no_framework(pytester: pytest.Pytester) -> N
     )
     result = pytester.runpytest_subprocess("-p", "dbcancel", "-p", "no:django")
     result.assert_outcomes(passed=1)
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_the_engine_is_disposed_once_the_runtime_gave_its_connections_back(
+    pytester: pytest.Pytester, database: Database
+) -> None:
+    """A watched job on PostgreSQL leaves the runtime holding its LISTEN connection for
+    a few seconds; the fixture's teardown has it given back before disposing the engine."""
+    pytester.makepyfile(
+        test_after=USER_TEST.split("\n\n\ndef test_")[0]
+        + """
+
+import time
+
+kept = {}
+
+
+def test_a_watched_job(dbcancel_engine):
+    Base.metadata.create_all(dbcancel_engine)
+    jobs = Jobs(dbcancel_engine, Export, interval=0.05, watch=True)
+    with dbcancel_engine.begin() as conn:
+        conn.execute(Export.__table__.insert().values(id=1))
+    with jobs.run(1):
+        deadline = time.monotonic() + 30
+        while not jobs.stats().listening and time.monotonic() < deadline:
+            time.sleep(0.01)
+    kept["jobs"] = jobs
+    assert jobs.stats().connections >= 1  # the listener stays open a while
+
+
+def test_after_the_teardown():
+    try:
+        assert kept["jobs"].stats().connections == 0
+    finally:
+        Base.metadata.drop_all(kept["jobs"]._backend.engine)
+"""
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "-p", "no:randomly", f"--dbcancel-url={database.url}"
+    )
+    result.assert_outcomes(passed=2)
