@@ -907,6 +907,9 @@ def _bound_connects(engine: Engine) -> None:
     the driver's connect. Other connections of the engine open as they always did."""
     if not event.contains(engine, "do_connect", _connect_within):
         event.listen(engine, "do_connect", _connect_within)
+    # A limit applied to a connection comes off before another thread can check it out.
+    if not event.contains(engine, "checkin", _timeouts.undo_on_checkin):
+        event.listen(engine, "checkin", _timeouts.undo_on_checkin)
 
 
 def _connect_within(dialect: Dialect, record: Any, cargs: Any, cparams: Any) -> Any:

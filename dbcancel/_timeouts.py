@@ -16,6 +16,13 @@ would run on unwatched. The shipped backends run their polls and beats inside
   jobs with `max_staleness` still judge staleness by themselves.
 
 A connection closed this way is replaced by the pool like any broken connection.
+
+The limit is taken off the connection before any other thread can get it: the backends
+give a connection back to the pool inside the block (so that the pool's reset is a
+round trip within the limit too), and the pool's `checkin` event then calls
+`undo_on_checkin`, in the returning thread, before the pool hands the connection out
+again. Taking it off later, from the block's end, would change a socket or a wait that
+another thread is already using (a PyMySQL read then saw a non-blocking socket).
 """
 
 from __future__ import annotations
@@ -24,10 +31,18 @@ import contextlib
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["POLL_TIMEOUT", "applied", "connect_within", "current", "expired", "limit"]
+__all__ = [
+    "POLL_TIMEOUT",
+    "applied",
+    "connect_within",
+    "current",
+    "expired",
+    "limit",
+    "undo_on_checkin",
+]
 
 POLL_TIMEOUT = 10.0
 """Seconds one poll or heartbeat round trip may take before it is abandoned."""
@@ -95,21 +110,43 @@ def connect_within(dialect: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
     return None
 
 
+_UNDO = "_dbcancel_undo_limit"
+"""The attribute under which a connection carries the undoing of its limit."""
+
+
 @contextlib.contextmanager
 def applied(dbapi_connection: Any) -> Iterator[None]:
-    """Apply the current limit (if any) to `dbapi_connection` for the block."""
+    """Apply the current limit (if any) to `dbapi_connection` for the block; it is
+    taken off when the connection goes back to its pool (`undo_on_checkin`) or at the
+    block's end, whichever comes first."""
     seconds = current()
     if seconds is None or dbapi_connection is None:
         yield
         return
     if _is_psycopg(dbapi_connection):
-        with _psycopg_deadline(dbapi_connection, seconds):
-            yield
+        undo = _psycopg_deadline(dbapi_connection, seconds)
     elif _is_pymysql(dbapi_connection):
-        with _socket_timeout(dbapi_connection, seconds):
-            yield
+        undo = _socket_timeout(dbapi_connection, seconds)
     else:
         yield
+        return
+    setattr(dbapi_connection, _UNDO, undo)
+    try:
+        yield
+    finally:
+        undo_on_checkin(dbapi_connection)
+
+
+def undo_on_checkin(dbapi_connection: Any, *_: Any) -> None:
+    """Take this module's limit off `dbapi_connection`, if it carries one (a pool
+    `checkin` listener: it runs in the returning thread, before the pool hands the
+    connection out again)."""
+    undo = getattr(dbapi_connection, _UNDO, None)
+    if undo is None:
+        return
+    with contextlib.suppress(AttributeError):
+        delattr(dbapi_connection, _UNDO)
+    undo()
 
 
 def _is_psycopg(conn: Any) -> bool:
@@ -131,8 +168,8 @@ def _parameters(fn: Any) -> frozenset[str]:
     return names
 
 
-@contextlib.contextmanager
-def _psycopg_deadline(conn: Any, seconds: float) -> Iterator[None]:
+def _psycopg_deadline(conn: Any, seconds: float) -> Callable[[], None]:
+    """Give `conn` a deadline `seconds` from now; returns what takes it off."""
     # psycopg runs every statement through conn.wait(gen, interval, timeout); an
     # instance attribute shadows the method for the length of the block.
     original = type(conn).wait
@@ -159,28 +196,29 @@ def _psycopg_deadline(conn: Any, seconds: float) -> Iterator[None]:
             ) from None
 
     conn.wait = wait
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         with contextlib.suppress(AttributeError):
             del conn.wait
+
+    return undo
 
 
 def _is_pymysql(conn: Any) -> bool:
     return type(conn).__module__.startswith("pymysql") and hasattr(conn, "_sock")
 
 
-@contextlib.contextmanager
-def _socket_timeout(conn: Any, seconds: float) -> Iterator[None]:
+def _socket_timeout(conn: Any, seconds: float) -> Callable[[], None]:
+    """Give `conn`'s socket a timeout of `seconds`; returns what puts back its own."""
     sock = conn._sock
     if sock is None:
-        yield
-        return
+        return lambda: None
     sock.settimeout(seconds)
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         # PyMySQL closes the socket itself after a timeout (conn._sock is then None).
         if conn._sock is sock:
             with contextlib.suppress(OSError):
                 sock.settimeout(getattr(conn, "_read_timeout", None))
+
+    return undo

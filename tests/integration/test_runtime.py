@@ -579,3 +579,41 @@ print("exiting", flush=True)
     ended = row(db, job)
     assert (ended.status, ended.cancel_reason) == ("cancelled", "shutdown")
     assert ended.finished_at is not None
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+    indirect=True,
+)
+def test_a_round_trip_limit_is_off_the_connection_before_the_pool_has_it_back(db):
+    """The runtime's polls give their connection back to the pool inside their time
+    limit; the limit must come off first, or the next thread to check the connection out
+    runs under it (a PyMySQL read then met a socket switched under its feet)."""
+    from sqlalchemy import event
+
+    from dbcancel import _timeouts
+
+    jobs = db.jobs(interval=INTERVAL)
+    job = db.add()
+    seen: list[object] = []
+
+    def limit_of(dbapi_connection: Any) -> object:
+        if hasattr(dbapi_connection, "pgconn"):
+            return vars(dbapi_connection).get("wait")  # the deadline's wrapper, if on
+        return dbapi_connection._sock.gettimeout()  # PyMySQL: the app's own is None
+
+    def at_checkin(dbapi_connection: Any, record: Any) -> None:
+        seen.append(limit_of(dbapi_connection))
+
+    event.listen(db.engine, "checkin", at_checkin)
+    try:
+        with _timeouts.limit(30.0):
+            assert jobs._backend.read_many([job])  # a poll: a read on a pooled connection
+            jobs._backend.mark_stopped(job)  # a write, in a transaction of its own
+    finally:
+        event.remove(db.engine, "checkin", at_checkin)
+    assert seen and seen == [None] * len(seen), seen
