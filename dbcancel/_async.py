@@ -212,6 +212,7 @@ class AsyncJobs:
         if dsn is not None:
             backend.listen_directly(dsn)  # raises for a database other than PostgreSQL
         self._engine = engine
+        self._listen_url = listen_url
         self._core = _Core(
             backend,
             interval=seconds,
@@ -255,6 +256,12 @@ class AsyncJobs:
         """Seconds without a successful poll after which running jobs are cancelled
         locally; None when they keep running through an outage."""
         return self._core._max_staleness
+
+    @property
+    def listen_url(self) -> Any:
+        """The URL of the listener's own connection to PostgreSQL, as given; None when
+        the listener connects through the engine like everything else."""
+        return self._listen_url
 
     def __repr__(self) -> str:
         return f"<AsyncJobs {self.model_name} interval={self.interval}>"

@@ -1,10 +1,11 @@
 """The options every entry point takes, with one set of names, defaults and checks.
 
 [`Jobs`][dbcancel.Jobs], `DjangoJobs`, the Flask extension and the task-queue
-integrations take `interval`, `clock`, `watch`, `max_staleness`, `heartbeat` and `push`, and
-show them back the same way: [`OptionsView`][dbcancel._options.OptionsView] gives an
-entry point that builds its `Jobs` later (per app, per process) the same properties as
-`Jobs` itself, `watch` being the mode in effect.
+integrations take `interval`, `clock`, `watch`, `max_staleness`, `heartbeat`,
+`listen_url` and `push`, and show them back the same way:
+[`OptionsView`][dbcancel._options.OptionsView] gives an entry point that builds its
+`Jobs` later (per app, per process) the same properties as `Jobs` itself, `watch` being
+the mode in effect.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Options:
     max_staleness: float | None = None
     heartbeat: float = DEFAULT_HEARTBEAT
     push: str | None = None
+    listen_url: Any = None
 
     @classmethod
     def checked(
@@ -43,6 +45,7 @@ class Options:
         max_staleness: Any = None,
         heartbeat: Any = DEFAULT_HEARTBEAT,
         push: Any = None,
+        listen_url: Any = None,
     ) -> Options:
         """The options, checked as [`Jobs`][dbcancel.Jobs] checks them: `TypeError` or
         `ValueError` naming the option that is wrong."""
@@ -61,7 +64,12 @@ class Options:
         beat = check_seconds("heartbeat", heartbeat)
         from ._push import check_push
 
-        return cls(seconds, clock, watch, staleness, beat, check_push(push))
+        checked_push = check_push(push)
+        if listen_url is not None:
+            from ._pg import listen_dsn
+
+            listen_dsn(listen_url)  # raises on a bad value: nothing is opened
+        return cls(seconds, clock, watch, staleness, beat, checked_push, listen_url)
 
     @property
     def watched(self) -> bool:
@@ -77,6 +85,7 @@ class Options:
             "watch": self.watch,
             "max_staleness": self.max_staleness,
             "heartbeat": self.heartbeat,
+            "listen_url": self.listen_url,
             "push": self.push,
         }
 
@@ -118,3 +127,9 @@ class OptionsView:
         """The Redis URL cancels are pushed through; None for PostgreSQL's LISTEN
         (where the driver can) and polling."""
         return self._options.push
+
+    @property
+    def listen_url(self) -> Any:
+        """The URL of the listener's own connection to PostgreSQL, as given; None when
+        the listener connects through the engine (or the alias) like everything else."""
+        return self._options.listen_url

@@ -222,6 +222,7 @@ class Jobs(JobsWorker):
             push=push,
         )
         self._push = options.push
+        self._listen_url = listen_url
         backend = with_push(backend, options.push)
         self._interval, self._max_staleness = options.interval, options.max_staleness
         self._heartbeat_period = options.heartbeat
@@ -286,6 +287,12 @@ class Jobs(JobsWorker):
         """The Redis URL cancels are pushed through; None for PostgreSQL's LISTEN
         (where the driver can) and polling."""
         return self._push
+
+    @property
+    def listen_url(self) -> Any:
+        """The URL of the listener's own connection to PostgreSQL, as given; None when
+        the listener connects through the engine (or the alias) like everything else."""
+        return self._listen_url
 
     def __repr__(self) -> str:
         watch = "" if self._watch else " watch=False"

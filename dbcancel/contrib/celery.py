@@ -147,10 +147,10 @@ class CeleryJobs(OptionsView):
 
     `app` is the Celery app, `bind` the SQLAlchemy Engine of the job table (or a
     sessionmaker bound to one) and `model` its mapped class (or Table), as for
-    [`Jobs`][dbcancel.Jobs]; `interval`, `clock`, `watch`, `max_staleness`, `heartbeat` and
-    `push` (the broker's Redis URL, say) are the options of `Jobs`, passed to the `Jobs`
-    that each worker process builds for itself on first use, and read back as `Jobs` shows
-    them (`watch` is the mode in effect).
+    [`Jobs`][dbcancel.Jobs]; `interval`, `clock`, `watch`, `max_staleness`, `heartbeat`,
+    `listen_url` and `push` (the broker's Redis URL, say) are the options of `Jobs`,
+    passed to the `Jobs` that each worker process builds for itself on first use, and read
+    back as `Jobs` shows them (`watch` is the mode in effect).
 
     `on_shutdown`: what a warm shutdown (SIGTERM) of a worker node does to the jobs it
     runs. `"cancel"` (the default) cancels them with the reason
@@ -173,6 +173,7 @@ class CeleryJobs(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
@@ -184,6 +185,7 @@ class CeleryJobs(OptionsView):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             push=push,
+            listen_url=listen_url,
         )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')

@@ -94,11 +94,11 @@ class DramatiqJobs(OptionsView):
 
     `bind` is the SQLAlchemy Engine of the job table (or a sessionmaker bound to one)
     and `model` its mapped class (or Table), as for [`Jobs`][dbcancel.Jobs]; `interval`,
-    `clock`, `watch`, `max_staleness`, `heartbeat` and `push` are the options of `Jobs`,
-    passed to the `Jobs` each worker process builds on first use, and read back as `Jobs`
-    shows them (`watch` is the mode in effect). `on_shutdown` as for the other task queues:
-    `"cancel"` or `"wait"`. `broker`: the Dramatiq broker the actors go to (default:
-    `dramatiq.get_broker()`, when the first task is declared).
+    `clock`, `watch`, `max_staleness`, `heartbeat`, `listen_url` and `push` are the
+    options of `Jobs`, passed to the `Jobs` each worker process builds on first use, and
+    read back as `Jobs` shows them (`watch` is the mode in effect). `on_shutdown` as for
+    the other task queues: `"cancel"` or `"wait"`. `broker`: the Dramatiq broker the
+    actors go to (default: `dramatiq.get_broker()`, when the first task is declared).
     """
 
     def __init__(
@@ -111,6 +111,7 @@ class DramatiqJobs(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
         on_shutdown: OnShutdown = "cancel",
         broker: Any = None,
@@ -123,6 +124,7 @@ class DramatiqJobs(OptionsView):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             push=push,
+            listen_url=listen_url,
         )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')

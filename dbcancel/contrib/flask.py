@@ -111,10 +111,10 @@ class DBCancel(OptionsView):
     Pass `db` (a Flask-SQLAlchemy `SQLAlchemy` instance; its engine for the model's
     bind key is used) or `engine` (an Engine, or a sessionmaker bound to one), and
     `model`, a mapped class with [`CancellableMixin`][dbcancel.CancellableMixin]. `interval`,
-    `clock`, `watch`, `max_staleness`, `heartbeat` and `push` go to [`Jobs`][dbcancel.Jobs], and
-    read back as `Jobs` shows them (`watch` is the mode in effect). With
-    `app`, `init_app(app)` is called at once and that app is used outside any app
-    context; otherwise call `init_app` in the app factory, once per app.
+    `clock`, `watch`, `max_staleness`, `heartbeat`, `listen_url` and `push` go to
+    [`Jobs`][dbcancel.Jobs], and read back as `Jobs` shows them (`watch` is the mode in
+    effect). With `app`, `init_app(app)` is called at once and that app is used outside
+    any app context; otherwise call `init_app` in the app factory, once per app.
     """
 
     def __init__(
@@ -129,6 +129,7 @@ class DBCancel(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
     ) -> None:
         if (db is None) == (engine is None):
@@ -157,6 +158,7 @@ class DBCancel(OptionsView):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             push=push,
+            listen_url=listen_url,
         )
         self._app = app
         if app is not None:

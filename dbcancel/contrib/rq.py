@@ -80,9 +80,9 @@ class RQJobs(OptionsView):
 
     `bind` is the SQLAlchemy Engine of the job table (or a sessionmaker bound to one)
     and `model` its mapped class (or Table), as for [`Jobs`][dbcancel.Jobs]; `interval`,
-    `clock`, `watch`, `max_staleness`, `heartbeat` and `push` are the options of `Jobs`,
-    passed to the `Jobs` each process (each work horse) builds on first use, and read back
-    as `Jobs` shows them (`watch` is the mode in effect).
+    `clock`, `watch`, `max_staleness`, `heartbeat`, `listen_url` and `push` are the
+    options of `Jobs`, passed to the `Jobs` each process (each work horse) builds on first
+    use, and read back as `Jobs` shows them (`watch` is the mode in effect).
     """
 
     def __init__(
@@ -95,6 +95,7 @@ class RQJobs(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
     ) -> None:
         engine = resolve_engine(bind)
@@ -105,6 +106,7 @@ class RQJobs(OptionsView):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             push=push,
+            listen_url=listen_url,
         )
         self._model = model
         # Validate the model (and watch=True's listener) now, where the tasks are declared.

@@ -188,9 +188,10 @@ class CancellableTask(Protocol, Generic[P, R]):
 class DjangoTaskJobs(OptionsView):
     """Cancellable Django Tasks for the jobs of one model.
 
-    `model`, `using`, `interval`, `clock`, `watch`, `max_staleness`, `heartbeat` and
-    `push` are those of [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process
-    builds for itself on first use
+    `model`, `using`, `interval`, `clock`, `watch`, `max_staleness`, `heartbeat`,
+    `listen_url` and `push` are those of
+    [`DjangoJobs`][dbcancel.contrib.django.jobs.DjangoJobs], which each process builds for
+    itself on first use
     ([`jobs`][dbcancel.contrib.django.tasks.DjangoTaskJobs.jobs]), so a module can declare
     its tasks while Django loads its apps; they read back as `Jobs` shows them (`watch`
     is the mode in effect).
@@ -215,6 +216,7 @@ class DjangoTaskJobs(OptionsView):
         watch: bool | None = None,
         max_staleness: float | None = None,
         heartbeat: float = DEFAULT_HEARTBEAT,
+        listen_url: Any = None,
         push: str | None = None,
         on_shutdown: OnShutdown = "cancel",
     ) -> None:
@@ -225,6 +227,7 @@ class DjangoTaskJobs(OptionsView):
             max_staleness=max_staleness,
             heartbeat=heartbeat,
             push=push,
+            listen_url=listen_url,
         )
         if on_shutdown not in ("cancel", "wait"):
             raise ValueError(f'on_shutdown must be "cancel" or "wait", got {on_shutdown!r}')

@@ -97,9 +97,39 @@ def test_the_same_options_with_the_same_defaults(name: str, engine: Engine) -> N
     assert build(name, engine, watch=None).watch is True
     assert build(name, engine).push is None
     assert build(name, engine, push="redis://127.0.0.1:6379/3").push == "redis://127.0.0.1:6379/3"
+    assert build(name, engine).listen_url is None
 
 
-BAD_OPTIONS = [
+LISTEN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.parametrize("name", ["Jobs", "DBCancel", "CeleryJobs", "RQJobs", "DramatiqJobs"])
+def test_listen_url_is_taken_and_shown_back_everywhere(name: str) -> None:
+    """On a PostgreSQL engine (nothing is opened while building), the option reaches the
+    `Jobs` the entry point builds."""
+    pg = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/test")
+    try:
+        if name == "DBCancel":
+            app = Flask(__name__)
+            entry = DBCancel(app, engine=pg, model=Analysis, listen_url=LISTEN_URL)
+            with app.app_context():
+                assert entry.jobs.listen_url == LISTEN_URL  # the app's Jobs, built lazily
+        else:
+            entry = build(name, pg, listen_url=LISTEN_URL)
+        assert entry.listen_url == LISTEN_URL
+    finally:
+        pg.dispose()
+
+
+@pytest.mark.parametrize("name", ["Jobs", "CeleryJobs", "RQJobs", "DramatiqJobs"])
+def test_listen_url_on_sqlite_is_refused_where_the_entry_point_is_built(
+    name: str, engine: Engine
+) -> None:
+    with pytest.raises(ValueError, match="listen_url is for PostgreSQL"):
+        build(name, engine, listen_url=LISTEN_URL)
+
+
+COMMON_BAD_OPTIONS = [
     ({"interval": 0}, ValueError, "interval must be a finite number of seconds > 0, got 0"),
     ({"interval": "1"}, TypeError, "interval must be a number of seconds, got '1'"),
     ({"clock": 5}, TypeError, "clock must be a callable returning seconds, got 5"),
@@ -107,6 +137,22 @@ BAD_OPTIONS = [
     ({"watch": True, "clock": fake_clock}, ValueError, "watch=True polls from a background"),
     ({"max_staleness": -1}, ValueError, "max_staleness must be a finite number of seconds"),
     ({"heartbeat": 0}, ValueError, "heartbeat must be a finite number of seconds > 0, got 0"),
+    ({"listen_url": 5432}, TypeError, "listen_url must be a str or a sqlalchemy URL, got int"),
+    ({"listen_url": "mysql://h/db"}, ValueError, "listen_url must be a PostgreSQL URL"),
+]
+COMMON_IDS = [
+    "interval-0",
+    "interval-str",
+    "clock-int",
+    "watch-str",
+    "watch-and-clock",
+    "max_staleness-negative",
+    "heartbeat-0",
+    "listen_url-int",
+    "listen_url-mysql",
+]
+BAD_OPTIONS = [
+    *COMMON_BAD_OPTIONS,
     ({"push": 6379}, TypeError, "push must be None or a Redis URL"),
     ({"push": "127.0.0.1:6379"}, ValueError, "push='127.0.0.1:6379' is not a Redis URL"),
 ]
@@ -117,17 +163,7 @@ BAD_OPTIONS = [
     ("options", "error", "text"),
     BAD_OPTIONS,
     # Stable across xdist workers (a function's repr is not).
-    ids=[
-        "interval-0",
-        "interval-str",
-        "clock-int",
-        "watch-str",
-        "watch-and-clock",
-        "max_staleness-negative",
-        "heartbeat-0",
-        "push-int",
-        "push-no-scheme",
-    ],
+    ids=[*COMMON_IDS, "push-int", "push-no-scheme"],
 )
 def test_the_same_errors_for_the_same_bad_options(
     name: str, engine: Engine, options: dict[str, Any], error: type, text: str
@@ -264,20 +300,13 @@ def test_asyncjobs_takes_the_same_options_and_shows_them_the_same_way(engine: En
     assert shown(build_async(engine)) == (0.5, True, 10.0, None, None)
     given = build_async(engine, interval=0.25, max_staleness=3, heartbeat=2, watch=True)
     assert shown(given) == (0.25, True, 2.0, 3.0, None)
+    assert build_async(engine).listen_url is None
 
 
 @pytest.mark.parametrize(
     ("options", "error", "text"),
-    BAD_OPTIONS[:-2],  # AsyncJobs does not take push
-    ids=[
-        "interval-0",
-        "interval-str",
-        "clock-int",
-        "watch-str",
-        "watch-and-clock",
-        "max_staleness-negative",
-        "heartbeat-0",
-    ],
+    COMMON_BAD_OPTIONS,  # AsyncJobs does not take push
+    ids=COMMON_IDS,
 )
 def test_asyncjobs_raises_the_same_errors_for_bad_options(
     engine: Engine, options: dict[str, Any], error: type, text: str
