@@ -616,4 +616,5 @@ def test_a_round_trip_limit_is_off_the_connection_before_the_pool_has_it_back(db
             jobs._backend.mark_stopped(job)  # a write, in a transaction of its own
     finally:
         event.remove(db.engine, "checkin", at_checkin)
-    assert seen and seen == [None] * len(seen), seen
+    assert seen, "no connection went back to the pool"
+    assert seen == [None] * len(seen), seen
