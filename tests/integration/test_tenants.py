@@ -477,19 +477,19 @@ def test_sqlite_files_are_told_apart_by_their_resolved_path(tmp_path, monkeypatc
         create_engine(f"sqlite:///{tmp_path / 'other' / '..' / 'jobs.db'}"),
         create_engine(f"sqlite:///{tmp_path / 'other' / 'jobs.db'}"),
     ]
+    memories = [create_engine("sqlite://") for _ in range(2)]
     try:
         for engine in engines:
             Base.metadata.create_all(engine)
         keys = [Jobs(engine, Analysis)._backend.key for engine in engines]
         assert keys[0] == keys[1] == keys[2] != keys[3]
         assert str(tmp_path / "jobs.db") in keys[0]
-        memories = [create_engine("sqlite://") for _ in range(2)]
         for engine in memories:
             Base.metadata.create_all(engine)  # the key is resolved where the tables are
         memory = [Jobs(engine, Analysis)._backend.key for engine in memories]
         assert memory[0] != memory[1]  # two in-memory databases
     finally:
-        for engine in engines:
+        for engine in [*engines, *memories]:
             engine.dispose()
 
 
