@@ -19,6 +19,7 @@ Marker: `@pytest.mark.dbcancel_clock(start=0.0)` sets the fake clock's first rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,9 +98,8 @@ def dbcancel_engine(dbcancel_url: str) -> Iterator[Engine]:
         # checked out by a poll in flight when the pool is disposed would be orphaned
         # and reported as a ResourceWarning in a later test. Jobs the test left running
         # keep theirs (they are the test's own business).
-        from ._runtime import current_runtime
+        from .testing import close_watchers
 
-        rt = current_runtime()
-        if rt is not None:
-            rt.close_idle(10.0)
+        with contextlib.suppress(TimeoutError):
+            close_watchers(10.0)
         engine.dispose()
